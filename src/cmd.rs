@@ -1,0 +1,172 @@
+//! [`Cmd`]: what a user asks a connection to do.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::completion::{Buf, Op};
+
+/// A command for one connection: read, read-full, write, free or detach, with an optional
+/// deadline, idle timeout and user tag.
+///
+/// The constructors are named like enum variants so a submission reads as what it does:
+///
+/// ```no_run
+/// # use proactor::{Cmd, Conn};
+/// # use std::time::Duration;
+/// # #[allow(dead_code)]
+/// # fn demo(conn: &Conn) -> Result<(), proactor::SendError> {
+/// conn.send(Cmd::Write("hello\n"))?;                        // anything Into<Bytes>
+/// conn.send(Cmd::Read(vec![0; 4096]).timeout(Duration::from_secs(5)).tag(7))?;
+/// conn.send(Cmd::ReadInternal)?;                             // the watcher's shared arena
+/// conn.send(Cmd::ReadFull(vec![0; 16]))?;                    // exactly 16 bytes
+/// conn.send(Cmd::Free)?;
+/// # Ok(()) }
+/// ```
+///
+/// Every command [`Conn::send`](crate::Conn::send) accepts yields exactly one
+/// [`Completion`](crate::Completion), which carries the buffer back.
+pub struct Cmd {
+    pub(crate) kind: Kind,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) idle: Option<Duration>,
+    pub(crate) tag: u64,
+}
+
+pub(crate) enum Kind {
+    Read(Vec<u8>),
+    ReadInternal,
+    ReadFull(Vec<u8>),
+    Write(Bytes),
+    Free,
+    Detach,
+}
+
+const fn plain(kind: Kind) -> Cmd {
+    Cmd {
+        kind,
+        deadline: None,
+        idle: None,
+        tag: 0,
+    }
+}
+
+#[allow(non_snake_case, non_upper_case_globals)]
+impl Cmd {
+    /// Reads at least one byte into `buf[..]` (its length, not its capacity). The completion
+    /// gives `buf` back with the bytes in `buf[..n]`; end of stream is [`Error::Eof`] with `n == 0`.
+    ///
+    /// [`Error::Eof`]: crate::Error::Eof
+    pub fn Read(buf: Vec<u8>) -> Cmd {
+        plain(Kind::Read(buf))
+    }
+
+    /// Reads at least one byte into the watcher's internal arena. The completion's buffer is a
+    /// [`Buf::Bytes`] of exactly the bytes read: a reference-counted slice that stays valid for
+    /// as long as it is held. A connection waiting this way holds no buffer of its own.
+    pub const ReadInternal: Cmd = plain(Kind::ReadInternal);
+
+    /// Fills all of `buf[..]`; completes early only on end of stream, deadline or error (with
+    /// the bytes read so far in [`Completion::n`](crate::Completion::n)).
+    pub fn ReadFull(buf: Vec<u8>) -> Cmd {
+        plain(Kind::ReadFull(buf))
+    }
+
+    /// Writes every byte of `buf` (a `Vec<u8>`, `&'static [u8]`, `&'static str`, `String`,
+    /// `Bytes`...). Writes queued on one connection go out in order, several per `writev`.
+    pub fn Write(buf: impl Into<Bytes>) -> Cmd {
+        plain(Kind::Write(buf.into()))
+    }
+
+    /// Closes the connection now: pending operations complete with
+    /// [`Error::Freed`](crate::Error::Freed), then this command completes, and the peer sees
+    /// end of stream (unless another process holds the socket too). Later sends on any handle
+    /// of the connection fail with [`SendError::Freed`](crate::SendError::Freed).
+    pub const Free: Cmd = plain(Kind::Free);
+
+    /// Like [`Cmd::Free`] but hands the socket back instead of closing it: the completion's
+    /// buffer is [`Buf::Fd`], deregistered and still non-blocking, ready to be registered on
+    /// another watcher or sent to another process. Bytes the peer sent and nobody read yet
+    /// stay in the socket.
+    pub const Detach: Cmd = plain(Kind::Detach);
+
+    /// Completes the operation with [`Error::Deadline`](crate::Error::Deadline) if it has not
+    /// finished by `deadline`. Ignored by `Free` and `Detach`.
+    pub fn deadline(mut self, deadline: Instant) -> Cmd {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// [`Cmd::deadline`] at `now + timeout`. A timeout too large to represent means no deadline.
+    pub fn timeout(mut self, timeout: Duration) -> Cmd {
+        self.deadline = Instant::now().checked_add(timeout);
+        self
+    }
+
+    /// Completes the operation with [`Error::IdleTimeout`](crate::Error::IdleTimeout) once no
+    /// byte has moved in its direction on this connection for `idle` (counted from when the
+    /// watcher took the command): a slow but live transfer is never cut off.
+    pub fn idle_timeout(mut self, idle: Duration) -> Cmd {
+        self.idle = Some(idle);
+        self
+    }
+
+    /// A number of the caller's choosing, returned unchanged in the completion (default 0).
+    pub fn tag(mut self, tag: u64) -> Cmd {
+        self.tag = tag;
+        self
+    }
+
+    /// The kind of operation this command will complete as.
+    pub fn op(&self) -> Op {
+        match self.kind {
+            Kind::Read(_) | Kind::ReadInternal => Op::Read,
+            Kind::ReadFull(_) => Op::ReadFull,
+            Kind::Write(_) => Op::Write,
+            Kind::Free => Op::Free,
+            Kind::Detach => Op::Detach,
+        }
+    }
+
+    /// The buffer this command carries ([`Buf::None`] for internal reads, free and detach).
+    pub fn into_buf(self) -> Buf {
+        self.kind.into_buf()
+    }
+
+    /// `true` for a command that would do nothing: an empty write, or a read into an empty buffer.
+    pub(crate) fn is_empty_io(&self) -> bool {
+        match &self.kind {
+            Kind::Read(b) | Kind::ReadFull(b) => b.is_empty(),
+            Kind::Write(b) => b.is_empty(),
+            Kind::ReadInternal | Kind::Free | Kind::Detach => false,
+        }
+    }
+}
+
+impl Kind {
+    pub(crate) fn into_buf(self) -> Buf {
+        match self {
+            Kind::Read(b) | Kind::ReadFull(b) => Buf::Vec(b),
+            Kind::Write(b) => Buf::Bytes(b),
+            Kind::ReadInternal | Kind::Free | Kind::Detach => Buf::None,
+        }
+    }
+}
+
+impl fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let len = match &self.kind {
+            Kind::Read(b) | Kind::ReadFull(b) => b.len(),
+            Kind::Write(b) => b.len(),
+            _ => 0,
+        };
+        f.debug_struct("Cmd")
+            .field("op", &self.op())
+            .field("len", &len)
+            .field("deadline", &self.deadline)
+            .field("idle", &self.idle)
+            .field("tag", &self.tag)
+            .finish()
+    }
+}

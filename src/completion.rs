@@ -1,0 +1,114 @@
+//! [`Completion`]: what the poller posts to the mailbox when an operation finishes.
+
+use std::os::fd::OwnedFd;
+
+use bytes::Bytes;
+
+use crate::{Conn, Error};
+
+/// Which kind of operation a [`Completion`] finishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Op {
+    /// [`Cmd::Read`](crate::Cmd::Read) or [`Cmd::ReadInternal`](crate::Cmd::ReadInternal).
+    Read,
+    /// [`Cmd::ReadFull`](crate::Cmd::ReadFull).
+    ReadFull,
+    /// [`Cmd::Write`](crate::Cmd::Write).
+    Write,
+    /// [`Cmd::Free`](crate::Cmd::Free).
+    Free,
+    /// [`Cmd::Detach`](crate::Cmd::Detach).
+    Detach,
+}
+
+/// A buffer handed back to its owner, whatever the outcome.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub enum Buf {
+    /// No buffer: free, or an internal read that ended before any byte arrived.
+    #[default]
+    None,
+    /// The caller's buffer of a `Read` or `ReadFull`, at its original length.
+    Vec(Vec<u8>),
+    /// A `Write`'s buffer, or exactly the bytes an internal read got (a slice of the arena).
+    Bytes(Bytes),
+    /// The socket handed back by [`Cmd::Detach`](crate::Cmd::Detach).
+    Fd(OwnedFd),
+}
+
+impl Buf {
+    /// The bytes held (the whole caller buffer for `Vec`; empty for `None` and `Fd`).
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Buf::Vec(v) => v,
+            Buf::Bytes(b) => b,
+            Buf::None | Buf::Fd(_) => &[],
+        }
+    }
+
+    /// The caller's `Vec` back, if this is one.
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        match self {
+            Buf::Vec(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The bytes as [`Bytes`] (a `Vec` is converted without copying; `None`/`Fd` give empty).
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Buf::Vec(v) => Bytes::from(v),
+            Buf::Bytes(b) => b,
+            Buf::None | Buf::Fd(_) => Bytes::new(),
+        }
+    }
+
+    /// The detached socket, if this is one.
+    pub fn into_fd(self) -> Option<OwnedFd> {
+        match self {
+            Buf::Fd(fd) => Some(fd),
+            _ => None,
+        }
+    }
+}
+
+/// The one message every accepted command produces when it finishes.
+///
+/// `n` is how many bytes moved, also when `result` is an error (a deadline or reset halfway
+/// through a write, a short `ReadFull` at end of stream). The buffer always comes back.
+#[must_use = "a completion carries the buffer and the outcome of an operation"]
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Completion {
+    /// The connection the operation ran on.
+    pub conn: Conn,
+    /// Which operation finished.
+    pub op: Op,
+    /// The tag given with [`Cmd::tag`](crate::Cmd::tag), unchanged (0 if none).
+    pub tag: u64,
+    /// The operation's buffer, handed back.
+    pub buf: Buf,
+    /// Bytes read or written, also on error.
+    pub n: usize,
+    /// `Ok(())` if the operation did all it was asked; otherwise why it stopped.
+    pub result: Result<(), Error>,
+}
+
+impl Completion {
+    /// The bytes this operation moved: `buf[..n]`.
+    pub fn data(&self) -> &[u8] {
+        let s = self.buf.as_slice();
+        &s[..self.n.min(s.len())]
+    }
+
+    /// Whether the operation did everything it was asked.
+    pub fn is_ok(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    /// Whether a read stopped at end of stream.
+    pub fn is_eof(&self) -> bool {
+        matches!(self.result, Err(Error::Eof))
+    }
+}

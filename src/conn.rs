@@ -1,0 +1,140 @@
+//! [`Conn`]: the actor handle of one registered socket.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::cmd::Kind;
+use crate::watcher::{Msg, Shared, SubmitError};
+use crate::{Cmd, SendError};
+
+slotmap::new_key_type! {
+    /// The identity of a registered connection: a generational key that never aliases a later
+    /// connection, even when the OS reuses the fd number.
+    pub struct ConnId;
+}
+
+/// A cheap, cloneable handle to one registered socket: no thread, no task.
+///
+/// Send it commands with [`Conn::send`]; their completions arrive in the watcher's mailbox.
+/// When the last handle is dropped and no operation is pending (pending operations and the
+/// completions in the mailbox hold a handle each), the socket is closed, as [`Cmd::Free`]
+/// does at once.
+#[derive(Clone)]
+pub struct Conn {
+    pub(crate) inner: Arc<ConnInner>,
+}
+
+pub(crate) struct ConnInner {
+    pub(crate) id: ConnId,
+    pub(crate) shared: Arc<Shared>,
+    /// Set once `Free` or `Detach` was accepted: later sends fail on the caller's thread.
+    freed: AtomicBool,
+    /// Read, read-full and write operations accepted and not yet completed.
+    pub(crate) inflight: AtomicU32,
+}
+
+impl Conn {
+    pub(crate) fn new(id: ConnId, shared: Arc<Shared>) -> Conn {
+        let inner = ConnInner {
+            id,
+            shared,
+            freed: AtomicBool::new(false),
+            inflight: AtomicU32::new(0),
+        };
+        Conn {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// This connection's key.
+    pub fn id(&self) -> ConnId {
+        self.inner.id
+    }
+
+    /// Whether `Free` or `Detach` has been accepted for this connection.
+    pub fn is_freed(&self) -> bool {
+        self.inner.freed.load(Ordering::Acquire)
+    }
+
+    /// Submits a command. It never blocks: the poller thread performs it and posts exactly one
+    /// [`Completion`](crate::Completion) to the watcher's mailbox.
+    ///
+    /// # Errors
+    ///
+    /// The command comes back inside the error, buffer included:
+    /// - [`SendError::EmptyBuffer`]: an empty write, or a read into an empty buffer;
+    /// - [`SendError::Freed`]: `Free` or `Detach` was already accepted for this connection;
+    /// - [`SendError::Full`]: the command queue is full, or this connection has the maximum
+    ///   number of operations in flight ([`WatcherBuilder::max_ops_per_conn`]);
+    /// - [`SendError::Closed`]: the watcher is closed.
+    ///
+    /// [`WatcherBuilder::max_ops_per_conn`]: crate::WatcherBuilder::max_ops_per_conn
+    pub fn send(&self, cmd: Cmd) -> Result<(), SendError> {
+        let inner = &*self.inner;
+        if cmd.is_empty_io() {
+            return Err(SendError::EmptyBuffer(cmd));
+        }
+        let last = matches!(cmd.kind, Kind::Free | Kind::Detach);
+        if last {
+            // Only one Free/Detach is ever accepted; it does not count against the op bound.
+            if inner.freed.swap(true, Ordering::AcqRel) {
+                return Err(SendError::Freed(cmd));
+            }
+        } else {
+            if inner.freed.load(Ordering::Acquire) {
+                return Err(SendError::Freed(cmd));
+            }
+            if inner.inflight.fetch_add(1, Ordering::Relaxed) >= inner.shared.max_ops {
+                inner.inflight.fetch_sub(1, Ordering::Relaxed);
+                return Err(SendError::Full(cmd));
+            }
+        }
+        let undo = || {
+            if last {
+                inner.freed.store(false, Ordering::Release);
+            } else {
+                inner.inflight.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
+        match inner.shared.submit(Msg::Op(self.clone(), cmd)) {
+            Ok(()) => Ok(()),
+            Err((SubmitError::Full, Msg::Op(_, cmd))) => {
+                undo();
+                Err(SendError::Full(cmd))
+            }
+            Err((SubmitError::Closed, Msg::Op(_, cmd))) => {
+                undo();
+                Err(SendError::Closed(cmd))
+            }
+        }
+    }
+}
+
+impl Drop for ConnInner {
+    fn drop(&mut self) {
+        // The last handle is gone and no operation is pending (each holds a handle): close.
+        self.shared.release(self.id);
+    }
+}
+
+impl PartialEq for Conn {
+    fn eq(&self, other: &Conn) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl Eq for Conn {}
+
+impl Hash for Conn {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.inner).hash(state);
+    }
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn").field("id", &self.inner.id).finish()
+    }
+}

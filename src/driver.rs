@@ -1,0 +1,710 @@
+//! The poller thread: owns the selector's events, the connection table, the timers and the
+//! internal read arena. Nothing here runs on a user thread.
+//!
+//! One round: drain the control and command queues (new operations join their connection's
+//! FIFO and mark it runnable when it is ready) -> run the runnable connections (bounded work
+//! each) -> expire timers -> post the round's completions -> `select` with a timeout of zero
+//! (work left), the nearest deadline, or forever -> mark connections from the events.
+
+use std::collections::{BinaryHeap, VecDeque};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use slotmap::{KeyData, SecondaryMap};
+
+use crate::cmd::Kind;
+use crate::stats::Stats;
+use crate::watcher::{Ctl, Msg, Shared};
+use crate::{sys, Buf, Cmd, Completion, Conn, ConnId, Error, Op};
+
+/// The waker's event token. Slotmap never hands out index `u32::MAX`, so no key maps to it.
+pub(crate) const WAKER_TOKEN: u64 = u64::MAX;
+
+/// Syscalls one connection may make per direction per round: a flooding peer gets its turn,
+/// then waits for the next round while the others get theirs.
+const BUDGET: u32 = 16;
+/// Queued writes gathered into one `sendmsg`.
+const MAX_IOV: usize = 64;
+/// The arena is refilled when less than this is left (or less than a whole chunk, if smaller).
+const MIN_ARENA: usize = 2048;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// An accepted read, read-full or write, waiting in its connection's FIFO.
+struct Pending {
+    conn: Conn,
+    kind: Kind,
+    done: usize,
+    tag: u64,
+    seq: u64,
+    deadline: Option<Instant>,
+    idle: Option<Duration>,
+    /// When the poller took the command: the earliest start of its idle period.
+    since: Instant,
+}
+
+impl Pending {
+    fn has_timer(&self) -> bool {
+        self.deadline.is_some() || self.idle.is_some()
+    }
+}
+
+struct ConnState {
+    fd: OwnedFd,
+    reads: VecDeque<Pending>,
+    writes: VecDeque<Pending>,
+    readable: bool,
+    writable: bool,
+    /// The peer hung up or the socket errored: a short read no longer means "drained",
+    /// because no further edge would come to say otherwise.
+    hup: bool,
+    /// A read returned 0: every later read completes with `Eof` without a syscall.
+    eof: bool,
+    /// In the runnable list.
+    queued: bool,
+    read_progress: Instant,
+    write_progress: Instant,
+}
+
+impl ConnState {
+    fn queue(&mut self, dir: Dir) -> &mut VecDeque<Pending> {
+        match dir {
+            Dir::Read => &mut self.reads,
+            Dir::Write => &mut self.writes,
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        (!self.reads.is_empty() && (self.readable || self.eof))
+            || (!self.writes.is_empty() && self.writable)
+    }
+}
+
+/// A deadline or idle check for the operation `seq`. Cancellation is lazy: a timer whose
+/// operation is gone is skipped when it pops (O(log n)), and the heap is compacted when stale
+/// entries outnumber live ones.
+#[derive(PartialEq, Eq)]
+struct Timer {
+    when: Instant,
+    seq: u64,
+    id: ConnId,
+    dir: Dir,
+    idle: bool,
+}
+
+impl Ord for Timer {
+    // Reversed, so the std max-heap pops the earliest (then the oldest operation) first.
+    fn cmp(&self, other: &Timer) -> std::cmp::Ordering {
+        other.when.cmp(&self.when).then(other.seq.cmp(&self.seq))
+    }
+}
+
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Timer) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The round's completions and the counters, kept apart from the connection table so both
+/// can be borrowed at once.
+struct Sink {
+    out: Vec<Completion>,
+    stats: Stats,
+}
+
+impl Sink {
+    fn complete(&mut self, p: Pending, result: Result<(), Error>, data: Option<Bytes>) {
+        let op = match p.kind {
+            Kind::Write(_) => {
+                self.stats.writes_in_flight -= 1;
+                Op::Write
+            }
+            Kind::ReadFull(_) => {
+                self.stats.reads_in_flight -= 1;
+                Op::ReadFull
+            }
+            _ => {
+                self.stats.reads_in_flight -= 1;
+                Op::Read
+            }
+        };
+        if p.has_timer() {
+            self.stats.deadlines_armed -= 1;
+        }
+        if matches!(result, Err(Error::Deadline | Error::IdleTimeout)) {
+            self.stats.deadlines_fired += 1;
+        }
+        p.conn.inner.inflight.fetch_sub(1, Ordering::Relaxed);
+        let buf = match data {
+            Some(b) => Buf::Bytes(b),
+            None => p.kind.into_buf(),
+        };
+        let (conn, tag, n) = (p.conn, p.tag, p.done);
+        self.out.push(Completion {
+            conn,
+            op,
+            tag,
+            buf,
+            n,
+            result,
+        });
+    }
+
+    /// Completes a command that never became pending (unknown connection, closed watcher).
+    fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
+        if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
+            conn.inner.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let (op, tag) = (cmd.op(), cmd.tag);
+        let buf = cmd.into_buf();
+        self.out.push(Completion {
+            conn,
+            op,
+            tag,
+            buf,
+            n: 0,
+            result: Err(err),
+        });
+    }
+
+    fn post(&mut self, conn: Conn, op: Op, tag: u64, buf: Buf) {
+        self.out.push(Completion {
+            conn,
+            op,
+            tag,
+            buf,
+            n: 0,
+            result: Ok(()),
+        });
+    }
+}
+
+/// The internal read buffer: zeroed chunks handed out as `Bytes` slices.
+struct Arena {
+    buf: BytesMut,
+    chunk: usize,
+}
+
+impl Arena {
+    /// Makes sure a useful amount of zeroed space is left, reusing the used-up chunk when no
+    /// slice of it is still held.
+    fn refill(&mut self, stats: &mut Stats) {
+        if self.buf.len() >= self.chunk.min(MIN_ARENA) {
+            return;
+        }
+        self.buf.clear();
+        if self.buf.try_reclaim(self.chunk) {
+            self.buf.resize(self.chunk, 0);
+        } else {
+            self.buf = BytesMut::zeroed(self.chunk);
+            stats.chunks_allocated += 1;
+        }
+    }
+}
+
+pub(crate) struct Driver {
+    shared: Arc<Shared>,
+    ops_rx: flume::Receiver<Msg>,
+    ctl_rx: flume::Receiver<Ctl>,
+    mailbox: flume::Sender<Completion>,
+    /// Completions the (bounded, full) mailbox did not take yet, in order.
+    backlog: VecDeque<Completion>,
+    conns: SecondaryMap<ConnId, ConnState>,
+    /// Connections with work they can do now; entries past the round's start are next round's.
+    ready: Vec<ConnId>,
+    timers: BinaryHeap<Timer>,
+    sink: Sink,
+    arena: Arena,
+    events: sys::Events,
+    seq: u64,
+    now: Instant,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        ops_rx: flume::Receiver<Msg>,
+        ctl_rx: flume::Receiver<Ctl>,
+        mailbox: flume::Sender<Completion>,
+        chunk: usize,
+        events_capacity: usize,
+    ) -> Driver {
+        Driver {
+            shared,
+            ops_rx,
+            ctl_rx,
+            mailbox,
+            backlog: VecDeque::new(),
+            conns: SecondaryMap::new(),
+            ready: Vec::new(),
+            timers: BinaryHeap::new(),
+            sink: Sink {
+                out: Vec::new(),
+                stats: Stats::default(),
+            },
+            arena: Arena {
+                buf: BytesMut::new(),
+                chunk,
+            },
+            events: sys::Events::with_capacity(events_capacity),
+            seq: 0,
+            now: Instant::now(),
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            self.drain_ctl();
+            self.drain_ops();
+            if self.shared.closed.load(Ordering::SeqCst) {
+                return self.shutdown();
+            }
+            self.run_ready();
+            if !self.timers.is_empty() {
+                self.now = Instant::now();
+                self.expire();
+            }
+            self.flush();
+            let timeout = self.next_timeout();
+            self.wait(timeout);
+        }
+    }
+
+    fn drain_ctl(&mut self) {
+        for _ in 0..self.ctl_rx.len() {
+            let Ok(msg) = self.ctl_rx.try_recv() else {
+                break;
+            };
+            match msg {
+                Ctl::Register(id, fd) => {
+                    let st = ConnState {
+                        fd,
+                        reads: VecDeque::new(),
+                        writes: VecDeque::new(),
+                        readable: true,
+                        writable: true,
+                        hup: false,
+                        eof: false,
+                        queued: false,
+                        read_progress: self.now,
+                        write_progress: self.now,
+                    };
+                    self.conns.insert(id, st);
+                    self.sink.stats.connections += 1;
+                }
+                // No operation can be pending (each holds a handle): just close.
+                Ctl::Release(id) => drop(self.remove(id)),
+            }
+        }
+    }
+
+    fn drain_ops(&mut self) {
+        // Only what is queued now: a busy sender must not keep the poller from its sockets.
+        for _ in 0..self.ops_rx.len() {
+            let Ok(Msg::Op(conn, cmd)) = self.ops_rx.try_recv() else {
+                break;
+            };
+            self.submit(conn, cmd);
+        }
+    }
+
+    fn remove(&mut self, id: ConnId) -> Option<ConnState> {
+        let st = self.conns.remove(id)?;
+        self.shared
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.sink.stats.connections -= 1;
+        Some(st)
+    }
+
+    /// Removes a connection, completing its pending operations with `err`.
+    fn retire(&mut self, id: ConnId, err: fn() -> Error) -> Option<OwnedFd> {
+        let mut st = self.remove(id)?;
+        for p in st.reads.drain(..).chain(st.writes.drain(..)) {
+            self.sink.complete(p, Err(err()), None);
+        }
+        Some(st.fd)
+    }
+
+    fn submit(&mut self, conn: Conn, cmd: Cmd) {
+        let id = conn.inner.id;
+        if !self.conns.contains_key(id) {
+            // Its registration may have been queued just after our control drain.
+            self.drain_ctl();
+        }
+        if !self.conns.contains_key(id) {
+            return self.sink.reject(conn, cmd, Error::Freed);
+        }
+        let dir = match cmd.kind {
+            Kind::Free => {
+                drop(self.retire(id, || Error::Freed));
+                return self.sink.post(conn, Op::Free, cmd.tag, Buf::None);
+            }
+            Kind::Detach => {
+                let fd = self.retire(id, || Error::Freed);
+                let buf = match fd {
+                    Some(fd) => {
+                        // Best effort: with the fd still open the registration would go on
+                        // reporting events under a key that no longer exists (ignored).
+                        let _ = self.shared.selector.deregister(fd.as_raw_fd());
+                        Buf::Fd(fd)
+                    }
+                    None => Buf::None,
+                };
+                return self.sink.post(conn, Op::Detach, cmd.tag, buf);
+            }
+            Kind::Write(_) => Dir::Write,
+            Kind::Read(_) | Kind::ReadInternal | Kind::ReadFull(_) => Dir::Read,
+        };
+        self.seq += 1;
+        let seq = self.seq;
+        let p = Pending {
+            conn,
+            kind: cmd.kind,
+            done: 0,
+            tag: cmd.tag,
+            seq,
+            deadline: cmd.deadline,
+            idle: cmd.idle,
+            since: self.now,
+        };
+        let stats = &mut self.sink.stats;
+        if let Some(when) = p.deadline {
+            self.timers.push(Timer {
+                when,
+                seq,
+                id,
+                dir,
+                idle: false,
+            });
+        }
+        if let Some(when) = p.idle.and_then(|d| self.now.checked_add(d)) {
+            self.timers.push(Timer {
+                when,
+                seq,
+                id,
+                dir,
+                idle: true,
+            });
+        }
+        if p.has_timer() {
+            stats.deadlines_armed += 1;
+        }
+        match dir {
+            Dir::Read => stats.reads_in_flight += 1,
+            Dir::Write => stats.writes_in_flight += 1,
+        }
+        let Some(st) = self.conns.get_mut(id) else {
+            return;
+        };
+        st.queue(dir).push_back(p);
+        if st.has_work() && !st.queued {
+            st.queued = true;
+            self.ready.push(id);
+        }
+    }
+
+    fn run_ready(&mut self) {
+        let n = self.ready.len();
+        for i in 0..n {
+            let id = self.ready[i];
+            let Some(st) = self.conns.get_mut(id) else {
+                continue;
+            };
+            do_reads(st, &mut self.sink, &mut self.arena, self.now);
+            do_writes(st, &mut self.sink, self.now);
+            st.queued = st.has_work();
+            if st.queued {
+                self.ready.push(id);
+            }
+        }
+        self.ready.drain(..n);
+    }
+
+    fn expire(&mut self) {
+        let now = self.now;
+        while self.timers.peek().is_some_and(|t| t.when <= now) {
+            let Some(t) = self.timers.pop() else { break };
+            let Some(st) = self.conns.get_mut(t.id) else {
+                continue;
+            };
+            let progress = match t.dir {
+                Dir::Read => st.read_progress,
+                Dir::Write => st.write_progress,
+            };
+            let q = st.queue(t.dir);
+            let Some(pos) = q.iter().position(|p| p.seq == t.seq) else {
+                continue;
+            };
+            if t.idle {
+                let p = &q[pos];
+                let idle = p.idle.unwrap_or_default();
+                let due = p.since.max(progress).checked_add(idle);
+                if let Some(when) = due.filter(|&due| due > now) {
+                    self.timers.push(Timer { when, ..t });
+                    continue;
+                }
+            }
+            let Some(p) = q.remove(pos) else { continue };
+            let err = if t.idle {
+                Error::IdleTimeout
+            } else {
+                Error::Deadline
+            };
+            self.sink.complete(p, Err(err), None);
+        }
+        // Compact when completed operations' timers dominate the heap.
+        let armed = self.sink.stats.deadlines_armed as usize;
+        if self.timers.len() > 2 * armed + 1024 {
+            let conns = &mut self.conns;
+            self.timers.retain(|t| {
+                conns
+                    .get_mut(t.id)
+                    .is_some_and(|st| st.queue(t.dir).iter().any(|p| p.seq == t.seq))
+            });
+        }
+    }
+
+    fn flush(&mut self) {
+        let stats = &mut self.sink.stats;
+        if !self.sink.out.is_empty() {
+            stats.batches += 1;
+            stats.completions += self.sink.out.len() as u64;
+        }
+        while let Some(c) = self.backlog.pop_front() {
+            match self.mailbox.try_send(c) {
+                Ok(()) => {}
+                Err(flume::TrySendError::Full(c)) => {
+                    self.backlog.push_front(c);
+                    break;
+                }
+                Err(flume::TrySendError::Disconnected(_)) => {}
+            }
+        }
+        for c in self.sink.out.drain(..) {
+            if !self.backlog.is_empty() {
+                self.backlog.push_back(c);
+                continue;
+            }
+            match self.mailbox.try_send(c) {
+                Ok(()) => {}
+                Err(flume::TrySendError::Full(c)) => self.backlog.push_back(c),
+                // Nobody can receive any more: dropping the completion drops its handle.
+                Err(flume::TrySendError::Disconnected(_)) => {}
+            }
+        }
+        self.shared.stats.publish(&self.sink.stats);
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        if !self.ready.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let timer = self
+            .timers
+            .peek()
+            .map(|t| t.when.saturating_duration_since(self.now));
+        if !self.backlog.is_empty() {
+            let retry = Duration::from_millis(1);
+            return Some(timer.map_or(retry, |t| t.min(retry)));
+        }
+        timer
+    }
+
+    fn wait(&mut self, mut timeout: Option<Duration>) {
+        if timeout != Some(Duration::ZERO) {
+            // See `Shared::wake_if_sleeping` for the other half of this handshake.
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if !self.ops_rx.is_empty()
+                || !self.ctl_rx.is_empty()
+                || self.shared.closed.load(Ordering::SeqCst)
+            {
+                timeout = Some(Duration::ZERO);
+            }
+        }
+        if self
+            .shared
+            .selector
+            .select(&mut self.events, timeout)
+            .is_err()
+        {
+            // Only EBADF/EFAULT/EINVAL remain, impossible with our own fd and buffer; do not
+            // spin if the impossible happens.
+            thread::sleep(Duration::from_millis(1));
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        self.sink.stats.wakeups += 1;
+        self.now = Instant::now();
+        for ev in self.events.iter() {
+            if ev.token == WAKER_TOKEN {
+                self.shared.waker.reset();
+                continue;
+            }
+            let id = ConnId::from(KeyData::from_ffi(ev.token));
+            // A stale key (freed connection, or one whose slot was reused) finds nothing.
+            let Some(st) = self.conns.get_mut(id) else {
+                continue;
+            };
+            st.readable |= ev.readable;
+            st.writable |= ev.writable;
+            st.hup |= ev.hup;
+            if !st.queued && st.has_work() {
+                st.queued = true;
+                self.ready.push(id);
+            }
+        }
+    }
+
+    fn shutdown(mut self) {
+        // Submitters that passed their `closed` check are mid-push; once they are done,
+        // nothing new can enter the queues.
+        while self.shared.submitting.load(Ordering::SeqCst) != 0 {
+            thread::yield_now();
+        }
+        while !self.ctl_rx.is_empty() {
+            self.drain_ctl();
+        }
+        // Pending operations first: they were submitted before anything still queued.
+        let ids: Vec<ConnId> = self.conns.keys().collect();
+        for id in ids {
+            drop(self.retire(id, || Error::WatcherClosed));
+        }
+        while let Ok(Msg::Op(conn, cmd)) = self.ops_rx.try_recv() {
+            self.sink.reject(conn, cmd, Error::WatcherClosed);
+        }
+        self.flush();
+        // A bounded, full mailbox: the last completions wait for room, for as long as someone
+        // can still receive them.
+        while let Some(c) = self.backlog.pop_front() {
+            if self.mailbox.send(c).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant) {
+    let mut budget = BUDGET;
+    while let Some(p) = st.reads.front_mut() {
+        if st.eof {
+            let p = st.reads.pop_front().expect("front exists");
+            sink.complete(p, Err(Error::Eof), None);
+            continue;
+        }
+        if !st.readable || budget == 0 {
+            break;
+        }
+        budget -= 1;
+        let fd = st.fd.as_fd();
+        let (res, asked) = match &mut p.kind {
+            Kind::Read(buf) => (sys::recv(fd, buf), buf.len()),
+            Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
+            _ => {
+                arena.refill(&mut sink.stats);
+                (sys::recv(fd, &mut arena.buf), arena.buf.len())
+            }
+        };
+        match res {
+            Ok(0) => {
+                st.eof = true;
+                let p = st.reads.pop_front().expect("front exists");
+                sink.complete(p, Err(Error::Eof), None);
+            }
+            Ok(n) => {
+                sink.stats.bytes_read += n as u64;
+                st.read_progress = now;
+                // A short read drained the socket; the next arrival is a new edge. After a
+                // hang-up no edge will come, so keep reading until the socket says EOF.
+                if n < asked && !st.hup {
+                    st.readable = false;
+                }
+                let mut data = None;
+                match p.kind {
+                    Kind::ReadFull(ref buf) => {
+                        p.done += n;
+                        if p.done < buf.len() {
+                            continue;
+                        }
+                    }
+                    Kind::ReadInternal => {
+                        p.done = n;
+                        data = Some(arena.buf.split_to(n).freeze());
+                    }
+                    _ => p.done = n,
+                }
+                let p = st.reads.pop_front().expect("front exists");
+                sink.complete(p, Ok(()), data);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.readable = false,
+            Err(e) => {
+                let p = st.reads.pop_front().expect("front exists");
+                sink.complete(p, Err(Error::Io(e)), None);
+            }
+        }
+    }
+}
+
+fn write_buf(p: &Pending) -> &[u8] {
+    match &p.kind {
+        Kind::Write(b) => &b[p.done..],
+        _ => &[],
+    }
+}
+
+fn do_writes(st: &mut ConnState, sink: &mut Sink, now: Instant) {
+    let mut budget = BUDGET;
+    while st.writable && !st.writes.is_empty() && budget > 0 {
+        budget -= 1;
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut k = 0;
+        let mut asked = 0;
+        for p in st.writes.iter().take(MAX_IOV) {
+            iov[k] = IoSlice::new(write_buf(p));
+            asked += iov[k].len();
+            k += 1;
+        }
+        match sys::send_vectored(st.fd.as_fd(), &iov[..k]) {
+            Ok(mut n) => {
+                sink.stats.bytes_written += n as u64;
+                if n > 0 {
+                    st.write_progress = now;
+                }
+                // A short write filled the socket buffer; EPOLLOUT comes when it drains.
+                if n < asked {
+                    st.writable = false;
+                }
+                while n > 0 {
+                    let Some(p) = st.writes.front_mut() else {
+                        break;
+                    };
+                    let left = write_buf(p).len();
+                    if n < left {
+                        p.done += n;
+                        break;
+                    }
+                    p.done += left;
+                    n -= left;
+                    let p = st.writes.pop_front().expect("front exists");
+                    sink.complete(p, Ok(()), None);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.writable = false,
+            Err(e) => {
+                let p = st.writes.pop_front().expect("front exists");
+                sink.complete(p, Err(Error::Io(e)), None);
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! [`Stats`]: counters the poller publishes once per round, read without locking.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! stats {
+    ($($(#[doc = $doc:literal])* $field:ident,)*) => {
+        /// A snapshot of a watcher's counters ([`Watcher::stats`](crate::Watcher::stats)).
+        ///
+        /// The poller publishes them at the end of each round, so a snapshot may trail the
+        /// work by one round, and fields are not read atomically together.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $($(#[doc = $doc])* pub $field: u64,)*
+        }
+
+        #[derive(Default)]
+        pub(crate) struct StatCells {
+            $($field: AtomicU64,)*
+        }
+
+        impl StatCells {
+            pub(crate) fn publish(&self, s: &Stats) {
+                $(self.$field.store(s.$field, Relaxed);)*
+            }
+
+            pub(crate) fn snapshot(&self) -> Stats {
+                Stats { $($field: self.$field.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+stats! {
+    /// Connections registered and not yet freed, detached or released.
+    connections,
+    /// Read and read-full operations waiting for data.
+    reads_in_flight,
+    /// Write operations waiting for socket buffer space.
+    writes_in_flight,
+    /// Operations waiting with a deadline or idle timeout.
+    deadlines_armed,
+    /// Operations completed by their deadline or idle timeout.
+    deadlines_fired,
+    /// Bytes read from sockets.
+    bytes_read,
+    /// Bytes written to sockets.
+    bytes_written,
+    /// Times the poller returned from `epoll_wait`/`kevent`.
+    wakeups,
+    /// Batches of completions posted (rounds that completed something).
+    batches,
+    /// Completions posted.
+    completions,
+    /// Internal read-buffer chunks allocated (a used-up chunk is reused when no slice of it
+    /// is still held).
+    chunks_allocated,
+}
+
+impl Stats {
+    /// Average completions per posted batch.
+    pub fn completions_per_batch(&self) -> f64 {
+        if self.batches == 0 {
+            0.0
+        } else {
+            self.completions as f64 / self.batches as f64
+        }
+    }
+}

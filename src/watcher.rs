@@ -1,0 +1,427 @@
+//! [`Watcher`] and [`WatcherBuilder`]: the user-thread side. The poller loop is in `driver.rs`.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use slotmap::{Key, SlotMap};
+
+use crate::driver::{Driver, WAKER_TOKEN};
+use crate::stats::{StatCells, Stats};
+use crate::{sys, Cmd, Completion, Conn, ConnId, Error};
+
+/// Messages on the bounded command queue.
+pub(crate) enum Msg {
+    Op(Conn, Cmd),
+}
+
+/// Messages on the unbounded control queue: never refused, so a drop never leaks a socket.
+pub(crate) enum Ctl {
+    Register(ConnId, OwnedFd),
+    Release(ConnId),
+}
+
+pub(crate) enum SubmitError {
+    Full,
+    Closed,
+}
+
+/// State shared by the watcher, every `Conn` and the poller thread.
+pub(crate) struct Shared {
+    ops_tx: flume::Sender<Msg>,
+    ctl_tx: flume::Sender<Ctl>,
+    pub(crate) selector: sys::Selector,
+    pub(crate) waker: sys::Waker,
+    /// The poller is in (or about to enter) `select` with a non-zero timeout.
+    pub(crate) sleeping: AtomicBool,
+    pub(crate) closed: AtomicBool,
+    /// Submissions between their `closed` check and their push; the poller waits for zero
+    /// before its last drain, so no command slips into a queue nobody will read.
+    pub(crate) submitting: AtomicUsize,
+    /// Key allocation. The poller holds the per-connection state in a `SecondaryMap`.
+    pub(crate) ids: Mutex<SlotMap<ConnId, ()>>,
+    pub(crate) stats: StatCells,
+    pub(crate) max_ops: u32,
+}
+
+impl Shared {
+    /// Pushes onto a queue unless the watcher is closed, then wakes the poller if it sleeps.
+    fn push<T>(
+        &self,
+        msg: T,
+        send: impl FnOnce(T) -> Result<(), flume::TrySendError<T>>,
+    ) -> Result<(), (SubmitError, T)> {
+        self.submitting.fetch_add(1, SeqCst);
+        if self.closed.load(SeqCst) {
+            self.submitting.fetch_sub(1, SeqCst);
+            return Err((SubmitError::Closed, msg));
+        }
+        let r = send(msg);
+        self.submitting.fetch_sub(1, SeqCst);
+        match r {
+            Ok(()) => {
+                self.wake_if_sleeping();
+                Ok(())
+            }
+            Err(flume::TrySendError::Full(m)) => Err((SubmitError::Full, m)),
+            Err(flume::TrySendError::Disconnected(m)) => Err((SubmitError::Closed, m)),
+        }
+    }
+
+    pub(crate) fn submit(&self, msg: Msg) -> Result<(), (SubmitError, Msg)> {
+        self.push(msg, |m| self.ops_tx.try_send(m))
+    }
+
+    fn control(&self, msg: Ctl) -> Result<(), (SubmitError, Ctl)> {
+        self.push(msg, |m| {
+            self.ctl_tx
+                .send(m)
+                .map_err(|e| flume::TrySendError::Disconnected(e.into_inner()))
+        })
+    }
+
+    /// The poller sets `sleeping`, fences, then checks the queues; we push, fence, then check
+    /// `sleeping`. One of the two sees the other (Dekker), so a command never waits for a
+    /// timeout, and the eventfd write happens only when the poller sleeps.
+    fn wake_if_sleeping(&self) {
+        fence(SeqCst);
+        if self.sleeping.load(SeqCst) && self.sleeping.swap(false, SeqCst) {
+            // A failed wake-up write means the eventfd is broken; the poller's own timeout
+            // still runs the loop, so there is nothing better to do here.
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// The last handle of `id` was dropped.
+    pub(crate) fn release(&self, id: ConnId) {
+        // On a closed watcher the poller closed (or will close) every socket itself.
+        let _ = self.control(Ctl::Release(id));
+    }
+}
+
+/// Options for a [`Watcher`]. `Watcher::builder().build()` is `Watcher::new()`.
+#[derive(Debug, Clone)]
+pub struct WatcherBuilder {
+    buffer_size: usize,
+    command_capacity: usize,
+    max_ops_per_conn: u32,
+    events_capacity: usize,
+    cpu: Option<usize>,
+    mailbox: Option<(flume::Sender<Completion>, flume::Receiver<Completion>)>,
+}
+
+impl Default for WatcherBuilder {
+    fn default() -> WatcherBuilder {
+        WatcherBuilder {
+            buffer_size: 64 * 1024,
+            command_capacity: 65_536,
+            max_ops_per_conn: 1024,
+            events_capacity: 1024,
+            cpu: None,
+            mailbox: None,
+        }
+    }
+}
+
+impl WatcherBuilder {
+    /// Size of each internal read-buffer chunk, the most one
+    /// [`Cmd::ReadInternal`](crate::Cmd::ReadInternal) returns (default: 64 KiB; minimum 1).
+    pub fn buffer_size(mut self, bytes: usize) -> Self {
+        self.buffer_size = bytes.max(1);
+        self
+    }
+
+    /// Capacity of the command queue into the poller; a full queue makes
+    /// [`Conn::send`] return [`SendError::Full`](crate::SendError::Full) (default: 65,536).
+    pub fn command_capacity(mut self, n: usize) -> Self {
+        self.command_capacity = n.max(1);
+        self
+    }
+
+    /// Most read, read-full and write operations one connection may have in flight; more
+    /// are refused with [`SendError::Full`](crate::SendError::Full) (default: 1,024).
+    /// `Free` and `Detach` are always let through.
+    pub fn max_ops_per_conn(mut self, n: u32) -> Self {
+        self.max_ops_per_conn = n.max(1);
+        self
+    }
+
+    /// Most readiness events taken per `epoll_wait`/`kevent` call (default: 1,024).
+    pub fn events_capacity(mut self, n: usize) -> Self {
+        self.events_capacity = n.max(1);
+        self
+    }
+
+    /// Pins the poller thread to this CPU (default: not pinned).
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// Linux and Android only; elsewhere [`build`](Self::build) fails with
+    /// [`io::ErrorKind::Unsupported`].
+    pub fn poller_cpu(mut self, cpu: usize) -> Self {
+        self.cpu = Some(cpu);
+        self
+    }
+
+    /// Posts completions into this channel instead of a new unbounded one, so several watchers
+    /// can share one mailbox (flume is MPMC). [`Watcher::mailbox`] returns `receiver`.
+    ///
+    /// A bounded channel is allowed: when it is full the poller keeps the completions in order
+    /// and retries every millisecond; it never blocks on the mailbox.
+    pub fn mailbox(
+        mut self,
+        sender: flume::Sender<Completion>,
+        receiver: flume::Receiver<Completion>,
+    ) -> Self {
+        self.mailbox = Some((sender, receiver));
+        self
+    }
+
+    /// Creates the watcher and starts its poller thread.
+    ///
+    /// # Errors
+    ///
+    /// Creating the epoll/kqueue instance, the waker or the thread failed (for example EMFILE),
+    /// or CPU pinning is not supported here.
+    pub fn build(self) -> io::Result<Watcher> {
+        let selector = sys::Selector::new()?;
+        let waker = sys::Waker::new(&selector, WAKER_TOKEN)?;
+        let (ops_tx, ops_rx) = flume::bounded(self.command_capacity);
+        let (ctl_tx, ctl_rx) = flume::unbounded();
+        let (mail_tx, mail_rx) = self.mailbox.unwrap_or_else(flume::unbounded);
+        let shared = Arc::new(Shared {
+            ops_tx,
+            ctl_tx,
+            selector,
+            waker,
+            sleeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            submitting: AtomicUsize::new(0),
+            ids: Mutex::new(SlotMap::with_key()),
+            stats: StatCells::default(),
+            max_ops: self.max_ops_per_conn,
+        });
+        let driver = Driver::new(
+            shared.clone(),
+            ops_rx,
+            ctl_rx,
+            mail_tx,
+            self.buffer_size,
+            self.events_capacity,
+        );
+        let cpu = self.cpu;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("proactor-poller".into())
+            .spawn(move || {
+                let pinned = cpu.map_or(Ok(()), sys::pin_to_cpu);
+                let ok = pinned.is_ok();
+                let _ = ready_tx.send(pinned);
+                if ok {
+                    driver.run();
+                }
+            })?;
+        if let Ok(Err(e)) = ready_rx.recv() {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Watcher {
+            shared,
+            mailbox: mail_rx,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+/// A poller thread (epoll or kqueue), its command queue and its completion mailbox.
+///
+/// Register sockets to get [`Conn`] handles, send them [`Cmd`]s, and take the
+/// [`Completion`]s from [`wait_io`](Watcher::wait_io) or the [`mailbox`](Watcher::mailbox)
+/// receiver. `Watcher` is `Send + Sync`: share it by reference or in an `Arc`.
+///
+/// Closing (explicitly or by dropping it) completes every pending operation with
+/// [`Error::WatcherClosed`], closes every socket and joins the poller thread.
+pub struct Watcher {
+    shared: Arc<Shared>,
+    mailbox: flume::Receiver<Completion>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Watcher {
+    /// A watcher with the default options (64 KiB internal buffer chunks).
+    ///
+    /// # Errors
+    ///
+    /// See [`WatcherBuilder::build`].
+    pub fn new() -> io::Result<Watcher> {
+        WatcherBuilder::default().build()
+    }
+
+    /// Options for a watcher.
+    pub fn builder() -> WatcherBuilder {
+        WatcherBuilder::default()
+    }
+
+    /// Takes ownership of a stream socket ([`TcpStream`](std::net::TcpStream),
+    /// [`UnixStream`](std::os::unix::net::UnixStream), or any `SOCK_STREAM` socket as an
+    /// [`OwnedFd`]), makes it non-blocking and watches it. Options set before (nodelay,
+    /// buffer sizes, keepalive) are kept.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WatcherClosed`] after [`close`](Watcher::close); [`Error::Io`] for something
+    /// that cannot be watched: not a socket (`ENOTSOCK`), not a stream socket
+    /// ([`io::ErrorKind::InvalidInput`]), or refused by epoll/kqueue. The socket is closed.
+    pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, Error> {
+        let fd: OwnedFd = socket.into();
+        if self.is_closed() {
+            return Err(Error::WatcherClosed);
+        }
+        sys::prepare_stream(fd.as_fd())?;
+        let id = self
+            .shared
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(());
+        let forget = |id| {
+            self.shared
+                .ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        };
+        // Registered before the poller knows the key: events that arrive first find no state
+        // and are dropped, which is harmless because a new connection starts out assumed
+        // readable and writable (the first operation tries the syscall).
+        if let Err(e) = self
+            .shared
+            .selector
+            .register(fd.as_raw_fd(), id.data().as_ffi())
+        {
+            forget(id);
+            return Err(e.into());
+        }
+        match self.shared.control(Ctl::Register(id, fd)) {
+            Ok(()) => Ok(Conn::new(id, self.shared.clone())),
+            Err((_, Ctl::Register(_, fd))) => {
+                let _ = self.shared.selector.deregister(fd.as_raw_fd());
+                forget(id);
+                Err(Error::WatcherClosed)
+            }
+            Err(_) => unreachable!("control returns the message it was given"),
+        }
+    }
+
+    /// The mailbox: a `flume::Receiver` of completions. Clone it freely: use it with
+    /// `recv`, `try_recv` in a game loop, `flume::Selector` over other channels, or
+    /// `recv_async` in async code.
+    pub fn mailbox(&self) -> flume::Receiver<Completion> {
+        self.mailbox.clone()
+    }
+
+    /// Blocks until at least one completion is ready, then appends every ready one to `out`
+    /// (gaio's `WaitIO`, without allocating once `out` has grown). Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WatcherClosed`] once the watcher is closed and its mailbox is drained (only
+    /// when the mailbox is the watcher's own: a shared one stays open while others send).
+    pub fn wait_io(&self, out: &mut Vec<Completion>) -> Result<usize, Error> {
+        let first = self.mailbox.recv().map_err(|_| Error::WatcherClosed)?;
+        Ok(self.take_ready(first, out))
+    }
+
+    /// Like [`wait_io`](Watcher::wait_io) but gives up at `deadline`, returning `Ok(0)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_io`](Watcher::wait_io).
+    pub fn wait_io_deadline(
+        &self,
+        out: &mut Vec<Completion>,
+        deadline: Instant,
+    ) -> Result<usize, Error> {
+        match self.mailbox.recv_deadline(deadline) {
+            Ok(first) => Ok(self.take_ready(first, out)),
+            Err(flume::RecvTimeoutError::Timeout) => Ok(0),
+            Err(flume::RecvTimeoutError::Disconnected) => Err(Error::WatcherClosed),
+        }
+    }
+
+    /// Like [`wait_io`](Watcher::wait_io) but gives up after `timeout`, returning `Ok(0)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_io`](Watcher::wait_io).
+    pub fn wait_io_timeout(
+        &self,
+        out: &mut Vec<Completion>,
+        timeout: Duration,
+    ) -> Result<usize, Error> {
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.wait_io_deadline(out, deadline),
+            None => self.wait_io(out),
+        }
+    }
+
+    /// Appends every completion ready now to `out` without blocking; returns how many.
+    pub fn try_wait_io(&self, out: &mut Vec<Completion>) -> usize {
+        let before = out.len();
+        out.extend(self.mailbox.try_iter());
+        out.len() - before
+    }
+
+    fn take_ready(&self, first: Completion, out: &mut Vec<Completion>) -> usize {
+        out.push(first);
+        1 + self.try_wait_io(out)
+    }
+
+    /// A snapshot of the poller's counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Whether [`close`](Watcher::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(SeqCst)
+    }
+
+    /// Stops the poller: every pending operation and every command still queued completes
+    /// with [`Error::WatcherClosed`], every socket is closed, and the poller thread is joined.
+    /// Later sends fail with [`SendError::Closed`](crate::SendError::Closed). Idempotent.
+    pub fn close(&self) {
+        self.shared.closed.store(true, SeqCst);
+        let _ = self.shared.waker.wake();
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            // A panic in the poller is a bug in this crate; surface it here rather than hide it.
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if !thread::panicking() {
+            self.close();
+        } else {
+            self.shared.closed.store(true, SeqCst);
+            let _ = self.shared.waker.wake();
+        }
+    }
+}
+
+impl fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watcher")
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
