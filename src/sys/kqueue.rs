@@ -136,6 +136,10 @@ pub(crate) struct Events {
     list: Vec<libc::kevent>,
 }
 
+// SAFETY: the only pointer in a `kevent` is `udata`, which we use as an integer token and never
+// dereference; the rest is plain integers. Moving the buffer to the poller thread shares nothing.
+unsafe impl Send for Events {}
+
 impl Events {
     pub(crate) fn with_capacity(n: usize) -> Events {
         Events {
