@@ -41,6 +41,9 @@ pub(crate) enum Kind {
     Write(Bytes),
     Free,
     Detach,
+    Accept,
+    /// Internal: the first operation of a connection made by `Watcher::connect`.
+    Connect,
 }
 
 const fn plain(kind: Kind) -> Cmd {
@@ -91,6 +94,13 @@ impl Cmd {
     /// stay in the socket.
     pub const Detach: Cmd = plain(Kind::Detach);
 
+    /// Accepts one connection on a listener registered with
+    /// [`Watcher::listen`](crate::Watcher::listen). The completion's buffer is
+    /// [`Buf::Accepted`]: the new connection, already registered on the same watcher, and the
+    /// peer's address. Several accepts may be outstanding; each completes once, in order.
+    /// Sent to a connection that is not listening, it completes with the OS's `EINVAL`.
+    pub const Accept: Cmd = plain(Kind::Accept);
+
     /// Completes the operation with [`Error::Deadline`](crate::Error::Deadline) if it has not
     /// finished by `deadline`. Ignored by `Free` and `Detach`.
     pub fn deadline(mut self, deadline: Instant) -> Cmd {
@@ -120,13 +130,7 @@ impl Cmd {
 
     /// The kind of operation this command will complete as.
     pub fn op(&self) -> Op {
-        match self.kind {
-            Kind::Read(_) | Kind::ReadInternal => Op::Read,
-            Kind::ReadFull(_) => Op::ReadFull,
-            Kind::Write(_) => Op::Write,
-            Kind::Free => Op::Free,
-            Kind::Detach => Op::Detach,
-        }
+        self.kind.op()
     }
 
     /// The buffer this command carries ([`Buf::None`] for internal reads, free and detach).
@@ -139,17 +143,29 @@ impl Cmd {
         match &self.kind {
             Kind::Read(b) | Kind::ReadFull(b) => b.is_empty(),
             Kind::Write(b) => b.is_empty(),
-            Kind::ReadInternal | Kind::Free | Kind::Detach => false,
+            _ => false,
         }
     }
 }
 
 impl Kind {
+    pub(crate) fn op(&self) -> Op {
+        match self {
+            Kind::Read(_) | Kind::ReadInternal => Op::Read,
+            Kind::ReadFull(_) => Op::ReadFull,
+            Kind::Write(_) => Op::Write,
+            Kind::Free => Op::Free,
+            Kind::Detach => Op::Detach,
+            Kind::Accept => Op::Accept,
+            Kind::Connect => Op::Connect,
+        }
+    }
+
     pub(crate) fn into_buf(self) -> Buf {
         match self {
             Kind::Read(b) | Kind::ReadFull(b) => Buf::Vec(b),
             Kind::Write(b) => Buf::Bytes(b),
-            Kind::ReadInternal | Kind::Free | Kind::Detach => Buf::None,
+            _ => Buf::None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! [`Completion`]: what the poller posts to the mailbox when an operation finishes.
 
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
@@ -20,6 +21,10 @@ pub enum Op {
     Free,
     /// [`Cmd::Detach`](crate::Cmd::Detach).
     Detach,
+    /// [`Cmd::Accept`](crate::Cmd::Accept).
+    Accept,
+    /// A connection started by [`Watcher::connect`](crate::Watcher::connect).
+    Connect,
 }
 
 /// A buffer handed back to its owner, whatever the outcome.
@@ -35,6 +40,9 @@ pub enum Buf {
     Bytes(Bytes),
     /// The socket handed back by [`Cmd::Detach`](crate::Cmd::Detach).
     Fd(OwnedFd),
+    /// A connection from [`Cmd::Accept`](crate::Cmd::Accept), already registered, and its
+    /// peer's address (`None` for Unix-domain listeners).
+    Accepted(Conn, Option<SocketAddr>),
 }
 
 impl Buf {
@@ -43,7 +51,7 @@ impl Buf {
         match self {
             Buf::Vec(v) => v,
             Buf::Bytes(b) => b,
-            Buf::None | Buf::Fd(_) => &[],
+            Buf::None | Buf::Fd(_) | Buf::Accepted(..) => &[],
         }
     }
 
@@ -55,12 +63,20 @@ impl Buf {
         }
     }
 
-    /// The bytes as [`Bytes`] (a `Vec` is converted without copying; `None`/`Fd` give empty).
+    /// The bytes as [`Bytes`] (a `Vec` is converted without copying; the others give empty).
     pub fn into_bytes(self) -> Bytes {
         match self {
             Buf::Vec(v) => Bytes::from(v),
             Buf::Bytes(b) => b,
-            Buf::None | Buf::Fd(_) => Bytes::new(),
+            Buf::None | Buf::Fd(_) | Buf::Accepted(..) => Bytes::new(),
+        }
+    }
+
+    /// The accepted connection and its peer's address, if this is one.
+    pub fn into_accepted(self) -> Option<(Conn, Option<SocketAddr>)> {
+        match self {
+            Buf::Accepted(conn, peer) => Some((conn, peer)),
+            _ => None,
         }
     }
 

@@ -8,14 +8,15 @@
 
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, IoSlice};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use slotmap::{KeyData, SecondaryMap};
+use bytes::BytesMut;
+use slotmap::{Key, KeyData, SecondaryMap};
 
 use crate::cmd::Kind;
 use crate::stats::Stats;
@@ -32,6 +33,10 @@ const BUDGET: u32 = 16;
 const MAX_IOV: usize = 64;
 /// The arena is refilled when less than this is left (or less than a whole chunk, if smaller).
 const MIN_ARENA: usize = 2048;
+/// How long a listener waits after a resource error (EMFILE and friends) before accepting again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// The sequence number of a listener's "resume accepting" timer; operations start at 1.
+const RESUME: u64 = 0;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dir {
@@ -76,6 +81,21 @@ struct ConnState {
 }
 
 impl ConnState {
+    fn new(fd: OwnedFd, now: Instant) -> ConnState {
+        ConnState {
+            fd,
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+            readable: true,
+            writable: true,
+            hup: false,
+            eof: false,
+            queued: false,
+            read_progress: now,
+            write_progress: now,
+        }
+    }
+
     fn queue(&mut self, dir: Dir) -> &mut VecDeque<Pending> {
         match dir {
             Dir::Read => &mut self.reads,
@@ -119,24 +139,17 @@ impl PartialOrd for Timer {
 struct Sink {
     out: Vec<Completion>,
     stats: Stats,
+    /// Sockets accepted this round, registered once the listener's state is not borrowed.
+    accepted: Vec<(Pending, OwnedFd, Option<SocketAddr>)>,
 }
 
 impl Sink {
-    fn complete(&mut self, p: Pending, result: Result<(), Error>, data: Option<Bytes>) {
-        let op = match p.kind {
-            Kind::Write(_) => {
-                self.stats.writes_in_flight -= 1;
-                Op::Write
-            }
-            Kind::ReadFull(_) => {
-                self.stats.reads_in_flight -= 1;
-                Op::ReadFull
-            }
-            _ => {
-                self.stats.reads_in_flight -= 1;
-                Op::Read
-            }
-        };
+    fn complete(&mut self, p: Pending, result: Result<(), Error>, buf: Option<Buf>) {
+        let op = p.kind.op();
+        match op {
+            Op::Write | Op::Connect => self.stats.writes_in_flight -= 1,
+            _ => self.stats.reads_in_flight -= 1,
+        }
         if p.has_timer() {
             self.stats.deadlines_armed -= 1;
         }
@@ -144,10 +157,7 @@ impl Sink {
             self.stats.deadlines_fired += 1;
         }
         p.conn.inner.inflight.fetch_sub(1, Ordering::Relaxed);
-        let buf = match data {
-            Some(b) => Buf::Bytes(b),
-            None => p.kind.into_buf(),
-        };
+        let buf = buf.unwrap_or_else(|| p.kind.into_buf());
         let (conn, tag, n) = (p.conn, p.tag, p.done);
         self.out.push(Completion {
             conn,
@@ -161,7 +171,7 @@ impl Sink {
 
     /// Completes a command that never became pending (unknown connection, closed watcher).
     fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
-        if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
+        if !matches!(cmd.kind, Kind::Free | Kind::Detach | Kind::Connect) {
             conn.inner.inflight.fetch_sub(1, Ordering::Relaxed);
         }
         let (op, tag) = (cmd.op(), cmd.tag);
@@ -250,6 +260,7 @@ impl Driver {
             sink: Sink {
                 out: Vec::new(),
                 stats: Stats::default(),
+                accepted: Vec::new(),
             },
             arena: Arena {
                 buf: BytesMut::new(),
@@ -285,21 +296,12 @@ impl Driver {
                 break;
             };
             match msg {
-                Ctl::Register(id, fd) => {
-                    let st = ConnState {
-                        fd,
-                        reads: VecDeque::new(),
-                        writes: VecDeque::new(),
-                        readable: true,
-                        writable: true,
-                        hup: false,
-                        eof: false,
-                        queued: false,
-                        read_progress: self.now,
-                        write_progress: self.now,
-                    };
-                    self.conns.insert(id, st);
+                Ctl::Register { id, fd, connect } => {
+                    self.conns.insert(id, ConnState::new(fd, self.now));
                     self.sink.stats.connections += 1;
+                    if let Some((conn, to)) = connect {
+                        self.enqueue(id, conn, Kind::Connect, to.deadline, None, to.tag);
+                    }
                 }
                 // No operation can be pending (each holds a handle): just close.
                 Ctl::Release(id) => drop(self.remove(id)),
@@ -346,7 +348,7 @@ impl Driver {
         if !self.conns.contains_key(id) {
             return self.sink.reject(conn, cmd, Error::Freed);
         }
-        let dir = match cmd.kind {
+        match cmd.kind {
             Kind::Free => {
                 drop(self.retire(id, || Error::Freed));
                 return self.sink.post(conn, Op::Free, cmd.tag, Buf::None);
@@ -364,19 +366,36 @@ impl Driver {
                 };
                 return self.sink.post(conn, Op::Detach, cmd.tag, buf);
             }
-            Kind::Write(_) => Dir::Write,
-            Kind::Read(_) | Kind::ReadInternal | Kind::ReadFull(_) => Dir::Read,
+            _ => {}
+        }
+        self.enqueue(id, conn, cmd.kind, cmd.deadline, cmd.idle, cmd.tag);
+    }
+
+    /// Appends an operation to its connection's FIFO, arms its timers, and marks the
+    /// connection runnable if that direction can make progress now.
+    fn enqueue(
+        &mut self,
+        id: ConnId,
+        conn: Conn,
+        kind: Kind,
+        deadline: Option<Instant>,
+        idle: Option<Duration>,
+        tag: u64,
+    ) {
+        let dir = match kind {
+            Kind::Write(_) | Kind::Connect => Dir::Write,
+            _ => Dir::Read,
         };
         self.seq += 1;
         let seq = self.seq;
         let p = Pending {
             conn,
-            kind: cmd.kind,
+            kind,
             done: 0,
-            tag: cmd.tag,
+            tag,
             seq,
-            deadline: cmd.deadline,
-            idle: cmd.idle,
+            deadline,
+            idle,
             since: self.now,
         };
         let stats = &mut self.sink.stats;
@@ -422,14 +441,54 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            do_reads(st, &mut self.sink, &mut self.arena, self.now);
+            let paused = do_reads(st, &mut self.sink, &mut self.arena, self.now);
             do_writes(st, &mut self.sink, self.now);
             st.queued = st.has_work();
             if st.queued {
                 self.ready.push(id);
             }
+            if paused {
+                let when = self.now + ACCEPT_PAUSE;
+                self.timers.push(Timer {
+                    when,
+                    seq: RESUME,
+                    id,
+                    dir: Dir::Read,
+                    idle: false,
+                });
+            }
+            while let Some((p, fd, peer)) = self.sink.accepted.pop() {
+                self.adopt_accepted(p, fd, peer);
+            }
         }
         self.ready.drain(..n);
+    }
+
+    /// Registers an accepted socket on this watcher and completes its `Accept`.
+    fn adopt_accepted(&mut self, p: Pending, fd: OwnedFd, peer: Option<SocketAddr>) {
+        let id = self
+            .shared
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(());
+        if let Err(e) = self
+            .shared
+            .selector
+            .register(fd.as_raw_fd(), id.data().as_ffi())
+        {
+            self.shared
+                .ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            return self.sink.complete(p, Err(Error::Io(e)), None);
+        }
+        self.conns.insert(id, ConnState::new(fd, self.now));
+        self.sink.stats.connections += 1;
+        let conn = Conn::new(id, self.shared.clone());
+        self.sink
+            .complete(p, Ok(()), Some(Buf::Accepted(conn, peer)));
     }
 
     fn expire(&mut self) {
@@ -439,6 +498,14 @@ impl Driver {
             let Some(st) = self.conns.get_mut(t.id) else {
                 continue;
             };
+            if t.seq == RESUME {
+                st.readable = true;
+                if !st.queued && st.has_work() {
+                    st.queued = true;
+                    self.ready.push(t.id);
+                }
+                continue;
+            }
             let progress = match t.dir {
                 Dir::Read => st.read_progress,
                 Dir::Write => st.write_progress,
@@ -469,9 +536,9 @@ impl Driver {
         if self.timers.len() > 2 * armed + 1024 {
             let conns = &mut self.conns;
             self.timers.retain(|t| {
-                conns
-                    .get_mut(t.id)
-                    .is_some_and(|st| st.queue(t.dir).iter().any(|p| p.seq == t.seq))
+                conns.get_mut(t.id).is_some_and(|st| {
+                    t.seq == RESUME || st.queue(t.dir).iter().any(|p| p.seq == t.seq)
+                })
             });
         }
     }
@@ -595,7 +662,8 @@ impl Driver {
     }
 }
 
-fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant) {
+/// Runs the read FIFO. Returns `true` if a listener hit a resource limit and must pause.
+fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant) -> bool {
     let mut budget = BUDGET;
     while let Some(p) = st.reads.front_mut() {
         if st.eof {
@@ -611,9 +679,29 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
         let (res, asked) = match &mut p.kind {
             Kind::Read(buf) => (sys::recv(fd, buf), buf.len()),
             Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
-            _ => {
+            Kind::ReadInternal => {
                 arena.refill(&mut sink.stats);
                 (sys::recv(fd, &mut arena.buf), arena.buf.len())
+            }
+            _ => {
+                let r = sys::accept(fd);
+                let p = st.reads.pop_front().expect("front exists");
+                match r {
+                    Ok((fd, peer)) => sink.accepted.push((p, fd, peer)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        st.reads.push_front(p);
+                        st.readable = false;
+                    }
+                    Err(e) => {
+                        let pause = is_resource_error(&e);
+                        sink.complete(p, Err(Error::Io(e)), None);
+                        if pause {
+                            st.readable = false;
+                            return true;
+                        }
+                    }
+                }
+                continue;
             }
         };
         match res {
@@ -640,7 +728,7 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
                     }
                     Kind::ReadInternal => {
                         p.done = n;
-                        data = Some(arena.buf.split_to(n).freeze());
+                        data = Some(Buf::Bytes(arena.buf.split_to(n).freeze()));
                     }
                     _ => p.done = n,
                 }
@@ -654,6 +742,15 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
             }
         }
     }
+    false
+}
+
+/// Out of descriptors or kernel memory: retrying at once would fail the same way.
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn write_buf(p: &Pending) -> &[u8] {
@@ -665,12 +762,29 @@ fn write_buf(p: &Pending) -> &[u8] {
 
 fn do_writes(st: &mut ConnState, sink: &mut Sink, now: Instant) {
     let mut budget = BUDGET;
-    while st.writable && !st.writes.is_empty() && budget > 0 {
+    while st.writable && budget > 0 {
+        let Some(head) = st.writes.front() else { break };
         budget -= 1;
+        if matches!(head.kind, Kind::Connect) {
+            // Writable (or errored) after a non-blocking connect: see how it went.
+            match sys::connect_finished(st.fd.as_fd()) {
+                Ok(false) => st.writable = false,
+                Ok(true) => {
+                    let p = st.writes.pop_front().expect("front exists");
+                    sink.complete(p, Ok(()), None);
+                }
+                Err(e) => {
+                    let p = st.writes.pop_front().expect("front exists");
+                    sink.complete(p, Err(Error::Io(e)), None);
+                }
+            }
+            continue;
+        }
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut k = 0;
         let mut asked = 0;
-        for p in st.writes.iter().take(MAX_IOV) {
+        let writes = st.writes.iter().take(MAX_IOV);
+        for p in writes.take_while(|p| matches!(p.kind, Kind::Write(_))) {
             iov[k] = IoSlice::new(write_buf(p));
             asked += iov[k].len();
             k += 1;

@@ -113,6 +113,7 @@ mod completion;
 mod conn;
 mod driver;
 mod error;
+mod net;
 mod stats;
 #[allow(unsafe_code)]
 mod sys;
@@ -124,5 +125,6 @@ pub use completion::{Buf, Completion, Op};
 pub use conn::{Conn, ConnId};
 pub use error::{Error, SendError};
 pub use flume;
+pub use net::{reuseport_listener, Connect};
 pub use stats::Stats;
 pub use watcher::{Watcher, WatcherBuilder};

@@ -12,7 +12,7 @@ use slotmap::{Key, SlotMap};
 
 use crate::driver::{Driver, WAKER_TOKEN};
 use crate::stats::{StatCells, Stats};
-use crate::{sys, Cmd, Completion, Conn, ConnId, Error};
+use crate::{sys, Cmd, Completion, Conn, ConnId, Connect, Error};
 
 /// Messages on the bounded command queue.
 pub(crate) enum Msg {
@@ -21,7 +21,12 @@ pub(crate) enum Msg {
 
 /// Messages on the unbounded control queue: never refused, so a drop never leaks a socket.
 pub(crate) enum Ctl {
-    Register(ConnId, OwnedFd),
+    /// A new socket; `connect` is the pending connect of one made by `Watcher::connect`.
+    Register {
+        id: ConnId,
+        fd: OwnedFd,
+        connect: Option<(Conn, Connect)>,
+    },
     Release(ConnId),
 }
 
@@ -282,14 +287,72 @@ impl Watcher {
             return Err(Error::WatcherClosed);
         }
         sys::prepare_stream(fd.as_fd())?;
-        let id = self
-            .shared
+        self.adopt(fd, None)
+    }
+
+    /// Takes ownership of a listening stream socket ([`TcpListener`](std::net::TcpListener),
+    /// [`UnixListener`](std::os::unix::net::UnixListener), or an [`OwnedFd`]) and returns its
+    /// handle. Send it [`Cmd::Accept`]: each completes with a new, already registered [`Conn`]
+    /// on this watcher and the peer's address ([`Buf::Accepted`](crate::Buf::Accepted)).
+    ///
+    /// # Accept errors
+    ///
+    /// `EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM` and `ECONNABORTED` complete that one accept
+    /// with the error ([`Error::Io`]); the listener stays registered. After a resource error
+    /// (the first four) the listener pauses for 100 ms before it tries again, so a server out
+    /// of file descriptors neither spins nor stops: pending accepts wait, and accepting
+    /// resumes once descriptors are free.
+    ///
+    /// # Errors
+    ///
+    /// As [`register`](Watcher::register), and [`io::ErrorKind::InvalidInput`] if the socket
+    /// is not listening.
+    pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
+        let fd: OwnedFd = listener.into();
+        if self.is_closed() {
+            return Err(Error::WatcherClosed);
+        }
+        sys::prepare_stream(fd.as_fd())?;
+        if !sys::is_listener(fd.as_fd())? {
+            let msg = "not a listening socket (call listen() first, or use register)";
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());
+        }
+        self.adopt(fd, None)
+    }
+
+    /// Starts a non-blocking TCP connect and returns the new connection's handle at once.
+    /// One completion with [`Op::Connect`](crate::Op::Connect) follows: `Ok` once connected,
+    /// or the error (`ECONNREFUSED`, `ETIMEDOUT`, `EHOSTUNREACH`, ... as [`Error::Io`];
+    /// [`Error::Deadline`] if the [`Connect`] deadline passed first).
+    ///
+    /// Reads and writes may be sent right away: writes wait for the connection, and both
+    /// fail with the OS's error if it fails. Free the connection after a failed connect (or
+    /// just drop its handles).
+    ///
+    /// # Errors
+    ///
+    /// Errors known at once, with no completion: [`Error::WatcherClosed`], and [`Error::Io`]
+    /// for socket creation (`EMFILE`) or a connect refused on the spot (`ENETUNREACH`,
+    /// `EADDRNOTAVAIL`, sometimes `ECONNREFUSED` on loopback).
+    pub fn connect(&self, to: impl Into<Connect>) -> Result<Conn, Error> {
+        let to = to.into();
+        if self.is_closed() {
+            return Err(Error::WatcherClosed);
+        }
+        let fd = sys::start_connect(&to.addr)?;
+        self.adopt(fd, Some(to))
+    }
+
+    /// Gives `fd` a key, adds it to the selector and tells the poller.
+    fn adopt(&self, fd: OwnedFd, connect: Option<Connect>) -> Result<Conn, Error> {
+        let shared = &self.shared;
+        let id = shared
             .ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(());
         let forget = |id| {
-            self.shared
+            shared
                 .ids
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -298,22 +361,25 @@ impl Watcher {
         // Registered before the poller knows the key: events that arrive first find no state
         // and are dropped, which is harmless because a new connection starts out assumed
         // readable and writable (the first operation tries the syscall).
-        if let Err(e) = self
-            .shared
-            .selector
-            .register(fd.as_raw_fd(), id.data().as_ffi())
-        {
+        if let Err(e) = shared.selector.register(fd.as_raw_fd(), id.data().as_ffi()) {
             forget(id);
             return Err(e.into());
         }
-        match self.shared.control(Ctl::Register(id, fd)) {
-            Ok(()) => Ok(Conn::new(id, self.shared.clone())),
-            Err((_, Ctl::Register(_, fd))) => {
-                let _ = self.shared.selector.deregister(fd.as_raw_fd());
+        let conn = Conn::new(id, shared.clone());
+        let connect = connect.map(|to| {
+            // The connect is an operation in flight like any other.
+            conn.inner.inflight.fetch_add(1, SeqCst);
+            (conn.clone(), to)
+        });
+        match shared.control(Ctl::Register { id, fd, connect }) {
+            Ok(()) => Ok(conn),
+            Err((_, msg)) => {
+                if let Ctl::Register { fd, .. } = msg {
+                    let _ = shared.selector.deregister(fd.as_raw_fd());
+                }
                 forget(id);
                 Err(Error::WatcherClosed)
             }
-            Err(_) => unreachable!("control returns the message it was given"),
         }
     }
 

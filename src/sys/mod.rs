@@ -10,8 +10,13 @@
 //!
 //! The socket helpers below are plain POSIX and shared by both backends.
 
-use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::io;
+
+mod socket;
+pub(crate) use socket::{
+    accept, connect_finished, is_listener, prepare_stream, recv, reuseport_listener, send_vectored,
+    start_connect,
+};
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod epoll;
@@ -54,91 +59,11 @@ pub(crate) fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+pub(crate) fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(ret as usize)
-    }
-}
-
-/// Checks that `fd` is a stream socket and makes it non-blocking (and, on Apple targets,
-/// SIGPIPE-free). Options the user set before (nodelay, buffer sizes, keepalive) are untouched.
-pub(crate) fn prepare_stream(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let raw = fd.as_raw_fd();
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `ty` and `len` are live locals of the sizes getsockopt is told; `raw` is borrowed
-    // for this call. A non-socket gives ENOTSOCK, a closed fd EBADF: both returned as they are.
-    cvt(unsafe {
-        libc::getsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    if ty != libc::SOCK_STREAM {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a stream socket (only SOCK_STREAM sockets can be registered)",
-        ));
-    }
-    let mut on: libc::c_int = 1;
-    // SAFETY: FIONBIO reads one c_int through the pointer, which points at a live local.
-    cvt(unsafe { libc::ioctl(raw, libc::FIONBIO, &mut on) })?;
-    #[cfg(any(target_os = "macos", target_os = "ios"))]
-    {
-        // Apple has no MSG_NOSIGNAL; SO_NOSIGPIPE on the socket does the same for every send.
-        // SAFETY: the option value is a live c_int of the length given.
-        cvt(unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_NOSIGPIPE,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        })?;
-    }
-    Ok(())
-}
-
-/// `recv(2)` into `buf`, retrying EINTR. `Ok(0)` is end of stream.
-pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is a live `&mut [u8]`; the kernel writes at most `buf.len()` bytes to it.
-        let r =
-            cvt_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) });
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r,
-        }
-    }
-}
-
-#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
-// Apple: SO_NOSIGPIPE was set at registration (see `prepare_stream`).
-#[cfg(any(target_os = "macos", target_os = "ios"))]
-const SEND_FLAGS: libc::c_int = 0;
-
-/// `sendmsg(2)` of the slices, without SIGPIPE, retrying EINTR.
-pub(crate) fn send_vectored(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    // SAFETY: an all-zero msghdr is valid (null name, no control data, no flags).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // IoSlice is guaranteed ABI-compatible with `struct iovec` on Unix (std docs), and the kernel
-    // only reads through msg_iov.
-    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = bufs.len() as _;
-    loop {
-        // SAFETY: `msg` points at `bufs`, which outlives this call.
-        let r = cvt_size(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, SEND_FLAGS) });
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r,
-        }
     }
 }
 

@@ -1,0 +1,325 @@
+//! Plain POSIX socket calls shared by both backends.
+
+use std::io::{self, IoSlice};
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use super::{cvt, cvt_size};
+
+fn set_int_opt(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a live c_int of the length given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+fn get_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are live locals of the sizes getsockopt is told.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            opt,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(val)
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    let mut on: libc::c_int = 1;
+    // SAFETY: FIONBIO reads one c_int through the pointer, which points at a live local.
+    cvt(unsafe { libc::ioctl(fd, libc::FIONBIO, &mut on) })?;
+    Ok(())
+}
+
+/// Apple has no MSG_NOSIGNAL; SO_NOSIGPIPE on the socket does the same for every send.
+#[cfg(any(target_os = "macos", target_os = "ios"))]
+fn no_sigpipe(fd: RawFd) -> io::Result<()> {
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_NOSIGPIPE, 1)
+}
+
+#[cfg(not(any(target_os = "macos", target_os = "ios")))]
+fn no_sigpipe(_fd: RawFd) -> io::Result<()> {
+    Ok(()) // MSG_NOSIGNAL on every send instead
+}
+
+/// Checks that `fd` is a stream socket and makes it non-blocking (and, on Apple targets,
+/// SIGPIPE-free). Options the user set before (nodelay, buffer sizes, keepalive) are untouched.
+pub(crate) fn prepare_stream(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // A non-socket gives ENOTSOCK, a closed fd EBADF: both returned as they are.
+    if get_int_opt(raw, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a stream socket (only SOCK_STREAM sockets can be registered)",
+        ));
+    }
+    set_nonblocking(raw)?;
+    no_sigpipe(raw)
+}
+
+/// Whether `fd` is a listening socket.
+pub(crate) fn is_listener(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(get_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0)
+}
+
+/// `recv(2)` into `buf`, retrying EINTR. `Ok(0)` is end of stream.
+pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live `&mut [u8]`; the kernel writes at most `buf.len()` bytes to it.
+        let r =
+            cvt_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+// Apple: SO_NOSIGPIPE was set when the socket was registered, accepted or created.
+#[cfg(any(target_os = "macos", target_os = "ios"))]
+const SEND_FLAGS: libc::c_int = 0;
+
+/// `sendmsg(2)` of the slices, without SIGPIPE, retrying EINTR.
+pub(crate) fn send_vectored(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (null name, no control data, no flags).
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    // IoSlice is guaranteed ABI-compatible with `struct iovec` on Unix (std docs), and the kernel
+    // only reads through msg_iov.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    loop {
+        // SAFETY: `msg` points at `bufs`, which outlives this call.
+        let r = cvt_size(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, SEND_FLAGS) });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// A new TCP socket for `addr`'s family: close-on-exec, non-blocking, SIGPIPE-free.
+fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    let ty = libc::SOCK_STREAM;
+    // SAFETY: no pointers; on success the fd is new.
+    let raw = cvt(unsafe { libc::socket(domain, ty, 0) })?;
+    // SAFETY: `raw` was just returned by socket() and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    {
+        // No SOCK_CLOEXEC/SOCK_NONBLOCK on Apple: set them now, before anyone can fork.
+        // SAFETY: F_SETFD takes an integer argument.
+        cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+        set_nonblocking(raw)?;
+    }
+    no_sigpipe(fd.as_raw_fd())?;
+    Ok(fd)
+}
+
+/// Starts a non-blocking connect. `Ok` means in progress (or, rarely, already connected);
+/// errors known at once (unreachable, refused on the spot, EMFILE) are returned.
+pub(crate) fn start_connect(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let fd = tcp_socket(addr)?;
+    let (storage, len) = to_raw(addr);
+    // SAFETY: `storage` holds a sockaddr of `len` bytes for this family.
+    let r = cvt(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    });
+    match r {
+        Ok(_) => Ok(fd),
+        // EINTR: the connection goes on asynchronously, like EINPROGRESS (connect(2), POSIX).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EINTR)) => Ok(fd),
+        Err(e) => Err(e),
+    }
+}
+
+/// After a writable event on a connecting socket: `Ok(true)` connected, `Ok(false)` still in
+/// progress (a stale or early event), `Err` the connection failed.
+pub(crate) fn connect_finished(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let raw = fd.as_raw_fd();
+    let err = get_int_opt(raw, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    if err != 0 {
+        return Err(io::Error::from_raw_os_error(err));
+    }
+    // SAFETY: all-zero sockaddr_storage is valid; `len` says how much the kernel may write.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is live and `len` is its size.
+    let r = cvt(unsafe {
+        libc::getpeername(
+            raw,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    });
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `accept4(2)` (plain accept plus fcntl/ioctl on Apple): the new socket is close-on-exec,
+/// non-blocking and SIGPIPE-free. EINTR is retried; every other error is returned.
+pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
+    // SAFETY: all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    loop {
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let addr = (&mut storage as *mut libc::sockaddr_storage).cast();
+        // SAFETY: `addr` points at a live sockaddr_storage of `len` bytes.
+        #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+        let r = unsafe {
+            libc::accept4(
+                fd.as_raw_fd(),
+                addr,
+                &mut len,
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        // SAFETY: as above.
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        let r = unsafe { libc::accept(fd.as_raw_fd(), addr, &mut len) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(raw) => {
+                // SAFETY: `raw` was just returned by accept and is owned by nothing else.
+                let new = unsafe { OwnedFd::from_raw_fd(raw) };
+                #[cfg(any(target_os = "macos", target_os = "ios"))]
+                {
+                    // SAFETY: F_SETFD takes an integer argument.
+                    cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+                    set_nonblocking(raw)?;
+                    no_sigpipe(raw)?;
+                }
+                return Ok((new, from_raw(&storage)));
+            }
+        }
+    }
+}
+
+/// A listening TCP socket with SO_REUSEADDR and SO_REUSEPORT (SO_REUSEPORT_LB on FreeBSD,
+/// where plain SO_REUSEPORT does not balance), so several can share one port and the kernel
+/// spreads incoming connections over them.
+pub(crate) fn reuseport_listener(addr: &SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let fd = tcp_socket(addr)?;
+    let raw = fd.as_raw_fd();
+    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    #[cfg(target_os = "freebsd")]
+    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT_LB, 1)?;
+    #[cfg(not(target_os = "freebsd"))]
+    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    let (storage, len) = to_raw(addr);
+    // SAFETY: `storage` holds a sockaddr of `len` bytes for this family.
+    cvt(unsafe { libc::bind(raw, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::listen(raw, backlog) })?;
+    Ok(fd)
+}
+
+fn to_raw(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero sockaddr_storage is valid, and large and aligned enough for either
+    // sockaddr_in or sockaddr_in6, which are plain integer structs.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: see above: storage is big and aligned enough for a sockaddr_in.
+            let sin = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            };
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            {
+                sin.sin_len = size_of::<libc::sockaddr_in>() as u8;
+            }
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: see above: storage is big and aligned enough for a sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            {
+                sin6.sin6_len = size_of::<libc::sockaddr_in6>() as u8;
+            }
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage, which
+            // is big and aligned enough for it.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for a sockaddr_in6 (family AF_INET6).
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            let port = u16::from_be(sin6.sin6_port);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                port,
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        // Unix-domain and other families: no `std::net::SocketAddr` to give.
+        _ => None,
+    }
+}
