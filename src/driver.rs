@@ -457,8 +457,12 @@ impl Driver {
                     idle: false,
                 });
             }
-            while let Some((p, fd, peer)) = self.sink.accepted.pop() {
-                self.adopt_accepted(p, fd, peer);
+            if !self.sink.accepted.is_empty() {
+                let mut accepted = std::mem::take(&mut self.sink.accepted);
+                for (p, fd, peer) in accepted.drain(..) {
+                    self.adopt_accepted(p, fd, peer);
+                }
+                self.sink.accepted = accepted; // keep the allocation
             }
         }
         self.ready.drain(..n);

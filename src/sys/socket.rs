@@ -117,15 +117,17 @@ pub(crate) fn send_vectored(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Res
     }
 }
 
-/// A new TCP socket for `addr`'s family: close-on-exec, non-blocking, SIGPIPE-free.
-fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+/// A new TCP socket for `addr`'s family: close-on-exec, SIGPIPE-free, and non-blocking if
+/// asked.
+fn tcp_socket(addr: &SocketAddr, nonblocking: bool) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
     #[cfg(not(any(target_os = "macos", target_os = "ios")))]
-    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    let ty =
+        libc::SOCK_STREAM | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     #[cfg(any(target_os = "macos", target_os = "ios"))]
     let ty = libc::SOCK_STREAM;
     // SAFETY: no pointers; on success the fd is new.
@@ -137,7 +139,9 @@ fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
         // No SOCK_CLOEXEC/SOCK_NONBLOCK on Apple: set them now, before anyone can fork.
         // SAFETY: F_SETFD takes an integer argument.
         cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) })?;
-        set_nonblocking(raw)?;
+        if nonblocking {
+            set_nonblocking(raw)?;
+        }
     }
     no_sigpipe(fd.as_raw_fd())?;
     Ok(fd)
@@ -146,7 +150,7 @@ fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
 /// Starts a non-blocking connect. `Ok` means in progress (or, rarely, already connected);
 /// errors known at once (unreachable, refused on the spot, EMFILE) are returned.
 pub(crate) fn start_connect(addr: &SocketAddr) -> io::Result<OwnedFd> {
-    let fd = tcp_socket(addr)?;
+    let fd = tcp_socket(addr, true)?;
     let (storage, len) = to_raw(addr);
     // SAFETY: `storage` holds a sockaddr of `len` bytes for this family.
     let r = cvt(unsafe {
@@ -232,9 +236,9 @@ pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAd
 
 /// A listening TCP socket with SO_REUSEADDR and SO_REUSEPORT (SO_REUSEPORT_LB on FreeBSD,
 /// where plain SO_REUSEPORT does not balance), so several can share one port and the kernel
-/// spreads incoming connections over them.
+/// spreads incoming connections over them. Blocking, like any new std listener.
 pub(crate) fn reuseport_listener(addr: &SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
-    let fd = tcp_socket(addr)?;
+    let fd = tcp_socket(addr, false)?;
     let raw = fd.as_raw_fd();
     set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     #[cfg(target_os = "freebsd")]
