@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::cmd::Kind;
-use crate::watcher::{Msg, Shared, SubmitError};
+use crate::watcher::{Msg, Route, Shared, SubmitError};
 use crate::{Cmd, SendError};
 
 slotmap::new_key_type! {
@@ -33,15 +33,17 @@ pub(crate) struct ConnInner {
     freed: AtomicBool,
     /// Read, read-full and write operations accepted and not yet completed.
     pub(crate) inflight: AtomicU32,
+    pub(crate) route: Route,
 }
 
 impl Conn {
-    pub(crate) fn new(id: ConnId, shared: Arc<Shared>) -> Conn {
+    pub(crate) fn new(id: ConnId, shared: Arc<Shared>, route: Route) -> Conn {
         let inner = ConnInner {
             id,
             shared,
             freed: AtomicBool::new(false),
             inflight: AtomicU32::new(0),
+            route,
         };
         Conn {
             inner: Arc::new(inner),

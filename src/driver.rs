@@ -16,11 +16,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use slotmap::{Key, KeyData, SecondaryMap};
+use slotmap::{KeyData, SecondaryMap};
 
 use crate::cmd::Kind;
 use crate::stats::Stats;
-use crate::watcher::{Ctl, Msg, Shared};
+use crate::watcher::{Ctl, Msg, Route, Shared};
 use crate::{sys, Buf, Cmd, Completion, Conn, ConnId, Error, Op};
 
 /// The waker's event token. Slotmap never hands out index `u32::MAX`, so no key maps to it.
@@ -321,6 +321,7 @@ impl Driver {
 
     fn remove(&mut self, id: ConnId) -> Option<ConnState> {
         let st = self.conns.remove(id)?;
+        self.shared.live.fetch_sub(1, Ordering::Relaxed);
         self.shared
             .ids
             .lock()
@@ -468,31 +469,25 @@ impl Driver {
         self.ready.drain(..n);
     }
 
-    /// Registers an accepted socket on this watcher and completes its `Accept`.
+    /// Registers an accepted socket (on this watcher, or on the least-loaded watcher of the
+    /// listener's pool) and completes its `Accept`. The new connection inherits the
+    /// listener's mailbox route.
     fn adopt_accepted(&mut self, p: Pending, fd: OwnedFd, peer: Option<SocketAddr>) {
-        let id = self
-            .shared
-            .ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(());
-        if let Err(e) = self
-            .shared
-            .selector
-            .register(fd.as_raw_fd(), id.data().as_ffi())
-        {
-            self.shared
-                .ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
-            return self.sink.complete(p, Err(Error::Io(e)), None);
+        let listener = &p.conn.inner.route;
+        let target = listener
+            .spread
+            .as_ref()
+            .map_or(&self.shared, |s| &s.targets[s.pick()]);
+        let route = Route {
+            mailbox: listener.mailbox.clone(),
+            spread: None,
+        };
+        match target.adopt(fd, None, route) {
+            Ok(conn) => self
+                .sink
+                .complete(p, Ok(()), Some(Buf::Accepted(conn, peer))),
+            Err(e) => self.sink.complete(p, Err(e), None),
         }
-        self.conns.insert(id, ConnState::new(fd, self.now));
-        self.sink.stats.connections += 1;
-        let conn = Conn::new(id, self.shared.clone());
-        self.sink
-            .complete(p, Ok(()), Some(Buf::Accepted(conn, peer)));
     }
 
     fn expire(&mut self) {
@@ -554,13 +549,9 @@ impl Driver {
             stats.completions += self.sink.out.len() as u64;
         }
         while let Some(c) = self.backlog.pop_front() {
-            match self.mailbox.try_send(c) {
-                Ok(()) => {}
-                Err(flume::TrySendError::Full(c)) => {
-                    self.backlog.push_front(c);
-                    break;
-                }
-                Err(flume::TrySendError::Disconnected(_)) => {}
+            if let Err(c) = deliver(&self.mailbox, c) {
+                self.backlog.push_front(c);
+                break;
             }
         }
         for c in self.sink.out.drain(..) {
@@ -568,11 +559,8 @@ impl Driver {
                 self.backlog.push_back(c);
                 continue;
             }
-            match self.mailbox.try_send(c) {
-                Ok(()) => {}
-                Err(flume::TrySendError::Full(c)) => self.backlog.push_back(c),
-                // Nobody can receive any more: dropping the completion drops its handle.
-                Err(flume::TrySendError::Disconnected(_)) => {}
+            if let Err(c) = deliver(&self.mailbox, c) {
+                self.backlog.push_back(c);
             }
         }
         self.shared.stats.publish(&self.sink.stats);
@@ -659,10 +647,23 @@ impl Driver {
         // A bounded, full mailbox: the last completions wait for room, for as long as someone
         // can still receive them.
         while let Some(c) = self.backlog.pop_front() {
-            if self.mailbox.send(c).is_err() {
-                break;
-            }
+            let tx = c.conn.inner.route.mailbox.clone();
+            // Blocking is fine now: the poller has nothing else left to do.
+            let _ = tx.as_ref().unwrap_or(&self.mailbox).send(c);
         }
+    }
+}
+
+/// Posts `c` to its connection's route, or the watcher's mailbox; gives it back when that
+/// (bounded) channel is full. With no receiver left, the completion is dropped.
+fn deliver(mailbox: &flume::Sender<Completion>, c: Completion) -> Result<(), Completion> {
+    let r = match &c.conn.inner.route.mailbox {
+        None => mailbox.try_send(c),
+        Some(tx) => tx.clone().try_send(c),
+    };
+    match r {
+        Err(flume::TrySendError::Full(c)) => Err(c),
+        Ok(()) | Err(flume::TrySendError::Disconnected(_)) => Ok(()),
     }
 }
 

@@ -114,6 +114,7 @@ mod conn;
 mod driver;
 mod error;
 mod net;
+mod pool;
 mod stats;
 #[allow(unsafe_code)]
 mod sys;
@@ -126,5 +127,6 @@ pub use conn::{Conn, ConnId};
 pub use error::{Error, SendError};
 pub use flume;
 pub use net::{reuseport_listener, Connect};
+pub use pool::{Pool, PoolBuilder};
 pub use stats::Stats;
 pub use watcher::{Watcher, WatcherBuilder};

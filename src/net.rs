@@ -12,10 +12,13 @@ use crate::sys;
 /// ```no_run
 /// # use proactor::{Connect, Watcher};
 /// # use std::time::Duration;
+/// # #[allow(dead_code)]
 /// # fn demo(watcher: &Watcher) -> Result<(), proactor::Error> {
 /// let addr = "127.0.0.1:7000".parse().unwrap();
-/// let a = watcher.connect(addr)?;
-/// let b = watcher.connect(Connect::new(addr).timeout(Duration::from_secs(3)).tag(2))?;
+/// let plain = watcher.connect(addr)?;
+/// let with_deadline =
+///     watcher.connect(Connect::new(addr).timeout(Duration::from_secs(3)).tag(2))?;
+/// # drop((plain, with_deadline));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

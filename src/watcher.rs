@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -51,6 +51,44 @@ pub(crate) struct Shared {
     pub(crate) ids: Mutex<SlotMap<ConnId, ()>>,
     pub(crate) stats: StatCells,
     pub(crate) max_ops: u32,
+    /// Registered connections, counted at once (the stats trail by a round): the load
+    /// measure for spreading connections over a pool.
+    pub(crate) live: AtomicUsize,
+}
+
+/// Where a connection's completions go, and, for a listener, where accepted connections go.
+#[derive(Clone, Default)]
+pub(crate) struct Route {
+    /// Post here instead of the watcher's mailbox.
+    pub(crate) mailbox: Option<flume::Sender<Completion>>,
+    /// Register accepted connections on the least-loaded of these watchers.
+    pub(crate) spread: Option<Arc<Spread>>,
+}
+
+/// The watchers of a pool, for spreading accepted connections.
+pub(crate) struct Spread {
+    pub(crate) targets: Vec<Arc<Shared>>,
+    next: AtomicUsize,
+}
+
+impl Spread {
+    pub(crate) fn new(targets: Vec<Arc<Shared>>) -> Spread {
+        Spread {
+            targets,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The index of the watcher with the fewest connections; ties go round-robin, so a burst
+    /// of accepts does not pile onto the first.
+    pub(crate) fn pick(&self) -> usize {
+        let n = self.targets.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .min_by_key(|&i| self.targets[i].live.load(Relaxed))
+            .unwrap_or(0)
+    }
 }
 
 impl Shared {
@@ -98,6 +136,53 @@ impl Shared {
             // A failed wake-up write means the eventfd is broken; the poller's own timeout
             // still runs the loop, so there is nothing better to do here.
             let _ = self.waker.wake();
+        }
+    }
+
+    /// Gives `fd` a key, adds it to the selector and tells the poller. Called by user threads
+    /// and by pollers (accepts spread over a pool land on another watcher).
+    pub(crate) fn adopt(
+        self: &Arc<Shared>,
+        fd: OwnedFd,
+        connect: Option<Connect>,
+        route: Route,
+    ) -> Result<Conn, Error> {
+        let id = self
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(());
+        let forget = |id| {
+            self.ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        };
+        // Registered before the poller knows the key: events that arrive first find no state
+        // and are dropped, which is harmless because a new connection starts out assumed
+        // readable and writable (the first operation tries the syscall).
+        if let Err(e) = self.selector.register(fd.as_raw_fd(), id.data().as_ffi()) {
+            forget(id);
+            return Err(e.into());
+        }
+        let conn = Conn::new(id, self.clone(), route);
+        let connect = connect.map(|to| {
+            // The connect is an operation in flight like any other.
+            conn.inner.inflight.fetch_add(1, SeqCst);
+            (conn.clone(), to)
+        });
+        match self.control(Ctl::Register { id, fd, connect }) {
+            Ok(()) => {
+                self.live.fetch_add(1, SeqCst);
+                Ok(conn)
+            }
+            Err((_, msg)) => {
+                if let Ctl::Register { fd, .. } = msg {
+                    let _ = self.selector.deregister(fd.as_raw_fd());
+                }
+                forget(id);
+                Err(Error::WatcherClosed)
+            }
         }
     }
 
@@ -209,6 +294,7 @@ impl WatcherBuilder {
             ids: Mutex::new(SlotMap::with_key()),
             stats: StatCells::default(),
             max_ops: self.max_ops_per_conn,
+            live: AtomicUsize::new(0),
         });
         let driver = Driver::new(
             shared.clone(),
@@ -287,7 +373,32 @@ impl Watcher {
             return Err(Error::WatcherClosed);
         }
         sys::prepare_stream(fd.as_fd())?;
-        self.adopt(fd, None)
+        self.shared.adopt(fd, None, Route::default())
+    }
+
+    /// Like [`register`](Watcher::register), but this connection's completions go to `mailbox`
+    /// instead of the watcher's: an actor that owns a set of connections (a lobby, a match)
+    /// gets its own mailbox. A bounded `mailbox` never blocks the poller (see
+    /// [`WatcherBuilder::mailbox`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`register`](Watcher::register).
+    pub fn register_with(
+        &self,
+        socket: impl Into<OwnedFd>,
+        mailbox: flume::Sender<Completion>,
+    ) -> Result<Conn, Error> {
+        let fd: OwnedFd = socket.into();
+        if self.is_closed() {
+            return Err(Error::WatcherClosed);
+        }
+        sys::prepare_stream(fd.as_fd())?;
+        let route = Route {
+            mailbox: Some(mailbox),
+            spread: None,
+        };
+        self.shared.adopt(fd, None, route)
     }
 
     /// Takes ownership of a listening stream socket ([`TcpListener`](std::net::TcpListener),
@@ -308,7 +419,10 @@ impl Watcher {
     /// As [`register`](Watcher::register), and [`io::ErrorKind::InvalidInput`] if the socket
     /// is not listening.
     pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
-        let fd: OwnedFd = listener.into();
+        self.listen_routed(listener.into(), Route::default())
+    }
+
+    pub(crate) fn listen_routed(&self, fd: OwnedFd, route: Route) -> Result<Conn, Error> {
         if self.is_closed() {
             return Err(Error::WatcherClosed);
         }
@@ -317,7 +431,11 @@ impl Watcher {
             let msg = "not a listening socket (call listen() first, or use register)";
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());
         }
-        self.adopt(fd, None)
+        self.shared.adopt(fd, None, route)
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Starts a non-blocking TCP connect and returns the new connection's handle at once.
@@ -340,47 +458,7 @@ impl Watcher {
             return Err(Error::WatcherClosed);
         }
         let fd = sys::start_connect(&to.addr)?;
-        self.adopt(fd, Some(to))
-    }
-
-    /// Gives `fd` a key, adds it to the selector and tells the poller.
-    fn adopt(&self, fd: OwnedFd, connect: Option<Connect>) -> Result<Conn, Error> {
-        let shared = &self.shared;
-        let id = shared
-            .ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(());
-        let forget = |id| {
-            shared
-                .ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
-        };
-        // Registered before the poller knows the key: events that arrive first find no state
-        // and are dropped, which is harmless because a new connection starts out assumed
-        // readable and writable (the first operation tries the syscall).
-        if let Err(e) = shared.selector.register(fd.as_raw_fd(), id.data().as_ffi()) {
-            forget(id);
-            return Err(e.into());
-        }
-        let conn = Conn::new(id, shared.clone());
-        let connect = connect.map(|to| {
-            // The connect is an operation in flight like any other.
-            conn.inner.inflight.fetch_add(1, SeqCst);
-            (conn.clone(), to)
-        });
-        match shared.control(Ctl::Register { id, fd, connect }) {
-            Ok(()) => Ok(conn),
-            Err((_, msg)) => {
-                if let Ctl::Register { fd, .. } = msg {
-                    let _ = shared.selector.deregister(fd.as_raw_fd());
-                }
-                forget(id);
-                Err(Error::WatcherClosed)
-            }
-        }
+        self.shared.adopt(fd, Some(to), Route::default())
     }
 
     /// The mailbox: a `flume::Receiver` of completions. Clone it freely: use it with

@@ -1,0 +1,183 @@
+//! [`Pool`]: several watchers used as one, to spread connections over every core.
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use crate::watcher::{Route, Spread};
+use crate::{Completion, Conn, Error, Watcher, WatcherBuilder};
+
+/// Options for a [`Pool`].
+#[derive(Debug, Clone)]
+pub struct PoolBuilder {
+    watchers: usize,
+    shared_mailbox: bool,
+    pin: bool,
+    options: WatcherBuilder,
+}
+
+impl PoolBuilder {
+    /// How many watchers, each with its own poller thread (default: one per available CPU).
+    pub fn watchers(mut self, n: usize) -> Self {
+        self.watchers = n.max(1);
+        self
+    }
+
+    /// Give every watcher its own mailbox (default: one mailbox shared by all, so any number
+    /// of worker threads can take completions from it; flume is MPMC). Per-watcher mailboxes
+    /// suit thread affinity: one game shard or one loop thread per watcher.
+    pub fn per_watcher_mailboxes(mut self) -> Self {
+        self.shared_mailbox = false;
+        self
+    }
+
+    /// Pin watcher `i`'s poller to CPU `i % available CPUs` (default: not pinned).
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// Linux and Android only; elsewhere [`build`](Self::build) fails.
+    pub fn pin_pollers(mut self, pin: bool) -> Self {
+        self.pin = pin;
+        self
+    }
+
+    /// Options for each watcher (buffer size, bounds). A mailbox or CPU set there is
+    /// replaced by the pool's own choice.
+    pub fn watcher_options(mut self, options: WatcherBuilder) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Creates the watchers and starts their pollers.
+    ///
+    /// # Errors
+    ///
+    /// As [`WatcherBuilder::build`]; watchers already started are closed.
+    pub fn build(self) -> io::Result<Pool> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shared = self.shared_mailbox.then(flume::unbounded::<Completion>);
+        let mut watchers = Vec::with_capacity(self.watchers);
+        for i in 0..self.watchers {
+            let mut options = self.options.clone();
+            if let Some((tx, rx)) = &shared {
+                options = options.mailbox(tx.clone(), rx.clone());
+            }
+            if self.pin {
+                options = options.poller_cpu(i % cpus);
+            }
+            watchers.push(options.build()?);
+        }
+        let spread = Arc::new(Spread::new(
+            watchers.iter().map(|w| w.shared().clone()).collect(),
+        ));
+        Ok(Pool { watchers, spread })
+    }
+}
+
+/// Several [`Watcher`]s used as one: connections are spread over them, and their completions
+/// go to one shared mailbox (default) or to each watcher's own.
+///
+/// ```
+/// use proactor::{Cmd, Op, Pool};
+/// use std::net::{TcpListener, TcpStream};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = Pool::builder().watchers(2).build()?;
+/// let std_listener = TcpListener::bind("127.0.0.1:0")?;
+/// let addr = std_listener.local_addr()?;
+/// let listener = pool.listen(std_listener)?; // accepted conns go to the least-loaded watcher
+/// listener.send(Cmd::Accept)?;
+/// let _client = TcpStream::connect(addr)?;
+///
+/// let c = pool.mailbox().recv()?; // any thread may take from the shared mailbox
+/// assert_eq!(c.op, Op::Accept);
+/// let (conn, _peer) = c.buf.into_accepted().expect("accepted");
+/// conn.send(Cmd::ReadInternal)?;
+/// # Ok(()) }
+/// ```
+pub struct Pool {
+    watchers: Vec<Watcher>,
+    spread: Arc<Spread>,
+}
+
+impl Pool {
+    /// A pool with the default options: one watcher per available CPU, one shared mailbox.
+    ///
+    /// # Errors
+    ///
+    /// As [`WatcherBuilder::build`].
+    pub fn new() -> io::Result<Pool> {
+        Pool::builder().build()
+    }
+
+    /// Options for a pool.
+    pub fn builder() -> PoolBuilder {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        PoolBuilder {
+            watchers: cpus,
+            shared_mailbox: true,
+            pin: false,
+            options: WatcherBuilder::default(),
+        }
+    }
+
+    /// The watchers, in order.
+    pub fn watchers(&self) -> &[Watcher] {
+        &self.watchers
+    }
+
+    /// The shared mailbox, or the first watcher's with
+    /// [`per_watcher_mailboxes`](PoolBuilder::per_watcher_mailboxes).
+    pub fn mailbox(&self) -> flume::Receiver<Completion> {
+        self.watchers[0].mailbox()
+    }
+
+    /// The watcher with the fewest connections (ties round-robin).
+    pub fn least_loaded(&self) -> &Watcher {
+        &self.watchers[self.spread.pick()]
+    }
+
+    /// Registers a stream socket on the least-loaded watcher. See [`Watcher::register`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Watcher::register`].
+    pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, Error> {
+        self.least_loaded().register(socket)
+    }
+
+    /// Registers a listening socket on the first watcher; each connection it accepts is
+    /// registered on the least-loaded watcher of the pool. See [`Watcher::listen`].
+    ///
+    /// For one listener per watcher instead (the kernel balancing), bind several with
+    /// [`reuseport_listener`](crate::reuseport_listener) and give each to
+    /// [`Watcher::listen`] on its own watcher: accepted connections then stay on the
+    /// accepting watcher.
+    ///
+    /// # Errors
+    ///
+    /// As [`Watcher::listen`].
+    pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
+        let route = Route {
+            mailbox: None,
+            spread: Some(self.spread.clone()),
+        };
+        self.watchers[0].listen_routed(listener.into(), route)
+    }
+
+    /// Closes every watcher (see [`Watcher::close`]).
+    pub fn close(&self) {
+        for w in &self.watchers {
+            w.close();
+        }
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("watchers", &self.watchers.len())
+            .finish()
+    }
+}

@@ -1,0 +1,201 @@
+//! Watcher pools (issue 7): spreading connections, the shared MPMC mailbox, per-watcher
+//! mailboxes, per-connection routes (`register_with`), pinned pollers.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use proactor::{Cmd, Completion, Op, Pool, Watcher};
+
+const LONG: Duration = Duration::from_secs(10);
+
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    (c, s)
+}
+
+fn take(rx: &proactor::flume::Receiver<Completion>, n: usize) -> Vec<Completion> {
+    let deadline = Instant::now() + LONG;
+    (0..n)
+        .map(|i| {
+            rx.recv_deadline(deadline)
+                .unwrap_or_else(|e| panic!("completion {i} of {n}: {e}"))
+        })
+        .collect()
+}
+
+/// Polls `f` until it returns true (stats are published once per poller round).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LONG;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn register_spreads_evenly_over_the_watchers() {
+    let pool = Pool::builder().watchers(3).build().unwrap();
+    let mut keep = Vec::new();
+    for _ in 0..30 {
+        let (client, server) = pair();
+        keep.push((client, pool.register(server).unwrap()));
+    }
+    eventually("30 connections registered", || {
+        pool.watchers().iter().map(|w| w.stats().connections).sum::<u64>() == 30
+    });
+    let per: Vec<u64> = pool.watchers().iter().map(|w| w.stats().connections).collect();
+    assert_eq!(per, vec![10, 10, 10]);
+}
+
+#[test]
+fn accepted_connections_go_to_the_least_loaded_watcher() {
+    let pool = Pool::builder().watchers(2).build().unwrap();
+    let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let listener = pool.listen(std_listener).unwrap(); // lives on watcher 0
+    const N: usize = 41;
+    for _ in 0..N {
+        listener.send(Cmd::Accept).unwrap();
+    }
+    let mut clients: Vec<TcpStream> = (0..N).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mailbox = pool.mailbox();
+    let mut conns = Vec::new();
+    for c in take(&mailbox, N) {
+        assert_eq!(c.op, Op::Accept);
+        assert!(c.is_ok(), "{:?}", c.result);
+        conns.push(c.buf.into_accepted().unwrap().0);
+    }
+    eventually("all connections registered", || {
+        pool.watchers().iter().map(|w| w.stats().connections).sum::<u64>() == N as u64 + 1
+    });
+    let per: Vec<u64> = pool.watchers().iter().map(|w| w.stats().connections).collect();
+    // 42 sockets (the listener included) split evenly: 21 each.
+    assert_eq!(per, vec![21, 21], "listener + accepted per watcher");
+    // The accepted connections work wherever they landed.
+    for (i, conn) in conns.iter().enumerate() {
+        conn.send(Cmd::Write(vec![i as u8; 3])).unwrap();
+    }
+    assert!(take(&mailbox, N).iter().all(|c| c.op == Op::Write && c.is_ok()));
+    let mut seen = HashSet::new();
+    for client in &mut clients {
+        let mut b = [0; 3];
+        client.read_exact(&mut b).unwrap();
+        assert!(b[0] == b[1] && b[1] == b[2]);
+        seen.insert(b[0]);
+    }
+    assert_eq!(seen.len(), N);
+}
+
+#[test]
+fn shared_mailbox_feeds_several_worker_threads() {
+    const CONNS: usize = 200;
+    const ROUNDS: usize = 20;
+    let pool = Pool::builder().watchers(2).build().unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..CONNS {
+        let (client, server) = pair();
+        let conn = pool.register(server).unwrap();
+        conn.send(Cmd::ReadInternal).unwrap();
+        clients.push(client);
+    }
+    let total = CONNS * ROUNDS;
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let per_worker: Vec<usize> = std::thread::scope(|s| {
+        // Three workers echo whatever any watcher completed.
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                let (rx, done) = (pool.mailbox(), &done);
+                s.spawn(move || {
+                    let mut handled = 0;
+                    while done.load(std::sync::atomic::Ordering::SeqCst) < total {
+                        let Ok(c) = rx.recv_timeout(Duration::from_millis(50)) else { continue };
+                        handled += 1;
+                        match c.op {
+                            Op::Read => {
+                                assert!(c.is_ok(), "{:?}", c.result);
+                                c.conn.send(Cmd::Write(c.buf.into_bytes())).unwrap();
+                            }
+                            Op::Write => {
+                                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                c.conn.send(Cmd::ReadInternal).unwrap();
+                            }
+                            op => panic!("unexpected {op:?}"),
+                        }
+                    }
+                    handled
+                })
+            })
+            .collect();
+        for round in 0..ROUNDS {
+            for (i, client) in clients.iter_mut().enumerate() {
+                let msg = format!("{i:05}-{round:03}");
+                client.write_all(msg.as_bytes()).unwrap();
+                let mut back = [0; 9];
+                client.read_exact(&mut back).unwrap();
+                assert_eq!(&back, msg.as_bytes());
+            }
+        }
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(done.into_inner(), total);
+    assert!(per_worker.iter().sum::<usize>() >= 2 * total);
+}
+
+#[test]
+fn per_watcher_mailboxes_keep_completions_with_their_watcher() {
+    let pool = Pool::builder().watchers(2).per_watcher_mailboxes().build().unwrap();
+    let (w0, w1) = (&pool.watchers()[0], &pool.watchers()[1]);
+    let (mut c0, s0) = pair();
+    let (mut c1, s1) = pair();
+    let a = w0.register(s0).unwrap();
+    let b = w1.register(s1).unwrap();
+    a.send(Cmd::ReadInternal.tag(0)).unwrap();
+    b.send(Cmd::ReadInternal.tag(1)).unwrap();
+    c0.write_all(b"zero").unwrap();
+    c1.write_all(b"one").unwrap();
+    let got0 = take(&w0.mailbox(), 1);
+    let got1 = take(&w1.mailbox(), 1);
+    assert_eq!((got0[0].tag, got0[0].data()), (0, &b"zero"[..]));
+    assert_eq!((got1[0].tag, got1[0].data()), (1, &b"one"[..]));
+    assert!(w0.mailbox().is_empty() && w1.mailbox().is_empty());
+}
+
+#[test]
+fn register_with_routes_one_connection_to_its_own_mailbox() {
+    let w = Watcher::new().unwrap();
+    let (lobby_tx, lobby_rx) = proactor::flume::unbounded();
+    let (mut routed_client, routed) = pair();
+    let (mut plain_client, plain) = pair();
+    let routed = w.register_with(routed, lobby_tx.clone()).unwrap();
+    let plain = w.register(plain).unwrap();
+    routed.send(Cmd::ReadInternal.tag(1)).unwrap();
+    plain.send(Cmd::ReadInternal.tag(2)).unwrap();
+    routed_client.write_all(b"lobby").unwrap();
+    plain_client.write_all(b"main").unwrap();
+    let lobby = take(&lobby_rx, 1);
+    let main = take(&w.mailbox(), 1);
+    assert_eq!((lobby[0].tag, lobby[0].data()), (1, &b"lobby"[..]));
+    assert_eq!((main[0].tag, main[0].data()), (2, &b"main"[..]));
+    assert!(lobby_rx.is_empty() && w.mailbox().is_empty());
+    // Closing the watcher completes the routed connection's pending work on its route.
+    routed.send(Cmd::ReadInternal.tag(3)).unwrap();
+    w.close();
+    let closed = take(&lobby_rx, 1);
+    assert_eq!(closed[0].tag, 3);
+    assert!(matches!(closed[0].result, Err(proactor::Error::WatcherClosed)));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn pinned_pollers_run() {
+    let pool = Pool::builder().watchers(2).pin_pollers(true).build().unwrap();
+    let (mut client, server) = pair();
+    let conn = pool.register(server).unwrap();
+    conn.send(Cmd::ReadInternal).unwrap();
+    client.write_all(b"pinned").unwrap();
+    assert_eq!(take(&pool.mailbox(), 1)[0].data(), b"pinned");
+}
