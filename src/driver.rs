@@ -69,8 +69,11 @@ struct ConnState {
     writes: VecDeque<Pending>,
     readable: bool,
     writable: bool,
-    /// The peer hung up or the socket errored: a short read no longer means "drained",
-    /// because no further edge would come to say otherwise.
+    /// A short read does not prove the socket drained: the peer hung up or the socket
+    /// errored (no further edge would come to say otherwise), or no read has seen `EAGAIN`
+    /// since registration (events that arrived before the poller knew the key were dropped,
+    /// a hang-up among them). Cleared by `EAGAIN`, which proves the socket drained with no
+    /// end of stream waiting, so any later arrival is a new edge.
     hup: bool,
     /// A read returned 0: every later read completes with `Eof` without a syscall.
     eof: bool,
@@ -88,7 +91,8 @@ impl ConnState {
             writes: VecDeque::new(),
             readable: true,
             writable: true,
-            hup: false,
+            // Until a read sees EAGAIN: see the field.
+            hup: true,
             eof: false,
             queued: false,
             read_progress: now,
@@ -740,7 +744,10 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
                 let p = st.reads.pop_front().expect("front exists");
                 sink.complete(p, Ok(()), data);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.readable = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                st.readable = false;
+                st.hup = false;
+            }
             Err(e) => {
                 let p = st.reads.pop_front().expect("front exists");
                 sink.complete(p, Err(Error::Io(e)), None);

@@ -1,0 +1,205 @@
+//! Bounds and bad input: per-conn op limit, command queue capacity, empty buffers, sockets
+//! that cannot be watched. Refusals give the command (and its buffer) back.
+
+mod util;
+
+use std::io::Write;
+use std::time::Duration;
+
+use proactor::bytes::Bytes;
+use proactor::{Cmd, Error, Op, SendError, Watcher};
+use util::*;
+
+#[test]
+fn max_ops_per_conn_refuses_with_full_and_gives_the_buffer_back() {
+    let watcher = Watcher::builder().max_ops_per_conn(4).build().unwrap();
+    let (mut client, server) = tcp_pair();
+    let conn = watcher.register(server).unwrap();
+    let mut ledger = Ledger::new();
+    ledger.must(&conn, Cmd::Read(vec![0; 1]));
+    ledger.must(&conn, Cmd::ReadInternal);
+    ledger.must(&conn, Cmd::ReadFull(vec![0; 1]));
+    ledger.must(&conn, Cmd::ReadInternal);
+
+    let mut buf = Vec::with_capacity(100);
+    buf.resize(10, 1);
+    let ptr = buf.as_ptr();
+    let err = conn.send(Cmd::Read(buf).tag(9)).unwrap_err();
+    assert!(err.is_full(), "{err:?}");
+    // Reads and writes share the bound.
+    let cmd = err.into_inner();
+    assert_eq!(cmd.op(), Op::Read);
+    let v = cmd.into_buf().into_vec().unwrap();
+    assert_eq!((v.as_ptr(), v.len(), v.capacity()), (ptr, 10, 100));
+    let err = conn.send(Cmd::Write("w")).unwrap_err();
+    assert!(matches!(err, SendError::Full(_)), "{err:?}");
+
+    // One completion frees one slot.
+    client.write_all(b"x").unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    ledger.record(&c);
+    assert!(c.is_ok());
+    ledger.must(&conn, Cmd::Read(v));
+    assert!(conn.send(Cmd::ReadInternal).unwrap_err().is_full());
+
+    // Free is never held back by the bound.
+    ledger.must(&conn, Cmd::Free);
+    let cs = collect(&watcher, 5, TIMEOUT);
+    ledger.record_all(&cs);
+    assert_eq!(
+        cs.iter()
+            .filter(|c| matches!(c.result, Err(Error::Freed)))
+            .count(),
+        4
+    );
+    assert_eq!(cs[4].op, Op::Free);
+    ledger.assert_all_done();
+}
+
+#[test]
+fn detach_is_never_held_back_by_the_bound() {
+    let watcher = Watcher::builder().max_ops_per_conn(1).build().unwrap();
+    let (_client, server) = tcp_pair();
+    let conn = watcher.register(server).unwrap();
+    let mut ledger = Ledger::new();
+    ledger.must(&conn, Cmd::ReadInternal);
+    assert!(conn.send(Cmd::ReadInternal).unwrap_err().is_full());
+    ledger.must(&conn, Cmd::Detach);
+    let cs = collect(&watcher, 2, TIMEOUT);
+    ledger.record_all(&cs);
+    assert!(cs[1].buf_is_fd());
+    ledger.assert_all_done();
+}
+
+trait BufIsFd {
+    fn buf_is_fd(&self) -> bool;
+}
+
+impl BufIsFd for proactor::Completion {
+    fn buf_is_fd(&self) -> bool {
+        matches!(self.buf, proactor::Buf::Fd(_))
+    }
+}
+
+/// A command queue of one: a burst from one thread outruns the poller and gets `Full`; every
+/// accepted command still completes exactly once.
+#[test]
+fn command_queue_full() {
+    let watcher = Watcher::builder()
+        .command_capacity(1)
+        .max_ops_per_conn(u32::MAX)
+        .build()
+        .unwrap();
+    let (_client, server) = tcp_pair();
+    let conn = watcher.register(server).unwrap();
+    let mut ledger = Ledger::new();
+    let mut full = 0;
+    for _ in 0..20_000 {
+        let mut buf = Vec::with_capacity(2);
+        buf.resize(1, 0);
+        let ptr = buf.as_ptr();
+        match ledger.send(&conn, Cmd::Read(buf)) {
+            Ok(_) => {}
+            Err(SendError::Full(cmd)) => {
+                let back = cmd.into_buf().into_vec().unwrap();
+                assert_eq!(back.as_ptr(), ptr, "buffer given back");
+                full += 1;
+                if full == 100 {
+                    break;
+                }
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(full > 0, "a queue of one never filled in 20,000 sends");
+    let sent = ledger.outstanding();
+    // The queue drains: a Free gets through (retrying while full), and completes them all.
+    let start = std::time::Instant::now();
+    loop {
+        match ledger.send(&conn, Cmd::Free) {
+            Ok(_) => break,
+            Err(SendError::Full(_)) => std::thread::yield_now(),
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(start.elapsed() < TIMEOUT);
+    }
+    let cs = collect(&watcher, sent + 1, TIMEOUT);
+    ledger.record_all(&cs);
+    ledger.assert_all_done();
+}
+
+#[test]
+fn empty_buffers_are_refused() {
+    let (watcher, conn, _client) = watcher_pair();
+    let v = Vec::with_capacity(128);
+    let ptr = v.as_ptr();
+    match conn.send(Cmd::Read(v).tag(1)) {
+        Err(SendError::EmptyBuffer(cmd)) => {
+            assert_eq!(cmd.op(), Op::Read);
+            let v = cmd.into_buf().into_vec().unwrap();
+            assert_eq!((v.as_ptr(), v.capacity()), (ptr, 128), "buffer given back");
+        }
+        other => panic!("empty Read: {other:?}"),
+    }
+    match conn.send(Cmd::ReadFull(Vec::with_capacity(16))) {
+        Err(SendError::EmptyBuffer(cmd)) => assert_eq!(cmd.op(), Op::ReadFull),
+        other => panic!("empty ReadFull: {other:?}"),
+    }
+    for w in [
+        Cmd::Write(""),
+        Cmd::Write(Vec::new()),
+        Cmd::Write(Bytes::new()),
+    ] {
+        match conn.send(w) {
+            Err(SendError::EmptyBuffer(cmd)) => assert_eq!(cmd.op(), Op::Write),
+            other => panic!("empty Write: {other:?}"),
+        }
+    }
+    // Refusals do not use up the per-conn bound (default 1,024).
+    for _ in 0..2000 {
+        assert!(matches!(
+            conn.send(Cmd::Write("")),
+            Err(SendError::EmptyBuffer(_))
+        ));
+    }
+    let mut ledger = Ledger::new();
+    ledger.must(&conn, Cmd::Write("ok"));
+    ledger.record(&collect_one(&watcher, TIMEOUT));
+    assert_quiet(&watcher, Duration::from_millis(30));
+    ledger.assert_all_done();
+}
+
+#[test]
+fn register_refuses_what_it_cannot_watch() {
+    let watcher = Watcher::new().unwrap();
+    let file = std::fs::File::open("/proc/self/status").unwrap();
+    match watcher.register(file) {
+        Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK), "{e}"),
+        other => panic!("a file: {other:?}"),
+    }
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    match watcher.register(udp) {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}"),
+        other => panic!("a datagram socket: {other:?}"),
+    }
+    let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    assert!(matches!(watcher.register(a), Err(Error::Io(_))));
+    // The watcher is unharmed.
+    let (_client, server) = tcp_pair();
+    let conn = watcher.register(server).unwrap();
+    let mut ledger = Ledger::new();
+    ledger.must(&conn, Cmd::Write("fine"));
+    let c = collect_one(&watcher, TIMEOUT);
+    ledger.record(&c);
+    assert!(c.is_ok());
+    ledger.assert_all_done();
+    wait_stats(&watcher, "one conn", |s| s.connections == 1);
+}
+
+#[test]
+fn send_error_debug_does_not_dump_the_buffer() {
+    let (_w, conn, _client) = watcher_pair();
+    let err = conn.send(Cmd::Write("")).unwrap_err();
+    assert_eq!(format!("{err:?}"), "EmptyBuffer(..)");
+    assert!(!err.is_full());
+}

@@ -1,0 +1,545 @@
+//! Shared helpers for the integration tests (on the model of mio's `tests/util`).
+//!
+//! - `tcp_pair()` / `Pairs`: loopback TCP pairs on `127.0.0.1:0`;
+//! - `watcher_pair()`: a watcher, one registered server conn and its client peer;
+//! - `collect(&watcher, n, timeout)`: exactly `n` completions, or a panic saying what came;
+//! - `Ledger`: gives every command a unique tag and checks each completes exactly once;
+//! - `Echo`: a watcher-side echo server over many conns (reads of every kind, writes back);
+//! - `Rng` / `Pattern`: a tiny seeded PRNG, no dependency;
+//! - `fd_count()`, `wait_until(..)`, `set_linger_zero(..)`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use proactor::{Buf, Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher};
+
+/// The generous upper bound for anything that should take milliseconds.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connected loopback pair: (client, server).
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    Pairs::new().pair()
+}
+
+/// One listener handing out many pairs (connect, then accept at once, so the backlog never
+/// fills however many pairs are made).
+pub struct Pairs {
+    listener: TcpListener,
+}
+
+impl Pairs {
+    pub fn new() -> Pairs {
+        Pairs {
+            listener: TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"),
+        }
+    }
+
+    /// (client, server)
+    pub fn pair(&self) -> (TcpStream, TcpStream) {
+        let client = self.connect();
+        (client, self.accept())
+    }
+
+    /// A client end only; take its server end later with `accept`.
+    pub fn connect(&self) -> TcpStream {
+        TcpStream::connect(self.listener.local_addr().unwrap()).expect("connect")
+    }
+
+    pub fn accept(&self) -> TcpStream {
+        self.listener.accept().expect("accept").0
+    }
+}
+
+/// A watcher, a registered server-side conn, and the client peer (blocking std socket).
+pub fn watcher_pair() -> (Watcher, Conn, TcpStream) {
+    let watcher = Watcher::new().expect("watcher");
+    let (client, server) = tcp_pair();
+    let conn = watcher.register(server).expect("register");
+    (watcher, conn, client)
+}
+
+/// One line per completion, without dumping buffers.
+pub fn describe(c: &Completion) -> String {
+    let buf = match &c.buf {
+        Buf::None => "None".to_string(),
+        Buf::Vec(v) => format!("Vec(len {})", v.len()),
+        Buf::Bytes(b) => format!("Bytes(len {})", b.len()),
+        Buf::Fd(fd) => format!("Fd({})", fd.as_raw_fd()),
+        _ => "?".to_string(),
+    };
+    format!(
+        "{{{:?} {:?} tag {} n {} buf {} result {:?}}}",
+        c.conn.id(),
+        c.op,
+        c.tag,
+        c.n,
+        buf,
+        c.result
+    )
+}
+
+pub fn describe_all(cs: &[Completion]) -> String {
+    let mut s = String::new();
+    for c in cs {
+        let _ = writeln!(s, "  {}", describe(c));
+    }
+    s
+}
+
+/// Waits for exactly `n` completions; panics, saying what it got, on a timeout or on more.
+pub fn collect(watcher: &Watcher, n: usize, timeout: Duration) -> Vec<Completion> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match watcher.wait_io_deadline(&mut got, deadline) {
+            Ok(0) => panic!(
+                "timed out after {timeout:?} waiting for {n} completions; got {}:\n{}",
+                got.len(),
+                describe_all(&got)
+            ),
+            Ok(_) => {}
+            Err(e) => panic!(
+                "wait_io failed ({e}) waiting for {n} completions; got {}:\n{}",
+                got.len(),
+                describe_all(&got)
+            ),
+        }
+    }
+    assert_eq!(
+        got.len(),
+        n,
+        "expected exactly {n} completions, got:\n{}",
+        describe_all(&got)
+    );
+    got
+}
+
+/// Exactly one completion.
+pub fn collect_one(watcher: &Watcher, timeout: Duration) -> Completion {
+    collect(watcher, 1, timeout).pop().unwrap()
+}
+
+/// Asserts nothing more arrives within `quiet` (a negative check, not synchronisation).
+pub fn assert_quiet(watcher: &Watcher, quiet: Duration) {
+    let mut extra = Vec::new();
+    let _ = watcher.wait_io_timeout(&mut extra, quiet);
+    assert!(
+        extra.is_empty(),
+        "unexpected completions:\n{}",
+        describe_all(&extra)
+    );
+}
+
+/// Polls `f` until it returns true; panics after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits until the poller has published `pred(stats)` (stats trail by one round).
+pub fn wait_stats(watcher: &Watcher, what: &str, pred: impl Fn(&proactor::Stats) -> bool) {
+    let start = Instant::now();
+    loop {
+        let s = watcher.stats();
+        if pred(&s) {
+            return;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "timed out waiting for {what}: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Open file descriptors of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+        - 1 // the directory handle of read_dir itself
+}
+
+/// SO_LINGER {on, 0}: closing the socket then sends RST instead of FIN.
+pub fn set_linger_zero(s: &impl AsRawFd) {
+    let lin = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a live `linger` of the size given; the fd is borrowed for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&lin as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setsockopt(SO_LINGER): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Reads until EOF (or `TIMEOUT`), returning everything.
+pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut v = Vec::new();
+    s.read_to_end(&mut v)
+        .expect("peer read_to_end (timed out?)");
+    v
+}
+
+/// Every command gets a unique tag; every completion must match one outstanding tag, with
+/// the same op, exactly once.
+#[derive(Default)]
+pub struct Ledger {
+    next: u64,
+    outstanding: HashMap<u64, Op>,
+    done: HashMap<u64, Op>,
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    /// Tags `cmd` with a fresh tag and sends it; on refusal the tag is forgotten.
+    pub fn send(&mut self, conn: &Conn, cmd: Cmd) -> Result<u64, SendError> {
+        self.next += 1;
+        let tag = self.next;
+        self.send_tagged(conn, cmd, tag).map(|()| tag)
+    }
+
+    /// Like `send`, with the caller's tag (which must not be outstanding or done).
+    pub fn send_tagged(&mut self, conn: &Conn, cmd: Cmd, tag: u64) -> Result<(), SendError> {
+        assert!(
+            !self.outstanding.contains_key(&tag) && !self.done.contains_key(&tag),
+            "tag {tag} reused by the test"
+        );
+        let op = cmd.op();
+        conn.send(cmd.tag(tag))?;
+        self.outstanding.insert(tag, op);
+        Ok(())
+    }
+
+    /// `send`, panicking on refusal.
+    pub fn must(&mut self, conn: &Conn, cmd: Cmd) -> u64 {
+        match self.send(conn, cmd) {
+            Ok(tag) => tag,
+            Err(e) => panic!("send refused: {e:?}"),
+        }
+    }
+
+    pub fn record(&mut self, c: &Completion) {
+        match self.outstanding.remove(&c.tag) {
+            Some(op) => {
+                assert_eq!(op, c.op, "completion op mismatch: {}", describe(c));
+                self.done.insert(c.tag, op);
+            }
+            None if self.done.contains_key(&c.tag) => {
+                panic!("completed twice: {}", describe(c))
+            }
+            None => panic!("completion for a tag never sent: {}", describe(c)),
+        }
+    }
+
+    pub fn record_all(&mut self, cs: &[Completion]) {
+        for c in cs {
+            self.record(c);
+        }
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    pub fn completed(&self) -> usize {
+        self.done.len()
+    }
+
+    pub fn assert_all_done(&self) {
+        assert!(
+            self.outstanding.is_empty(),
+            "{} commands never completed: {:?}",
+            self.outstanding.len(),
+            self.outstanding.iter().take(20).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// xorshift64*: a tiny seeded PRNG, good enough for test data and choices.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform enough in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// In `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below((hi - lo + 1) as u64) as usize
+    }
+
+    /// Fills `buf`. Two generators with the same seed produce the same stream as long as
+    /// every call but the last fills a multiple of 8 bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let x = self.next_u64().to_le_bytes();
+            let k = rest.len();
+            rest.copy_from_slice(&x[..k]);
+        }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// How the echo server reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// `Cmd::ReadInternal`.
+    Internal,
+    /// `Cmd::Read` into a caller buffer of random length (1..=16 KiB).
+    Caller,
+    /// `Cmd::ReadFull` into a caller buffer of random length (1..=64).
+    Full,
+    /// One of the three at random, per read.
+    Mixed,
+}
+
+struct EchoConn {
+    conn: Conn,
+    reads: usize,
+    writes: usize,
+    eof: bool,
+    free_sent: bool,
+    echoed: u64,
+}
+
+/// A watcher-side echo server: each conn reads (at `depth` reads outstanding), writes back
+/// every byte it got, in order, and frees itself after end of stream once its writes are done.
+/// Every command goes through the ledger, so every completion is checked exactly-once.
+pub struct Echo<'w> {
+    pub watcher: &'w Watcher,
+    pub ledger: Ledger,
+    conns: HashMap<ConnId, EchoConn>,
+    rng: Rng,
+    mode: ReadMode,
+    depth: usize,
+    /// Reads are held back while this many writes are in flight (back-pressure).
+    max_writes: usize,
+    batch: Vec<Completion>,
+    pub reads_done: u64,
+    pub bytes_echoed: u64,
+}
+
+impl<'w> Echo<'w> {
+    pub fn new(watcher: &'w Watcher, mode: ReadMode, depth: usize, seed: u64) -> Echo<'w> {
+        Echo {
+            watcher,
+            ledger: Ledger::new(),
+            conns: HashMap::new(),
+            rng: Rng::new(seed),
+            mode,
+            depth: depth.max(1),
+            max_writes: 16,
+            batch: Vec::new(),
+            reads_done: 0,
+            bytes_echoed: 0,
+        }
+    }
+
+    pub fn add(&mut self, conn: Conn) {
+        let id = conn.id();
+        self.conns.insert(
+            id,
+            EchoConn {
+                conn,
+                reads: 0,
+                writes: 0,
+                eof: false,
+                free_sent: false,
+                echoed: 0,
+            },
+        );
+        self.top_up(id);
+    }
+
+    pub fn live(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn read_cmd(&mut self) -> Cmd {
+        let mode = match self.mode {
+            ReadMode::Mixed => match self.rng.below(3) {
+                0 => ReadMode::Internal,
+                1 => ReadMode::Caller,
+                _ => ReadMode::Full,
+            },
+            m => m,
+        };
+        match mode {
+            ReadMode::Internal => Cmd::ReadInternal,
+            ReadMode::Caller => Cmd::Read(vec![0; self.rng.range(1, 16 * 1024)]),
+            _ => Cmd::ReadFull(vec![0; self.rng.range(1, 64)]),
+        }
+    }
+
+    /// Keeps `depth` reads outstanding unless at EOF or held back by writes.
+    fn top_up(&mut self, id: ConnId) {
+        loop {
+            let st = &self.conns[&id];
+            if st.eof || st.free_sent || st.reads >= self.depth || st.writes >= self.max_writes {
+                break;
+            }
+            let conn = st.conn.clone();
+            let cmd = self.read_cmd();
+            self.ledger.must(&conn, cmd);
+            self.conns.get_mut(&id).unwrap().reads += 1;
+        }
+        let st = self.conns.get_mut(&id).unwrap();
+        if st.eof && st.reads == 0 && st.writes == 0 && !st.free_sent {
+            st.free_sent = true;
+            let conn = st.conn.clone();
+            self.ledger.must(&conn, Cmd::Free);
+        }
+    }
+
+    fn handle(&mut self, c: Completion) {
+        self.ledger.record(&c);
+        let id = c.conn.id();
+        let st = self
+            .conns
+            .get_mut(&id)
+            .unwrap_or_else(|| panic!("completion for an unknown conn: {}", describe(&c)));
+        match c.op {
+            Op::Read | Op::ReadFull => {
+                st.reads -= 1;
+                self.reads_done += 1;
+                match &c.result {
+                    Ok(()) => assert!(c.n > 0, "empty successful read: {}", describe(&c)),
+                    Err(Error::Eof) => st.eof = true,
+                    Err(e) => panic!("read failed ({e}): {}", describe(&c)),
+                }
+                if c.op == Op::Read && c.is_ok() {
+                    assert!(c.n <= c.buf.as_slice().len());
+                }
+                if c.n > 0 {
+                    let n = c.n;
+                    let data = match c.buf {
+                        Buf::Bytes(b) => {
+                            assert_eq!(b.len(), n, "internal read buf must be exactly n bytes");
+                            b
+                        }
+                        Buf::Vec(mut v) => {
+                            v.truncate(n);
+                            v.into()
+                        }
+                        other => panic!("read completion without a buffer: {other:?}"),
+                    };
+                    st.echoed += n as u64;
+                    self.bytes_echoed += n as u64;
+                    st.writes += 1;
+                    let conn = st.conn.clone();
+                    self.ledger.must(&conn, Cmd::Write(data));
+                }
+            }
+            Op::Write => {
+                st.writes -= 1;
+                assert!(c.is_ok(), "write failed: {}", describe(&c));
+                assert_eq!(
+                    c.n,
+                    c.buf.as_slice().len(),
+                    "short ok write: {}",
+                    describe(&c)
+                );
+            }
+            Op::Free => {
+                assert!(c.is_ok(), "free failed: {}", describe(&c));
+                assert!(st.free_sent);
+                self.conns.remove(&id);
+                return;
+            }
+            op => panic!("unexpected op {op:?}"),
+        }
+        self.top_up(id);
+    }
+
+    /// Handles whatever is ready now (non-blocking); returns how many completions.
+    pub fn poll(&mut self) -> usize {
+        let mut batch = std::mem::take(&mut self.batch);
+        let n = self.watcher.try_wait_io(&mut batch);
+        for c in batch.drain(..) {
+            self.handle(c);
+        }
+        self.batch = batch;
+        n
+    }
+
+    /// Waits up to `timeout` for a batch and handles it; returns how many completions.
+    pub fn step(&mut self, timeout: Duration) -> usize {
+        let mut batch = std::mem::take(&mut self.batch);
+        let n = self
+            .watcher
+            .wait_io_timeout(&mut batch, timeout)
+            .expect("wait_io");
+        for c in batch.drain(..) {
+            self.handle(c);
+        }
+        self.batch = batch;
+        n
+    }
+
+    /// Runs until every conn reached EOF, echoed everything and was freed.
+    pub fn run(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.conns.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "echo did not finish in {timeout:?}: {} conns left, {} commands outstanding",
+                self.conns.len(),
+                self.ledger.outstanding()
+            );
+            self.step(Duration::from_millis(100));
+        }
+        self.ledger.assert_all_done();
+    }
+}
+
+/// Compile-time: `T: Send + Sync`.
+pub fn assert_send_sync<T: Send + Sync>() {}
