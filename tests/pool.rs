@@ -45,9 +45,17 @@ fn register_spreads_evenly_over_the_watchers() {
         keep.push((client, pool.register(server).unwrap()));
     }
     eventually("30 connections registered", || {
-        pool.watchers().iter().map(|w| w.stats().connections).sum::<u64>() == 30
+        pool.watchers()
+            .iter()
+            .map(|w| w.stats().connections)
+            .sum::<u64>()
+            == 30
     });
-    let per: Vec<u64> = pool.watchers().iter().map(|w| w.stats().connections).collect();
+    let per: Vec<u64> = pool
+        .watchers()
+        .iter()
+        .map(|w| w.stats().connections)
+        .collect();
     assert_eq!(per, vec![10, 10, 10]);
 }
 
@@ -70,16 +78,26 @@ fn accepted_connections_go_to_the_least_loaded_watcher() {
         conns.push(c.buf.into_accepted().unwrap().0);
     }
     eventually("all connections registered", || {
-        pool.watchers().iter().map(|w| w.stats().connections).sum::<u64>() == N as u64 + 1
+        pool.watchers()
+            .iter()
+            .map(|w| w.stats().connections)
+            .sum::<u64>()
+            == N as u64 + 1
     });
-    let per: Vec<u64> = pool.watchers().iter().map(|w| w.stats().connections).collect();
+    let per: Vec<u64> = pool
+        .watchers()
+        .iter()
+        .map(|w| w.stats().connections)
+        .collect();
     // 42 sockets (the listener included) split evenly: 21 each.
     assert_eq!(per, vec![21, 21], "listener + accepted per watcher");
     // The accepted connections work wherever they landed.
     for (i, conn) in conns.iter().enumerate() {
         conn.send(Cmd::Write(vec![i as u8; 3])).unwrap();
     }
-    assert!(take(&mailbox, N).iter().all(|c| c.op == Op::Write && c.is_ok()));
+    assert!(take(&mailbox, N)
+        .iter()
+        .all(|c| c.op == Op::Write && c.is_ok()));
     let mut seen = HashSet::new();
     for client in &mut clients {
         let mut b = [0; 3];
@@ -112,7 +130,9 @@ fn shared_mailbox_feeds_several_worker_threads() {
                 s.spawn(move || {
                     let mut handled = 0;
                     while done.load(std::sync::atomic::Ordering::SeqCst) < total {
-                        let Ok(c) = rx.recv_timeout(Duration::from_millis(50)) else { continue };
+                        let Ok(c) = rx.recv_timeout(Duration::from_millis(50)) else {
+                            continue;
+                        };
                         handled += 1;
                         match c.op {
                             Op::Read => {
@@ -147,7 +167,11 @@ fn shared_mailbox_feeds_several_worker_threads() {
 
 #[test]
 fn per_watcher_mailboxes_keep_completions_with_their_watcher() {
-    let pool = Pool::builder().watchers(2).per_watcher_mailboxes().build().unwrap();
+    let pool = Pool::builder()
+        .watchers(2)
+        .per_watcher_mailboxes()
+        .build()
+        .unwrap();
     let (w0, w1) = (&pool.watchers()[0], &pool.watchers()[1]);
     let (mut c0, s0) = pair();
     let (mut c1, s1) = pair();
@@ -186,13 +210,20 @@ fn register_with_routes_one_connection_to_its_own_mailbox() {
     w.close();
     let closed = take(&lobby_rx, 1);
     assert_eq!(closed[0].tag, 3);
-    assert!(matches!(closed[0].result, Err(proactor::Error::WatcherClosed)));
+    assert!(matches!(
+        closed[0].result,
+        Err(proactor::Error::WatcherClosed)
+    ));
 }
 
 #[cfg(target_os = "linux")]
 #[test]
 fn pinned_pollers_run() {
-    let pool = Pool::builder().watchers(2).pin_pollers(true).build().unwrap();
+    let pool = Pool::builder()
+        .watchers(2)
+        .pin_pollers(true)
+        .build()
+        .unwrap();
     let (mut client, server) = pair();
     let conn = pool.register(server).unwrap();
     conn.send(Cmd::ReadInternal).unwrap();

@@ -1,0 +1,251 @@
+//! Game loop: a fixed 20 Hz tick. One thread owns the game state and waits on a `flume::Selector`
+//! over the mailbox and a tick channel; `move DX DY` lines apply at once, and each tick sends all
+//! positions to every player as one shared `Bytes` (skipping one still writing the previous).
+//!
+//!     cargo run --release --example game-loop -- --addr 127.0.0.1:7000
+//!     nc 127.0.0.1 7000     (gets "welcome 1", then "tick 40 1:0,0" 20 times a second;
+//!                            send "move 3 -2")
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use proactor::bytes::Bytes;
+use proactor::flume::{self, Receiver, Selector, TrySendError};
+use proactor::{Cmd, Completion, Conn, ConnId, Error, Op, Watcher};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+const TICK: Duration = Duration::from_millis(50);
+/// Positions are kept within -WORLD..=WORLD on both axes.
+const WORLD: i32 = 1000;
+/// Longest input line; a player sending a longer one is dropped.
+const MAX_LINE: usize = 64;
+/// A write that cannot finish in this long means a stuck player: it is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let addr = parse_args().unwrap_or_else(|e| {
+        eprintln!("game-loop: {e}\nusage: game-loop [--addr HOST:PORT]");
+        std::process::exit(2)
+    });
+    // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let listener = TcpListener::bind(addr)?;
+    println!("listening on {}", listener.local_addr()?);
+    io::stdout().flush()?;
+
+    let watcher = Arc::new(Watcher::new()?);
+    watcher.listen(listener)?.send(Cmd::Accept)?;
+    // The clock. A bounded(1) channel: if the game thread falls behind, ticks are dropped
+    // rather than queued up and then run in a burst.
+    let (tick_tx, ticks) = flume::bounded(1);
+    thread::spawn(move || {
+        let mut next = Instant::now();
+        loop {
+            next += TICK;
+            thread::sleep(next.saturating_duration_since(Instant::now()));
+            if let Err(TrySendError::Disconnected(())) = tick_tx.try_send(()) {
+                return;
+            }
+        }
+    });
+    let mailbox = watcher.mailbox();
+    let game = thread::spawn(move || Game::default().run(&mailbox, &ticks));
+
+    signals.forever().next();
+    watcher.close(); // ends the mailbox, and so the game loop
+    let _ = game.join();
+    Ok(())
+}
+
+struct Player {
+    conn: Conn,
+    number: u64,
+    x: i32,
+    y: i32,
+    /// An unfinished input line.
+    partial: Vec<u8>,
+    /// Writes submitted and not yet completed.
+    writing: usize,
+}
+
+#[derive(Default)]
+struct Game {
+    players: HashMap<ConnId, Player>,
+    joined: u64,
+    tick: u64,
+}
+
+enum Event {
+    Tick,
+    Done(Completion),
+}
+
+impl Game {
+    fn run(mut self, mailbox: &Receiver<Completion>, ticks: &Receiver<()>) {
+        loop {
+            // Fair among the ready ones: a flood of input cannot starve the clock.
+            let event = Selector::new()
+                .recv(ticks, |r| r.map(|()| Event::Tick))
+                .recv(mailbox, |r| r.map(Event::Done))
+                .wait();
+            match event {
+                Ok(Event::Tick) => self.tick(),
+                Ok(Event::Done(c)) => self.complete(c),
+                // The watcher was closed (SIGINT/SIGTERM).
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn join(&mut self, conn: Conn) {
+        self.joined += 1;
+        let id = conn.id();
+        let welcome = format!("welcome {}\n", self.joined);
+        let player = Player {
+            conn,
+            number: self.joined,
+            x: 0,
+            y: 0,
+            partial: Vec::new(),
+            writing: 0,
+        };
+        self.players.insert(id, player);
+        self.write(id, welcome.into());
+        self.read(id);
+    }
+
+    /// `tick T N:X,Y ...` for every player, ordered by number, once for all.
+    fn tick(&mut self) {
+        self.tick += 1;
+        let mut all: Vec<&Player> = self.players.values().collect();
+        all.sort_unstable_by_key(|p| p.number);
+        let mut line = format!("tick {}", self.tick);
+        for p in all {
+            let _ = write!(line, " {}:{},{}", p.number, p.x, p.y);
+        }
+        line.push('\n');
+        let snapshot = Bytes::from(line);
+        let mut stuck = Vec::new();
+        for (&id, p) in &mut self.players {
+            // Still writing an older snapshot: skip this one, the next is newer anyway.
+            if p.writing > 0 {
+                continue;
+            }
+            match p
+                .conn
+                .send(Cmd::Write(snapshot.clone()).timeout(WRITE_TIMEOUT))
+            {
+                Ok(()) => p.writing += 1,
+                Err(_) => stuck.push(id),
+            }
+        }
+        for id in stuck {
+            self.remove(id);
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let id = c.conn.id();
+        match (c.op, c.result) {
+            // Our own Free, or operations of a player already gone.
+            (Op::Free, _) | (_, Err(Error::Freed | Error::WatcherClosed)) => {}
+            // A new player; then accept the next one.
+            (Op::Accept, result) => {
+                match (result, c.buf.into_accepted()) {
+                    (Ok(()), Some((conn, _peer))) => self.join(conn),
+                    (result, _) => eprintln!("accept: {result:?}"),
+                }
+                let _ = c.conn.send(Cmd::Accept);
+            }
+            (Op::Write, Ok(())) => {
+                if let Some(p) = self.players.get_mut(&id) {
+                    p.writing -= 1;
+                }
+            }
+            (Op::Read, Ok(())) => self.input(id, &c.buf.into_bytes()),
+            // End of stream, reset, or a write stuck for WRITE_TIMEOUT: the player goes.
+            _ => self.remove(id),
+        }
+    }
+
+    fn input(&mut self, id: ConnId, mut data: &[u8]) {
+        while let Some(p) = self.players.get_mut(&id) {
+            let Some(end) = data.iter().position(|&b| b == b'\n') else {
+                if p.partial.len() + data.len() > MAX_LINE {
+                    return self.remove(id);
+                }
+                p.partial.extend_from_slice(data);
+                return self.read(id);
+            };
+            let mut line = std::mem::take(&mut p.partial);
+            line.extend_from_slice(&data[..end]);
+            data = &data[end + 1..];
+            if line.len() > MAX_LINE {
+                return self.remove(id);
+            }
+            match parse_move(&line) {
+                Some((dx, dy)) => {
+                    p.x = p.x.saturating_add(dx).clamp(-WORLD, WORLD);
+                    p.y = p.y.saturating_add(dy).clamp(-WORLD, WORLD);
+                }
+                None if line.iter().all(u8::is_ascii_whitespace) => {}
+                None => self.write(id, Bytes::from_static(b"error: expected move DX DY\n")),
+            }
+        }
+    }
+
+    fn read(&mut self, id: ConnId) {
+        let Some(p) = self.players.get(&id) else {
+            return;
+        };
+        if p.conn.send(Cmd::ReadInternal).is_err() {
+            self.remove(id);
+        }
+    }
+
+    fn write(&mut self, id: ConnId, msg: Bytes) {
+        let Some(p) = self.players.get_mut(&id) else {
+            return;
+        };
+        match p.conn.send(Cmd::Write(msg).timeout(WRITE_TIMEOUT)) {
+            Ok(()) => p.writing += 1,
+            Err(_) => self.remove(id),
+        }
+    }
+
+    /// The player leaves the game; completions still to come for it find nobody.
+    fn remove(&mut self, id: ConnId) {
+        if let Some(p) = self.players.remove(&id) {
+            let _ = p.conn.send(Cmd::Free);
+        }
+    }
+}
+
+/// `move DX DY` (integers, any ASCII spacing, a trailing `\r` included).
+fn parse_move(line: &[u8]) -> Option<(i32, i32)> {
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.split_ascii_whitespace();
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("move"), Some(dx), Some(dy), None) => Some((dx.parse().ok()?, dy.parse().ok()?)),
+        _ => None,
+    }
+}
+
+fn parse_args() -> Result<String, String> {
+    let mut addr = "127.0.0.1:7000".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--addr" => addr = value,
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(addr)
+}

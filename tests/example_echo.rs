@@ -1,0 +1,197 @@
+//! The echo-server example, run as a process and checked against its contract
+//! (/work/shared/CONTRACTS.md, "echo-server") over real sockets.
+
+mod example_util;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use example_util::{connect, pattern, reset, wait_writable, Server};
+
+/// Sends `data` from a second thread in uneven pieces, half-closes, and returns everything
+/// echoed up to end of stream.
+fn echo_all(stream: TcpStream, data: Vec<u8>) -> Vec<u8> {
+    let mut writer = stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let mut rest = &data[..];
+        let mut piece = 1;
+        while !rest.is_empty() {
+            let n = piece.min(rest.len());
+            writer.write_all(&rest[..n]).unwrap();
+            rest = &rest[n..];
+            piece = piece * 7 % 70_001 + 1; // 1 .. 70 KB, more or less at random
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    let mut reader = stream;
+    reader
+        .read_to_end(&mut back)
+        .expect("echo up to end of stream");
+    sender.join().unwrap();
+    back
+}
+
+fn ping(stream: &mut TcpStream, msg: &[u8]) {
+    stream.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    stream.read_exact(&mut back).expect("echo reply");
+    assert_eq!(back, msg);
+}
+
+fn byte_exact_clients(server: &Server, clients: u64, len: usize) {
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            let stream = server.connect();
+            thread::spawn(move || {
+                let data = pattern(i + 1, len);
+                let back = echo_all(stream, data.clone());
+                assert_eq!(back.len(), data.len(), "client {i}: length");
+                assert!(back == data, "client {i}: bytes differ");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn prints_listening_line_and_echoes_several_clients_byte_exact() {
+    let server = Server::start("echo-server", &[]);
+    assert!(server.addr.port() != 0);
+    byte_exact_clients(&server, 8, 512 * 1024);
+}
+
+#[test]
+fn half_close_gets_every_byte_back_then_eof() {
+    let server = Server::start("echo-server", &[]);
+    // Small: all of it is still in flight when the client half-closes.
+    let back = echo_all(server.connect(), b"hello, half-closed world".to_vec());
+    assert_eq!(back, b"hello, half-closed world");
+    // Large: the server owes megabytes at the moment of the half-close.
+    let data = pattern(42, 4 << 20);
+    let back = echo_all(server.connect(), data.clone());
+    assert!(back == data, "4 MiB echo differs");
+}
+
+#[test]
+fn two_watchers_serve_connections_spread_over_both() {
+    let server = Server::start("echo-server", &["--watchers", "2"]);
+    // Interleaved conversations on connections that alternate between the watchers.
+    let mut conns: Vec<TcpStream> = (0..6).map(|_| server.connect()).collect();
+    for round in 0..20u8 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            ping(c, &[round, i as u8, b'\n']);
+        }
+    }
+    byte_exact_clients(&server, 6, 256 * 1024);
+}
+
+#[test]
+fn client_that_never_reads_cannot_grow_server_memory() {
+    let server = Server::start("echo-server", &[]);
+    let mut other = server.connect();
+    ping(&mut other, b"warm up");
+    let rss_before = server.rss_kib();
+
+    // Push up to 50 MiB without reading a byte back, until the socket stays full for 500 ms.
+    let mut hog = server.connect();
+    hog.set_nonblocking(true).unwrap();
+    let chunk = pattern(7, 1 << 20);
+    let (mut pushed, start) = (0usize, Instant::now());
+    while pushed < 50 << 20 && start.elapsed() < Duration::from_secs(30) {
+        match hog.write(&chunk[..chunk.len().min((50 << 20) - pushed)]) {
+            Ok(n) => pushed += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if !wait_writable(&hog, Duration::from_millis(500)) {
+                    break; // back-pressure reached us: the server stopped reading
+                }
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    let rss_after = server.rss_kib();
+    eprintln!(
+        "pushed {} MiB; server RSS {rss_before} -> {rss_after} KiB",
+        pushed >> 20
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "server RSS grew from {rss_before} to {rss_after} KiB while a client pushed {pushed} bytes without reading"
+    );
+    // The others are still served, old and new connections alike.
+    ping(&mut other, b"still there?");
+    ping(&mut server.connect(), b"new one");
+    drop(hog);
+    ping(&mut other, b"and after the hog left");
+}
+
+#[test]
+fn reset_mid_message_does_not_disturb_others() {
+    let server = Server::start("echo-server", &[]);
+    let mut a = server.connect();
+    ping(&mut a, b"before");
+    for i in 0..10 {
+        let mut b = server.connect();
+        b.write_all(&pattern(i, 200_000)).unwrap(); // more than one read, echo owed
+        reset(b);
+        ping(&mut a, format!("between resets {i}").as_bytes());
+    }
+    // A reset of a client with nothing in flight, too.
+    let mut c = server.connect();
+    ping(&mut c, b"c");
+    reset(c);
+    ping(&mut a, b"after");
+    byte_exact_clients(&server, 2, 100_000);
+}
+
+fn exits_cleanly_on(sig: i32) {
+    let mut server = Server::start("echo-server", &["--watchers", "2"]);
+    let mut reading = server.connect();
+    ping(&mut reading, b"hi");
+    let _idle = server.connect();
+    // Not reading, with echoes owed: its writes are stuck when the signal comes.
+    let mut stuck = server.connect();
+    stuck.set_nonblocking(true).unwrap();
+    let chunk = pattern(3, 1 << 20);
+    for _ in 0..64 {
+        if stuck.write(&chunk).is_err() {
+            break;
+        }
+    }
+    ping(&mut reading, b"still serving");
+    let status = server.stop_with(sig, Duration::from_secs(2));
+    assert!(
+        status.success(),
+        "exit status {status:?} after signal {sig}"
+    );
+    // Its sockets were closed: the reader sees end of stream (or a reset).
+    let mut buf = [0u8; 16];
+    match reading.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("after exit, read gave {other:?}"),
+    }
+}
+
+#[test]
+fn sigint_exits_0_within_2s_with_clients_connected() {
+    exits_cleanly_on(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_exits_0_within_2s_with_clients_connected() {
+    exits_cleanly_on(libc::SIGTERM);
+}
+
+#[test]
+fn idle_connection_is_kept() {
+    let server = Server::start("echo-server", &[]);
+    let mut c = connect(server.addr);
+    ping(&mut c, b"1");
+    thread::sleep(Duration::from_millis(300)); // an idle spell is part of the scenario
+    ping(&mut c, b"2");
+}

@@ -1,0 +1,200 @@
+//! The game-loop example, run as a process: a 20 Hz tick sends every player's position to every
+//! player; `move DX DY` lines move the sender.
+
+mod example_util;
+
+use std::time::{Duration, Instant};
+
+use example_util::{reset, Client, Server};
+
+/// A parsed `tick T N:X,Y ...` line.
+#[derive(Debug)]
+struct Tick {
+    n: u64,
+    players: Vec<(u64, i32, i32)>,
+}
+
+fn parse_tick(line: &str) -> Option<Tick> {
+    let mut words = line.strip_prefix("tick ")?.split(' ');
+    let n = words.next()?.parse().ok()?;
+    let players = words
+        .map(|w| {
+            let (num, xy) = w.split_once(':').expect("N:X,Y");
+            let (x, y) = xy.split_once(',').expect("X,Y");
+            (num.parse().unwrap(), x.parse().unwrap(), y.parse().unwrap())
+        })
+        .collect();
+    Some(Tick { n, players })
+}
+
+fn welcome(c: &mut Client) -> u64 {
+    let line = c.line();
+    line.strip_prefix("welcome ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("expected `welcome N`, got {line:?}"))
+}
+
+/// Reads ticks until one satisfies `want` (at most 100 ticks, 5 s).
+fn tick_where(c: &mut Client, what: &str, want: impl Fn(&Tick) -> bool) -> Tick {
+    let start = Instant::now();
+    for _ in 0..100 {
+        let line = c.line();
+        let tick = parse_tick(&line).unwrap_or_else(|| panic!("not a tick: {line:?}"));
+        if want(&tick) {
+            return tick;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no tick with {what}"
+        );
+    }
+    panic!("no tick with {what} in 100 ticks");
+}
+
+fn position(t: &Tick, player: u64) -> Option<(i32, i32)> {
+    t.players.iter().find(|p| p.0 == player).map(|p| (p.1, p.2))
+}
+
+#[test]
+fn welcome_then_ticks_at_20_hz() {
+    let server = Server::start("game-loop", &[]);
+    let mut c = Client::connect(server.addr);
+    assert_eq!(welcome(&mut c), 1);
+    let first = tick_where(&mut c, "player 1", |t| position(t, 1).is_some());
+    let start = Instant::now();
+    let mut last = first.n;
+    for _ in 0..20 {
+        let t = parse_tick(&c.line()).expect("a tick");
+        assert!(t.n > last, "tick numbers increase");
+        assert_eq!(t.players, vec![(1, 0, 0)]);
+        last = t.n;
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took <= Duration::from_millis(2000),
+        "20 ticks took {took:?}, want about 1 s"
+    );
+    assert!(last - first.n <= 25, "ticks skipped: {} .. {last}", first.n);
+}
+
+#[test]
+fn moves_are_applied_and_everyone_sees_every_player() {
+    let server = Server::start("game-loop", &[]);
+    let mut a = Client::connect(server.addr);
+    assert_eq!(welcome(&mut a), 1);
+    let mut b = Client::connect(server.addr);
+    assert_eq!(welcome(&mut b), 2);
+    a.send("move 3 -2\n");
+    let t = tick_where(&mut a, "1 at 3,-2", |t| position(t, 1) == Some((3, -2)));
+    assert_eq!(position(&t, 2), Some((0, 0)));
+    tick_where(&mut b, "1 at 3,-2 and 2 at 0,0", |t| {
+        t.players == vec![(1, 3, -2), (2, 0, 0)]
+    });
+    // \r\n, extra spaces, several moves in one packet, a move in two pieces.
+    b.send("move -5 7\r\n  move   1 1 \nmo");
+    b.send("ve 0 2\n");
+    tick_where(&mut a, "2 at -4,10", |t| position(t, 2) == Some((-4, 10)));
+    // The world ends at 1000.
+    a.send("move 5000 -5000\n");
+    tick_where(&mut b, "1 at the corner", |t| {
+        position(t, 1) == Some((1000, -1000))
+    });
+}
+
+#[test]
+fn bad_input_gets_an_error_line() {
+    let server = Server::start("game-loop", &[]);
+    let mut a = Client::connect(server.addr);
+    welcome(&mut a);
+    for bad in [
+        "jump",
+        "move 1",
+        "move x y",
+        "move 1 2 3",
+        "move 99999999999 0",
+    ] {
+        a.send(format!("{bad}\n"));
+        let start = Instant::now();
+        loop {
+            let line = a.line();
+            if line.starts_with("error") {
+                break;
+            }
+            assert!(parse_tick(&line).is_some(), "unexpected {line:?}");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no error for {bad:?}"
+            );
+        }
+    }
+    // Empty lines are ignored, and the player is still in the game.
+    a.send("\n \r\nmove 1 1\n");
+    tick_where(&mut a, "1 at 1,1", |t| position(t, 1) == Some((1, 1)));
+}
+
+#[test]
+fn players_that_leave_disappear_and_an_over_long_line_drops_its_sender() {
+    let server = Server::start("game-loop", &[]);
+    let mut a = Client::connect(server.addr);
+    welcome(&mut a);
+    let mut b = Client::connect(server.addr);
+    welcome(&mut b);
+    let c = Client::connect(server.addr);
+    let mut c = c;
+    welcome(&mut c);
+    tick_where(&mut a, "3 players", |t| t.players.len() == 3);
+    drop(b);
+    tick_where(&mut a, "2 gone", |t| {
+        position(t, 2).is_none() && position(t, 3).is_some()
+    });
+    reset(c.reader.into_inner());
+    tick_where(&mut a, "only 1", |t| t.players.len() == 1);
+    let mut d = Client::connect(server.addr);
+    assert_eq!(welcome(&mut d), 4);
+    tick_where(&mut a, "1 and 4", |t| {
+        t.players.iter().map(|p| p.0).collect::<Vec<_>>() == [1, 4]
+    });
+    d.send("x".repeat(65));
+    d.expect_closed(1 << 20);
+    tick_where(&mut a, "only 1 again", |t| t.players.len() == 1);
+}
+
+#[test]
+fn a_player_that_does_not_read_does_not_slow_the_others() {
+    let server = Server::start("game-loop", &[]);
+    let _lazy: Vec<Client> = (0..5).map(|_| Client::connect(server.addr)).collect();
+    let mut a = Client::connect(server.addr);
+    assert_eq!(welcome(&mut a), 6);
+    let first = tick_where(&mut a, "6 players", |t| t.players.len() == 6);
+    let start = Instant::now();
+    let mut last = first.n;
+    for _ in 0..20 {
+        last = parse_tick(&a.line()).expect("tick").n;
+    }
+    assert!(start.elapsed() < Duration::from_millis(2000));
+    assert!(last - first.n <= 25);
+}
+
+fn exits_cleanly_on(sig: i32) {
+    let mut server = Server::start("game-loop", &[]);
+    let mut a = Client::connect(server.addr);
+    let _idle = Client::connect(server.addr);
+    welcome(&mut a);
+    tick_where(&mut a, "2 players", |t| t.players.len() == 2);
+    let status = server.stop_with(sig, Duration::from_secs(2));
+    assert!(
+        status.success(),
+        "exit status {status:?} after signal {sig}"
+    );
+    a.expect_closed(1 << 20);
+}
+
+#[test]
+fn sigint_exits_0_within_2s_with_clients_connected() {
+    exits_cleanly_on(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_exits_0_within_2s_with_clients_connected() {
+    exits_cleanly_on(libc::SIGTERM);
+}

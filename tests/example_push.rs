@@ -1,0 +1,174 @@
+//! The push-server example, run as a process: every interval the current time goes to every
+//! client; a client that stops reading misses a write deadline and is freed.
+
+mod example_util;
+
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use example_util::{reset, small_rcvbuf, Client, Server};
+
+/// Milliseconds since midnight UTC from a push line `HH:MM:SS.mmm UTC` (padding dots allowed).
+fn parse_time(line: &str) -> u64 {
+    let t = line.trim_end_matches('.');
+    let t = t
+        .strip_suffix(" UTC")
+        .unwrap_or_else(|| panic!("not a time line: {:.60}", line));
+    let (hms, ms) = t.split_once('.').expect("HH:MM:SS.mmm");
+    let parts: Vec<u64> = hms.split(':').map(|p| p.parse().expect("number")).collect();
+    assert_eq!(parts.len(), 3, "HH:MM:SS in {t:?}");
+    assert!(
+        parts[0] < 24 && parts[1] < 60 && parts[2] < 60 && ms.len() == 3,
+        "{t:?}"
+    );
+    (parts[0] * 3600 + parts[1] * 60 + parts[2]) * 1000 + ms.parse::<u64>().unwrap()
+}
+
+fn now_ms_of_day() -> u64 {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    (d.as_millis() % 86_400_000) as u64
+}
+
+/// Distance between two times of day, across midnight too.
+fn apart(a: u64, b: u64) -> u64 {
+    let d = a.abs_diff(b);
+    d.min(86_400_000 - d)
+}
+
+#[test]
+fn pushes_the_time_every_second_by_default() {
+    let server = Server::start("push-server", &[]);
+    let mut c = Client::connect(server.addr);
+    let first = parse_time(&c.line());
+    let t0 = Instant::now();
+    let second = parse_time(&c.line());
+    let waited = t0.elapsed();
+    assert!(
+        apart(first, now_ms_of_day()) < 5_000,
+        "the time pushed is the current time"
+    );
+    let step = apart(first, second);
+    assert!(
+        (800..=1300).contains(&step),
+        "pushes {step} ms apart, want about 1000"
+    );
+    assert!(
+        waited >= Duration::from_millis(700),
+        "second push after {waited:?}"
+    );
+}
+
+#[test]
+fn every_client_gets_every_push() {
+    let server = Server::start("push-server", &["--interval-ms", "100"]);
+    let mut clients: Vec<Client> = (0..4).map(|_| Client::connect(server.addr)).collect();
+    // A client that talks: what it sends is ignored, and it keeps getting pushes.
+    clients[3].send("hello? anyone?\n");
+    let lines: Vec<Vec<u64>> = clients
+        .iter_mut()
+        .map(|c| (0..10).map(|_| parse_time(&c.line())).collect())
+        .collect();
+    for times in &lines {
+        for w in times.windows(2) {
+            let step = apart(w[0], w[1]);
+            assert!(
+                (30..=600).contains(&step),
+                "pushes {step} ms apart at a 100 ms interval: {times:?}"
+            );
+        }
+    }
+    // The same pushes went to all: every client has pushes in common with the first.
+    for times in &lines[1..] {
+        assert!(
+            times.iter().any(|t| lines[0].contains(t)),
+            "{times:?} vs {:?}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn clients_that_leave_do_not_disturb_the_others() {
+    let server = Server::start("push-server", &["--interval-ms", "100"]);
+    let mut stay = Client::connect(server.addr);
+    stay.line();
+    for i in 0..10 {
+        let mut c = Client::connect(server.addr);
+        c.line();
+        if i % 2 == 0 {
+            reset(c.reader.into_inner());
+        } else {
+            drop(c);
+        }
+        stay.line();
+    }
+    for _ in 0..5 {
+        parse_time(&stay.line());
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_misses_its_write_deadline_and_is_freed() {
+    // 256 KiB pushes every 100 ms, each write due within 300 ms.
+    let server = Server::start(
+        "push-server",
+        &[
+            "--interval-ms",
+            "100",
+            "--write-timeout-ms",
+            "300",
+            "--size",
+            "262144",
+        ],
+    );
+    let stuck = Client::connect(server.addr);
+    small_rcvbuf(stuck.stream(), 4096);
+    let mut good = Client::connect(server.addr);
+    let rss_before = server.rss_kib();
+    // Twenty pushes (2 s) for the good client: the stuck one had many deadlines to miss.
+    for _ in 0..20 {
+        let line = good.line();
+        assert_eq!(line.len(), 262_143, "a padded push");
+        parse_time(&line);
+    }
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB"
+    );
+    // The stuck client's socket is closed: bytes sent to it make the server's kernel answer
+    // with a reset (reading what it still holds could take long through a tiny window).
+    let mut stuck = stuck;
+    stuck.send("still here\n");
+    stuck.expect_closed(64 << 20);
+    // The good one goes on.
+    for _ in 0..3 {
+        parse_time(&good.line());
+    }
+}
+
+fn exits_cleanly_on(sig: i32) {
+    let mut server = Server::start("push-server", &["--interval-ms", "50", "--size", "65536"]);
+    let mut reading = Client::connect(server.addr);
+    let _not_reading = Client::connect(server.addr);
+    for _ in 0..3 {
+        reading.line();
+    }
+    thread::sleep(Duration::from_millis(200)); // let the non-reader fall behind
+    let status = server.stop_with(sig, Duration::from_secs(2));
+    assert!(
+        status.success(),
+        "exit status {status:?} after signal {sig}"
+    );
+    reading.expect_closed(64 << 20);
+}
+
+#[test]
+fn sigint_exits_0_within_2s_with_clients_connected() {
+    exits_cleanly_on(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_exits_0_within_2s_with_clients_connected() {
+    exits_cleanly_on(libc::SIGTERM);
+}

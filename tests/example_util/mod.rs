@@ -1,0 +1,276 @@
+//! Shared helpers of the `example_*` tests: build an example once, run it as a real process,
+//! talk to it over real sockets with read timeouts, signal it, watch its memory.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a client waits for any one reply before the test fails.
+pub const REPLY: Duration = Duration::from_secs(5);
+
+/// Builds `examples/NAME.rs` (once per test binary) and returns the executable's path.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "--example", name, "--message-format=json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit());
+    // Same profile as this test binary, so nothing is rebuilt needlessly.
+    let exe = std::env::current_exe().expect("test executable path");
+    if exe.components().any(|c| c.as_os_str() == "release") {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("run cargo build");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let key = "\"executable\":\"";
+    let path = stdout
+        .lines()
+        .filter(|l| {
+            l.contains("\"compiler-artifact\"") && l.contains(&format!("\"name\":\"{name}\""))
+        })
+        .find_map(|l| {
+            let start = l.find(key)? + key.len();
+            let len = l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..start + len]))
+        })
+        .unwrap_or_else(|| panic!("no executable for example {name} in cargo's output"));
+    built.insert(name.to_string(), path.clone());
+    path
+}
+
+/// A running example server, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    /// Starts `example` with `--addr 127.0.0.1:0` and `args`, and reads its first line,
+    /// which must be `listening on HOST:PORT`.
+    pub fn start(example_name: &str, args: &[&str]) -> Server {
+        let mut child = Command::new(example(example_name))
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the example");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut first = String::new();
+        // Blocks until the line is there; a server that dies first gives EOF (empty line).
+        stdout.read_line(&mut first).expect("read the first line");
+        let addr = first
+            .strip_prefix("listening on ")
+            .and_then(|a| a.trim_end().parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("first stdout line of {example_name} is {first:?}, not `listening on HOST:PORT`")
+            });
+        Server {
+            child,
+            addr,
+            _stdout: stdout,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        connect(self.addr)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill: {}", io::Error::last_os_error());
+    }
+
+    /// Sends `sig` and returns the exit status, failing the test if the server takes longer
+    /// than `within` to exit.
+    pub fn stop_with(&mut self, sig: i32, within: Duration) -> ExitStatus {
+        let start = Instant::now();
+        self.signal(sig);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < within,
+                "server still running {within:?} after signal {sig}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// The server's resident set size in KiB (Linux: `VmRSS` in /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client socket with read and write timeouts of [`REPLY`].
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(REPLY)).unwrap();
+    s.set_write_timeout(Some(REPLY)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Closes `s` with a TCP reset (SO_LINGER of zero) instead of a FIN.
+pub fn reset(s: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    set_opt(&s, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+    drop(s);
+}
+
+/// Shrinks the socket's receive buffer so that a peer writing to it blocks early.
+pub fn small_rcvbuf(s: &TcpStream, bytes: libc::c_int) {
+    set_opt(s, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
+}
+
+fn set_opt<T>(s: &TcpStream, level: libc::c_int, name: libc::c_int, value: &T) {
+    // SAFETY: `value` points to a live T of the size passed; the fd is open for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt: {}", io::Error::last_os_error());
+}
+
+/// A line-oriented client: every read waits at most [`REPLY`].
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        Client {
+            reader: BufReader::new(connect(addr)),
+        }
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        self.reader.get_ref()
+    }
+
+    pub fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.reader
+            .get_mut()
+            .write_all(bytes.as_ref())
+            .expect("send to server");
+    }
+
+    /// The next line, `\n` included; panics on timeout or end of stream.
+    pub fn line_bytes(&mut self) -> Vec<u8> {
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(_) if line.ends_with(b"\n") => line,
+            Ok(_) => panic!("end of stream after {:?}", String::from_utf8_lossy(&line)),
+            Err(e) => panic!(
+                "no line within {REPLY:?} ({e}); got {:?}",
+                String::from_utf8_lossy(&line)
+            ),
+        }
+    }
+
+    /// The next line without its `\n`, as text.
+    pub fn line(&mut self) -> String {
+        let line = self.line_bytes();
+        String::from_utf8(line[..line.len() - 1].to_vec()).expect("UTF-8 line")
+    }
+
+    pub fn expect(&mut self, want: &str) {
+        let got = self.line();
+        assert_eq!(got, want);
+    }
+
+    /// Reads until the server closes: end of stream, or a reset. Fails on timeout or if more
+    /// than `limit` bytes arrive first. Returns the bytes read.
+    pub fn expect_closed(&mut self, limit: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("not closed within {REPLY:?} ({e}); got {} bytes", got.len()),
+            }
+            assert!(got.len() <= limit, "still open after {} bytes", got.len());
+        }
+    }
+
+    pub fn shutdown_write(&self) {
+        self.stream().shutdown(Shutdown::Write).expect("shutdown");
+    }
+}
+
+/// Waits up to `timeout` for `s` to accept more bytes (poll(2) for POLLOUT).
+pub fn wait_writable(s: &TcpStream, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    r > 0
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different for each `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
