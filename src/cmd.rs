@@ -42,6 +42,7 @@ pub(crate) enum Kind {
     Free,
     Detach,
     Accept,
+    Shutdown,
     /// Internal: the first operation of a connection made by `Watcher::connect`.
     Connect,
 }
@@ -101,6 +102,12 @@ impl Cmd {
     /// Sent to a connection that is not listening, it completes with the OS's `EINVAL`.
     pub const Accept: Cmd = plain(Kind::Accept);
 
+    /// Shuts down the sending side (`shutdown(SHUT_WR)`) once every write queued before it
+    /// is written: the peer reads end of stream, and reads on this side go on. The graceful
+    /// close: write the last bytes, `Shutdown`, read until [`Error::Eof`](crate::Error::Eof),
+    /// then [`Cmd::Free`], so unread input does not make the kernel reset the connection.
+    pub const Shutdown: Cmd = plain(Kind::Shutdown);
+
     /// Completes the operation with [`Error::Deadline`](crate::Error::Deadline) if it has not
     /// finished by `deadline`. Ignored by `Free` and `Detach`.
     pub fn deadline(mut self, deadline: Instant) -> Cmd {
@@ -157,6 +164,7 @@ impl Kind {
             Kind::Free => Op::Free,
             Kind::Detach => Op::Detach,
             Kind::Accept => Op::Accept,
+            Kind::Shutdown => Op::Shutdown,
             Kind::Connect => Op::Connect,
         }
     }

@@ -23,6 +23,8 @@ pub enum Op {
     Detach,
     /// [`Cmd::Accept`](crate::Cmd::Accept).
     Accept,
+    /// [`Cmd::Shutdown`](crate::Cmd::Shutdown).
+    Shutdown,
     /// A connection started by [`Watcher::connect`](crate::Watcher::connect).
     Connect,
 }

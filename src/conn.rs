@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::cmd::Kind;
-use crate::watcher::{Msg, Route, Shared, SubmitError};
+use crate::watcher::{Ctl, Msg, Route, Shared, SubmitError};
+#[cfg(doc)]
+use crate::Error;
 use crate::{Cmd, SendError};
 
 slotmap::new_key_type! {
@@ -69,7 +71,9 @@ impl Conn {
     /// - [`SendError::EmptyBuffer`]: an empty write, or a read into an empty buffer;
     /// - [`SendError::Freed`]: `Free` or `Detach` was already accepted for this connection;
     /// - [`SendError::Full`]: the command queue is full, or this connection has the maximum
-    ///   number of operations in flight ([`WatcherBuilder::max_ops_per_conn`]);
+    ///   number of operations in flight ([`WatcherBuilder::max_ops_per_conn`]). Never for
+    ///   [`Cmd::Free`] and [`Cmd::Detach`]: when the queue is full they take the control
+    ///   queue, and operations still queued then complete ([`Error::Freed`]) after them;
     /// - [`SendError::Closed`]: the watcher is closed.
     ///
     /// [`WatcherBuilder::max_ops_per_conn`]: crate::WatcherBuilder::max_ops_per_conn
@@ -102,6 +106,19 @@ impl Conn {
         };
         match inner.shared.submit(Msg::Op(self.clone(), cmd)) {
             Ok(()) => Ok(()),
+            Err((SubmitError::Full, Msg::Op(conn, cmd))) if last => {
+                // Operations still queued then complete (freed) after this one.
+                match inner.shared.control(Ctl::Last(conn, cmd)) {
+                    Ok(()) => Ok(()),
+                    Err((_, msg)) => {
+                        undo();
+                        match msg {
+                            Ctl::Last(_, cmd) => Err(SendError::Closed(cmd)),
+                            _ => unreachable!("control returns the message it was given"),
+                        }
+                    }
+                }
+            }
             Err((SubmitError::Full, Msg::Op(_, cmd))) => {
                 undo();
                 Err(SendError::Full(cmd))

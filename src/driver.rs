@@ -7,6 +7,8 @@
 //! (work left), the nearest deadline, or forever -> mark connections from the events.
 
 use std::collections::{BinaryHeap, VecDeque};
+
+use crate::fifo::{Fifo, Slab};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -65,8 +67,9 @@ impl Pending {
 
 struct ConnState {
     fd: OwnedFd,
-    reads: VecDeque<Pending>,
-    writes: VecDeque<Pending>,
+    /// Pending operations, in `Driver::ops`.
+    reads: Fifo,
+    writes: Fifo,
     readable: bool,
     writable: bool,
     /// A short read does not prove the socket drained: the peer hung up or the socket
@@ -87,8 +90,8 @@ impl ConnState {
     fn new(fd: OwnedFd, now: Instant) -> ConnState {
         ConnState {
             fd,
-            reads: VecDeque::new(),
-            writes: VecDeque::new(),
+            reads: Fifo::EMPTY,
+            writes: Fifo::EMPTY,
             readable: true,
             writable: true,
             // Until a read sees EAGAIN: see the field.
@@ -100,7 +103,7 @@ impl ConnState {
         }
     }
 
-    fn queue(&mut self, dir: Dir) -> &mut VecDeque<Pending> {
+    fn queue(&mut self, dir: Dir) -> &mut Fifo {
         match dir {
             Dir::Read => &mut self.reads,
             Dir::Write => &mut self.writes,
@@ -151,7 +154,7 @@ impl Sink {
     fn complete(&mut self, p: Pending, result: Result<(), Error>, buf: Option<Buf>) {
         let op = p.kind.op();
         match op {
-            Op::Write | Op::Connect => self.stats.writes_in_flight -= 1,
+            Op::Write | Op::Connect | Op::Shutdown => self.stats.writes_in_flight -= 1,
             _ => self.stats.reads_in_flight -= 1,
         }
         if p.has_timer() {
@@ -233,6 +236,8 @@ pub(crate) struct Driver {
     /// Completions the (bounded, full) mailbox did not take yet, in order.
     backlog: VecDeque<Completion>,
     conns: SecondaryMap<ConnId, ConnState>,
+    /// Every connection's pending operations.
+    ops: Slab<Pending>,
     /// Connections with work they can do now; entries past the round's start are next round's.
     ready: Vec<ConnId>,
     timers: BinaryHeap<Timer>,
@@ -259,6 +264,7 @@ impl Driver {
             mailbox,
             backlog: VecDeque::new(),
             conns: SecondaryMap::new(),
+            ops: Slab::new(),
             ready: Vec::new(),
             timers: BinaryHeap::new(),
             sink: Sink {
@@ -309,6 +315,8 @@ impl Driver {
                 }
                 // No operation can be pending (each holds a handle): just close.
                 Ctl::Release(id) => drop(self.remove(id)),
+                // Its registration came before it on this same queue.
+                Ctl::Last(conn, cmd) => self.submit(conn, cmd, false),
             }
         }
     }
@@ -319,7 +327,7 @@ impl Driver {
             let Ok(Msg::Op(conn, cmd)) = self.ops_rx.try_recv() else {
                 break;
             };
-            self.submit(conn, cmd);
+            self.submit(conn, cmd, true);
         }
     }
 
@@ -338,15 +346,17 @@ impl Driver {
     /// Removes a connection, completing its pending operations with `err`.
     fn retire(&mut self, id: ConnId, err: fn() -> Error) -> Option<OwnedFd> {
         let mut st = self.remove(id)?;
-        for p in st.reads.drain(..).chain(st.writes.drain(..)) {
-            self.sink.complete(p, Err(err()), None);
+        for q in [&mut st.reads, &mut st.writes] {
+            while let Some(p) = self.ops.pop_front(q) {
+                self.sink.complete(p, Err(err()), None);
+            }
         }
         Some(st.fd)
     }
 
-    fn submit(&mut self, conn: Conn, cmd: Cmd) {
+    fn submit(&mut self, conn: Conn, cmd: Cmd, may_drain: bool) {
         let id = conn.inner.id;
-        if !self.conns.contains_key(id) {
+        if may_drain && !self.conns.contains_key(id) {
             // Its registration may have been queued just after our control drain.
             self.drain_ctl();
         }
@@ -388,7 +398,7 @@ impl Driver {
         tag: u64,
     ) {
         let dir = match kind {
-            Kind::Write(_) | Kind::Connect => Dir::Write,
+            Kind::Write(_) | Kind::Connect | Kind::Shutdown => Dir::Write,
             _ => Dir::Read,
         };
         self.seq += 1;
@@ -432,7 +442,7 @@ impl Driver {
         let Some(st) = self.conns.get_mut(id) else {
             return;
         };
-        st.queue(dir).push_back(p);
+        self.ops.push_back(st.queue(dir), p);
         if st.has_work() && !st.queued {
             st.queued = true;
             self.ready.push(id);
@@ -446,8 +456,8 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            let paused = do_reads(st, &mut self.sink, &mut self.arena, self.now);
-            do_writes(st, &mut self.sink, self.now);
+            let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, self.now);
+            do_writes(st, &mut self.ops, &mut self.sink, self.now);
             st.queued = st.has_work();
             if st.queued {
                 self.ready.push(id);
@@ -514,11 +524,10 @@ impl Driver {
                 Dir::Write => st.write_progress,
             };
             let q = st.queue(t.dir);
-            let Some(pos) = q.iter().position(|p| p.seq == t.seq) else {
+            let Some(p) = self.ops.iter(q).find(|p| p.seq == t.seq) else {
                 continue;
             };
             if t.idle {
-                let p = &q[pos];
                 let idle = p.idle.unwrap_or_default();
                 let due = p.since.max(progress).checked_add(idle);
                 if let Some(when) = due.filter(|&due| due > now) {
@@ -526,7 +535,9 @@ impl Driver {
                     continue;
                 }
             }
-            let Some(p) = q.remove(pos) else { continue };
+            let Some(p) = self.ops.remove(q, |p| p.seq == t.seq) else {
+                continue;
+            };
             let err = if t.idle {
                 Error::IdleTimeout
             } else {
@@ -537,10 +548,10 @@ impl Driver {
         // Compact when completed operations' timers dominate the heap.
         let armed = self.sink.stats.deadlines_armed as usize;
         if self.timers.len() > 2 * armed + 1024 {
-            let conns = &mut self.conns;
+            let (conns, ops) = (&mut self.conns, &self.ops);
             self.timers.retain(|t| {
                 conns.get_mut(t.id).is_some_and(|st| {
-                    t.seq == RESUME || st.queue(t.dir).iter().any(|p| p.seq == t.seq)
+                    t.seq == RESUME || ops.iter(st.queue(t.dir)).any(|p| p.seq == t.seq)
                 })
             });
         }
@@ -672,11 +683,17 @@ fn deliver(mailbox: &flume::Sender<Completion>, c: Completion) -> Result<(), Com
 }
 
 /// Runs the read FIFO. Returns `true` if a listener hit a resource limit and must pause.
-fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant) -> bool {
+fn do_reads(
+    st: &mut ConnState,
+    ops: &mut Slab<Pending>,
+    sink: &mut Sink,
+    arena: &mut Arena,
+    now: Instant,
+) -> bool {
     let mut budget = BUDGET;
-    while let Some(p) = st.reads.front_mut() {
+    while let Some(p) = ops.front_mut(&st.reads) {
         if st.eof {
-            let p = st.reads.pop_front().expect("front exists");
+            let p = ops.pop_front(&mut st.reads).expect("front exists");
             sink.complete(p, Err(Error::Eof), None);
             continue;
         }
@@ -686,23 +703,22 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
         budget -= 1;
         let fd = st.fd.as_fd();
         let (res, asked) = match &mut p.kind {
-            Kind::Read(buf) => (sys::recv(fd, buf), buf.len()),
+            Kind::Read(buf) => (sys::recv(fd, &mut buf[..]), buf.len()),
             Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
             Kind::ReadInternal => {
                 arena.refill(&mut sink.stats);
                 (sys::recv(fd, &mut arena.buf), arena.buf.len())
             }
             _ => {
-                let r = sys::accept(fd);
-                let p = st.reads.pop_front().expect("front exists");
-                match r {
-                    Ok((fd, peer)) => sink.accepted.push((p, fd, peer)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        st.reads.push_front(p);
-                        st.readable = false;
+                match sys::accept(fd) {
+                    Ok((fd, peer)) => {
+                        let p = ops.pop_front(&mut st.reads).expect("front exists");
+                        sink.accepted.push((p, fd, peer));
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.readable = false,
                     Err(e) => {
                         let pause = is_resource_error(&e);
+                        let p = ops.pop_front(&mut st.reads).expect("front exists");
                         sink.complete(p, Err(Error::Io(e)), None);
                         if pause {
                             st.readable = false;
@@ -716,7 +732,7 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
         match res {
             Ok(0) => {
                 st.eof = true;
-                let p = st.reads.pop_front().expect("front exists");
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
                 sink.complete(p, Err(Error::Eof), None);
             }
             Ok(n) => {
@@ -741,7 +757,7 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
                     }
                     _ => p.done = n,
                 }
-                let p = st.reads.pop_front().expect("front exists");
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
                 sink.complete(p, Ok(()), data);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -749,7 +765,7 @@ fn do_reads(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: Instant
                 st.hup = false;
             }
             Err(e) => {
-                let p = st.reads.pop_front().expect("front exists");
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
                 sink.complete(p, Err(Error::Io(e)), None);
             }
         }
@@ -772,21 +788,31 @@ fn write_buf(p: &Pending) -> &[u8] {
     }
 }
 
-fn do_writes(st: &mut ConnState, sink: &mut Sink, now: Instant) {
+fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: Instant) {
     let mut budget = BUDGET;
     while st.writable && budget > 0 {
-        let Some(head) = st.writes.front() else { break };
+        let Some(head) = ops.front(&st.writes) else {
+            break;
+        };
         budget -= 1;
-        if matches!(head.kind, Kind::Connect) {
+        let fd = st.fd.as_fd();
+        // Operations that are not plain writes run alone, when they reach the head.
+        let special = match head.kind {
             // Writable (or errored) after a non-blocking connect: see how it went.
-            match sys::connect_finished(st.fd.as_fd()) {
+            Kind::Connect => Some(sys::connect_finished(fd)),
+            // Every write before it is done: send FIN.
+            Kind::Shutdown => Some(sys::shutdown_write(fd).map(|()| true)),
+            _ => None,
+        };
+        if let Some(r) = special {
+            match r {
                 Ok(false) => st.writable = false,
                 Ok(true) => {
-                    let p = st.writes.pop_front().expect("front exists");
+                    let p = ops.pop_front(&mut st.writes).expect("front exists");
                     sink.complete(p, Ok(()), None);
                 }
                 Err(e) => {
-                    let p = st.writes.pop_front().expect("front exists");
+                    let p = ops.pop_front(&mut st.writes).expect("front exists");
                     sink.complete(p, Err(Error::Io(e)), None);
                 }
             }
@@ -795,13 +821,13 @@ fn do_writes(st: &mut ConnState, sink: &mut Sink, now: Instant) {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut k = 0;
         let mut asked = 0;
-        let writes = st.writes.iter().take(MAX_IOV);
+        let writes = ops.iter(&st.writes).take(MAX_IOV);
         for p in writes.take_while(|p| matches!(p.kind, Kind::Write(_))) {
             iov[k] = IoSlice::new(write_buf(p));
             asked += iov[k].len();
             k += 1;
         }
-        match sys::send_vectored(st.fd.as_fd(), &iov[..k]) {
+        match sys::send_vectored(fd, &iov[..k]) {
             Ok(mut n) => {
                 sink.stats.bytes_written += n as u64;
                 if n > 0 {
@@ -812,7 +838,7 @@ fn do_writes(st: &mut ConnState, sink: &mut Sink, now: Instant) {
                     st.writable = false;
                 }
                 while n > 0 {
-                    let Some(p) = st.writes.front_mut() else {
+                    let Some(p) = ops.front_mut(&st.writes) else {
                         break;
                     };
                     let left = write_buf(p).len();
@@ -822,13 +848,13 @@ fn do_writes(st: &mut ConnState, sink: &mut Sink, now: Instant) {
                     }
                     p.done += left;
                     n -= left;
-                    let p = st.writes.pop_front().expect("front exists");
+                    let p = ops.pop_front(&mut st.writes).expect("front exists");
                     sink.complete(p, Ok(()), None);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.writable = false,
             Err(e) => {
-                let p = st.writes.pop_front().expect("front exists");
+                let p = ops.pop_front(&mut st.writes).expect("front exists");
                 sink.complete(p, Err(Error::Io(e)), None);
             }
         }

@@ -113,6 +113,7 @@ mod completion;
 mod conn;
 mod driver;
 mod error;
+mod fifo;
 mod net;
 mod pool;
 mod stats;

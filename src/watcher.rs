@@ -28,6 +28,9 @@ pub(crate) enum Ctl {
         connect: Option<(Conn, Connect)>,
     },
     Release(ConnId),
+    /// A `Free` or `Detach` that found the command queue full: it must never be refused, or
+    /// a connection with reads pending and no deadline could never be closed.
+    Last(Conn, Cmd),
 }
 
 pub(crate) enum SubmitError {
@@ -119,7 +122,7 @@ impl Shared {
         self.push(msg, |m| self.ops_tx.try_send(m))
     }
 
-    fn control(&self, msg: Ctl) -> Result<(), (SubmitError, Ctl)> {
+    pub(crate) fn control(&self, msg: Ctl) -> Result<(), (SubmitError, Ctl)> {
         self.push(msg, |m| {
             self.ctl_tx
                 .send(m)

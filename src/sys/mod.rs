@@ -15,7 +15,7 @@ use std::io;
 mod socket;
 pub(crate) use socket::{
     accept, connect_finished, is_listener, prepare_stream, recv, reuseport_listener, send_vectored,
-    start_connect,
+    shutdown_write, start_connect,
 };
 
 #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -117,6 +117,13 @@ pub(crate) fn send_vectored(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Res
     }
 }
 
+/// `shutdown(SHUT_WR)`: the peer reads end of stream once the bytes already sent arrive.
+pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: no pointers; `fd` is borrowed for the call.
+    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) })?;
+    Ok(())
+}
+
 /// A new TCP socket for `addr`'s family: close-on-exec, SIGPIPE-free, and non-blocking if
 /// asked.
 fn tcp_socket(addr: &SocketAddr, nonblocking: bool) -> io::Result<OwnedFd> {
