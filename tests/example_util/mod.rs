@@ -24,9 +24,15 @@ pub fn example(name: &str) -> PathBuf {
         return path.clone();
     }
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "--example", name, "--message-format=json"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "build",
+        "--quiet",
+        "--example",
+        name,
+        "--message-format=json",
+    ])
+    .current_dir(env!("CARGO_MANIFEST_DIR"))
+    .stderr(Stdio::inherit());
     // Same profile as this test binary, so nothing is rebuilt needlessly.
     let exe = std::env::current_exe().expect("test executable path");
     if exe.components().any(|c| c.as_os_str() == "release") {

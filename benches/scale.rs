@@ -1,0 +1,948 @@
+//! Scaling with the number of connections: what a proactor is for. Four measurements, each
+//! against the same baselines as `echo.rs` (tokio task per connection, hand-written mio,
+//! std thread per connection), with the server and the clients in separate processes:
+//!
+//! - **burst**: gaio's "8K concurrent echo" from 1K to 16K connections: open N connections,
+//!   every one sends 1 KiB and reads it back; the completion time (connects included, as in
+//!   gaio's test) is fitted to a line, seconds per 1,000 connections, as gaio's README does.
+//!   Hot path: accept and registration of new connections, then one round over N ready
+//!   connections (the poller's event batches, the arena, the mailbox batches).
+//! - **memory**: the server's resident memory per idle connection at 10K connections, each
+//!   accepted and waiting in one pending read (`VmRSS` after minus before, over N): the
+//!   per-connection state a proactor promises to keep small (no task, no buffer while idle).
+//! - **latency**: p50/p99 per round trip on 1, 100 and 1,000 connections in a closed loop (each
+//!   connection always has one request in flight), which criterion cannot give.
+//! - **syscalls**: `strace -c -f` on the server process for N echoed 128-byte messages on 1 and
+//!   100 connections, minus a run with no messages (setup and teardown cancel out): system
+//!   calls per echoed message, the cost the proactor's batching and wake-up avoidance target.
+//!
+//! Each server runs in a child process (this binary re-executed with
+//! `PROACTOR_BENCH_ROLE=server`, pinned to CPU 0), the load generator in another
+//! (`PROACTOR_BENCH_ROLE=client`, pinned to CPU 1), so each stays under the 20,000 fd limit at
+//! 16K connections and the memory figure is the server's alone. This process only
+//! orchestrates. Clients close with `SO_LINGER` 0 so 16K-connection runs leave no `TIME_WAIT`.
+//!
+//! ```text
+//! cargo bench --bench scale -- [--quick] [--phases burst,memory,latency,syscalls]
+//!                              [--servers proactor,tokio,mio,std] [--reps 3] [--out DIR]
+//! ```
+//!
+//! Prints Markdown tables and writes `scale.csv`, `scale_raw.csv`, `memory.csv`, `latency.csv`
+//! and `syscalls.csv` under `target/bench/` (or `--out`). `scripts/bench.sh` runs it.
+
+#[allow(dead_code)]
+#[path = "servers/mod.rs"]
+mod servers;
+
+use std::collections::BTreeMap;
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use servers::{client, Kind, Server};
+
+const ROLE: &str = "PROACTOR_BENCH_ROLE";
+
+fn main() {
+    match env::var(ROLE).as_deref() {
+        Ok("server") => server_main(),
+        Ok("client") => client_main(),
+        _ => {
+            if let Err(e) = orchestrate() {
+                eprintln!("scale: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn var(name: &str) -> String {
+    env::var(name).unwrap_or_else(|_| panic!("{name} is not set"))
+}
+
+fn var_usize(name: &str, default: usize) -> usize {
+    env::var(name).map_or(default, |v| {
+        v.parse().unwrap_or_else(|_| panic!("{name}={v:?}"))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server child: starts one server, then answers one-line commands on stdin.
+
+fn server_main() {
+    // Threads spawned from here inherit the CPU (and the servers pin their own anyway).
+    servers::pin_server_thread();
+    let kind = Kind::parse(&var("PROACTOR_BENCH_KIND")).expect("PROACTOR_BENCH_KIND");
+    let server = Server::start(kind).unwrap_or_else(|e| panic!("{}: start: {e}", kind.name()));
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "ADDR {}", server.addr);
+    let _ = out.flush();
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let reply = match line.trim() {
+            "stat" => format!(
+                "STAT {} {} {}",
+                server.counters.ready.load(Relaxed),
+                server.counters.live.load(Relaxed),
+                servers::rss_kib()
+            ),
+            "idle" => {
+                let ok = server.wait_idle(Duration::from_secs(30));
+                format!("IDLE {}", if ok { "ok" } else { "timeout" })
+            }
+            "quit" => break,
+            other => format!("ERROR unknown command {other:?}"),
+        };
+        let _ = writeln!(out, "{reply}");
+        let _ = out.flush();
+    }
+    let stats = server.proactor_stats();
+    drop(server);
+    if let Some(s) = stats {
+        let _ = writeln!(
+            out,
+            "PSTATS {} {} {} {}",
+            s.wakeups, s.batches, s.completions, s.bytes_read
+        );
+    }
+    let _ = out.flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client child: one load run, one `RESULT` line.
+
+fn client_main() {
+    servers::pin_client_thread();
+    let addr: SocketAddr = var("PROACTOR_BENCH_ADDR").parse().expect("address");
+    let conns = var_usize("PROACTOR_BENCH_CONNS", 1);
+    let size = var_usize("PROACTOR_BENCH_SIZE", 1024);
+    let rounds = var_usize("PROACTOR_BENCH_ROUNDS", 1);
+    let result = match var("PROACTOR_BENCH_MODE").as_str() {
+        "burst" => client_burst(addr, conns, size),
+        "idle" => client_idle(addr, conns),
+        "pingpong" => client_pingpong(addr, conns, size, rounds),
+        "latency" => {
+            let warmup = var_usize("PROACTOR_BENCH_WARMUP", rounds / 10);
+            let limit = Duration::from_secs(var_usize("PROACTOR_BENCH_LIMIT_S", 30) as u64);
+            client_latency(addr, conns, size, warmup, rounds, limit)
+        }
+        m => panic!("unknown mode {m:?}"),
+    };
+    match result {
+        Ok(line) => println!("RESULT {line}"),
+        Err(e) => {
+            println!("ERROR {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn client_burst(addr: SocketAddr, n: usize, size: usize) -> io::Result<String> {
+    let msg = client::message(size);
+    let mut buf = vec![0u8; size];
+    let t0 = Instant::now();
+    let mut conns = client::connect_n(addr, n)?;
+    let t1 = Instant::now();
+    client::round(&mut conns, &msg, &mut buf)?;
+    let t2 = Instant::now();
+    client::close_all(conns);
+    let (connect, echo) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+    Ok(format!("{connect:.6} {echo:.6}"))
+}
+
+fn client_idle(addr: SocketAddr, n: usize) -> io::Result<String> {
+    let conns = client::connect_n(addr, n)?;
+    println!("READY");
+    io::stdout().flush()?;
+    // Hold the connections until the orchestrator says so (or goes away).
+    let mut line = String::new();
+    let _ = io::stdin().lock().read_line(&mut line);
+    client::close_all(conns);
+    Ok("done".into())
+}
+
+fn client_pingpong(addr: SocketAddr, n: usize, size: usize, rounds: usize) -> io::Result<String> {
+    let msg = client::message(size);
+    let mut buf = vec![0u8; size];
+    let mut conns = client::connect_n(addr, n)?;
+    if rounds > 0 {
+        client::checked_round(&mut conns, &msg)?;
+        for _ in 1..rounds {
+            client::round(&mut conns, &msg, &mut buf)?;
+        }
+    }
+    client::close_all(conns);
+    Ok(format!("{}", n * rounds))
+}
+
+fn client_latency(
+    addr: SocketAddr,
+    n: usize,
+    size: usize,
+    warmup: usize,
+    rounds: usize,
+    limit: Duration,
+) -> io::Result<String> {
+    let (mut lat, done, wall) = client::closed_loop_latency(addr, n, size, warmup, rounds, limit)?;
+    lat.sort_unstable();
+    let us = |q: f64| client::quantile(&lat, q) as f64 / 1e3;
+    let rate = done as f64 / wall.as_secs_f64().max(1e-9);
+    Ok(format!(
+        "{} {:.1} {:.1} {:.1} {:.1} {:.0} {}",
+        lat.len(),
+        us(0.50),
+        us(0.99),
+        us(0.999),
+        us(1.0),
+        rate,
+        u8::from(done < n * (warmup + rounds)),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// A re-executed copy of this binary, its stdin, and its stdout as a channel of lines.
+struct Proc {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(what: String, envs: &[(&str, String)], wrap: &[String]) -> io::Result<Proc> {
+        let exe = env::current_exe()?;
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.env_remove(ROLE)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stdin = child.stdin.take();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            what,
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    fn send(&mut self, line: &str) -> io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other("stdin closed"))?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()
+    }
+
+    /// The next line starting with `prefix` (the prefix removed); an `ERROR` line, the end of
+    /// output or `timeout` is an error.
+    fn expect(&mut self, prefix: &str, timeout: Duration) -> io::Result<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return Ok(rest.trim().to_string());
+                    }
+                    if line.starts_with("ERROR") {
+                        return Err(io::Error::other(format!("{}: {line}", self.what)));
+                    }
+                    println!("  [{}] {line}", self.what);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let e = format!("{}: no {prefix:?} line within {timeout:?}", self.what);
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, e));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let e = format!("{}: exited before a {prefix:?} line", self.what);
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, e));
+                }
+            }
+        }
+    }
+
+    /// Closes stdin and waits for the exit (killing the process after `timeout`); returns
+    /// the lines it printed meanwhile.
+    fn finish(&mut self, timeout: Duration) -> io::Result<(ExitStatus, Vec<String>)> {
+        self.stdin = None;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // The reader thread ends at EOF, shortly after the exit.
+                let mut rest = Vec::new();
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+                    rest.push(l);
+                }
+                return Ok((status, rest));
+            }
+            if Instant::now() >= end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let e = format!("{}: still running after {timeout:?}, killed", self.what);
+                return Err(io::Error::new(io::ErrorKind::TimedOut, e));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct ServerProc {
+    kind: Kind,
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+struct Stat {
+    ready: usize,
+    live: usize,
+    rss_kib: u64,
+}
+
+impl ServerProc {
+    fn start(kind: Kind, wrap: &[String]) -> io::Result<ServerProc> {
+        let envs = [
+            (ROLE, "server".to_string()),
+            ("PROACTOR_BENCH_KIND", kind.name().to_string()),
+        ];
+        let mut proc = Proc::spawn(format!("{} server", kind.name()), &envs, wrap)?;
+        let addr = proc.expect("ADDR", Duration::from_secs(30))?;
+        let addr = addr.parse().map_err(io::Error::other)?;
+        Ok(ServerProc { kind, proc, addr })
+    }
+
+    fn stat(&mut self) -> io::Result<Stat> {
+        self.proc.send("stat")?;
+        let line = self.proc.expect("STAT", Duration::from_secs(10))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        match v[..] {
+            [ready, live, rss_kib] => Ok(Stat {
+                ready: ready as usize,
+                live: live as usize,
+                rss_kib,
+            }),
+            _ => Err(io::Error::other(format!("bad STAT line {line:?}"))),
+        }
+    }
+
+    /// Waits until the server has closed every connection (the client closed them).
+    fn idle(&mut self) -> io::Result<()> {
+        self.proc.send("idle")?;
+        match self.proc.expect("IDLE", Duration::from_secs(40))?.as_str() {
+            "ok" => Ok(()),
+            _ => Err(io::Error::other(format!(
+                "{}: connections still open 30 s after the client closed them",
+                self.kind.name()
+            ))),
+        }
+    }
+
+    /// [`idle`](Self::idle), or a fresh server if this one could not shed its connections.
+    fn settle(mut self) -> io::Result<ServerProc> {
+        match self.idle() {
+            Ok(()) => Ok(self),
+            Err(e) => {
+                eprintln!("{e}; restarting it");
+                let kind = self.kind;
+                drop(self);
+                ServerProc::start(kind, &[])
+            }
+        }
+    }
+
+    /// Stops the server; returns the proactor's counters (wakeups, batches, completions,
+    /// bytes read) if it printed them.
+    fn quit(mut self) -> io::Result<Option<[u64; 4]>> {
+        let _ = self.proc.send("quit");
+        let (status, lines) = self.proc.finish(Duration::from_secs(30))?;
+        if !status.success() {
+            return Err(io::Error::other(format!("{}: {status}", self.proc.what)));
+        }
+        Ok(lines.iter().find_map(|l| {
+            let v: Vec<u64> = l
+                .strip_prefix("PSTATS")?
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            v.try_into().ok()
+        }))
+    }
+}
+
+/// Runs one client to completion; its `RESULT` line, split into fields.
+fn run_client(
+    addr: SocketAddr,
+    mode: &str,
+    conns: usize,
+    size: usize,
+    rounds: usize,
+    timeout: Duration,
+) -> io::Result<Vec<String>> {
+    let envs = [
+        (ROLE, "client".to_string()),
+        ("PROACTOR_BENCH_ADDR", addr.to_string()),
+        ("PROACTOR_BENCH_MODE", mode.to_string()),
+        ("PROACTOR_BENCH_CONNS", conns.to_string()),
+        ("PROACTOR_BENCH_SIZE", size.to_string()),
+        ("PROACTOR_BENCH_ROUNDS", rounds.to_string()),
+        (
+            "PROACTOR_BENCH_LIMIT_S",
+            timeout.as_secs().saturating_sub(10).to_string(),
+        ),
+    ];
+    let mut p = Proc::spawn(format!("{mode} client x{conns}"), &envs, &[])?;
+    let line = p.expect("RESULT", timeout)?;
+    p.finish(Duration::from_secs(10))?;
+    Ok(line.split_whitespace().map(String::from).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orchestration
+
+struct Opts {
+    quick: bool,
+    phases: Vec<String>,
+    servers: Vec<Kind>,
+    reps: usize,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Opts, String> {
+    let quick_env = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
+    let default_out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+        .join("bench");
+    let mut o = Opts {
+        quick: quick_env,
+        phases: ["burst", "memory", "latency", "syscalls"]
+            .map(String::from)
+            .to_vec(),
+        servers: Kind::selected(),
+        reps: 0,
+        out: default_out,
+    };
+    let mut args = env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--bench" => {} // added by `cargo bench`
+            "--quick" => o.quick = true,
+            "--phases" => o.phases = value()?.split(',').map(String::from).collect(),
+            "--servers" => o.servers = Kind::parse_list(&value()?),
+            "--reps" => o.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--out" => o.out = PathBuf::from(value()?),
+            _ => {
+                return Err(format!(
+                    "unknown argument {a:?} (see the doc at the top of scale.rs)"
+                ))
+            }
+        }
+    }
+    if o.reps == 0 {
+        o.reps = if o.quick { 1 } else { 3 };
+    }
+    for p in &o.phases {
+        if !["burst", "memory", "latency", "syscalls"].contains(&p.as_str()) {
+            return Err(format!("unknown phase {p:?}"));
+        }
+    }
+    Ok(o)
+}
+
+fn orchestrate() -> io::Result<()> {
+    let o = parse_args().map_err(io::Error::other)?;
+    fs::create_dir_all(&o.out)?;
+    let pins = servers::pins();
+    println!(
+        "scale: servers {:?}, server CPU {:?}, client CPU {:?}{}; CSV files in {}",
+        o.servers.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        pins.server,
+        pins.client,
+        if o.quick { ", quick sizes" } else { "" },
+        o.out.display()
+    );
+    for phase in &o.phases {
+        let t = Instant::now();
+        match phase.as_str() {
+            "burst" => burst(&o)?,
+            "memory" => memory(&o)?,
+            "latency" => latency(&o)?,
+            "syscalls" => syscalls(&o)?,
+            _ => unreachable!(),
+        }
+        println!("({phase}: {:.1} s)\n", t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Least-squares line through `(x, y)`: slope, intercept and R².
+fn fit(points: &[(f64, f64)]) -> (f64, f64, f64) {
+    let pts: Vec<_> = points.iter().filter(|p| p.1.is_finite()).collect();
+    let n = pts.len() as f64;
+    if pts.len() < 2 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let (sx, sy) = pts.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1));
+    let (mx, my) = (sx / n, sy / n);
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let syy: f64 = pts.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let slope = sxy / sxx;
+    let r2 = if syy == 0.0 {
+        1.0
+    } else {
+        (sxy * sxy) / (sxx * syy)
+    };
+    (slope, my - slope * mx, r2)
+}
+
+fn write_file(o: &Opts, name: &str, text: &str) -> io::Result<()> {
+    let path = o.out.join(name);
+    fs::write(&path, text)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The kernel's count of connections dropped because a listen queue was full
+/// (`TcpExt: ListenDrops`, which includes `ListenOverflows`, in /proc/net/netstat): each one costs its client a SYN
+/// retransmission, one second or more, which then dominates a burst's connect time.
+fn listen_drops() -> u64 {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenDrops")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Seconds with 4 decimals, or "fail" for a run that did not finish.
+fn secs(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        "fail".into()
+    }
+}
+
+fn burst(o: &Opts) -> io::Result<()> {
+    let sizes: &[usize] = if o.quick {
+        &[100, 200, 400]
+    } else {
+        &[1_000, 2_000, 4_000, 8_000, 12_000, 16_000]
+    };
+    println!("## Burst: N connections, each sends 1 KiB and reads it back (median of {} runs, seconds)\n", o.reps);
+    let mut raw = String::from("server,conns,rep,connect_s,echo_s,total_s,listen_drops\n");
+    let mut csv = String::from("server,conns,connect_s,echo_s,total_s\n");
+    let mut table = String::from("| server |");
+    for n in sizes {
+        let _ = write!(table, " {n} |");
+    }
+    table.push_str(" s per 1K conns (fit) | R² | echo only, s per 1K |\n|---|");
+    table.push_str(&"---:|".repeat(sizes.len() + 3));
+    table.push('\n');
+    for &kind in &o.servers {
+        let mut srv = ServerProc::start(kind, &[])?;
+        let (mut totals, mut echoes) = (Vec::new(), Vec::new());
+        let _ = write!(table, "| {} |", kind.name());
+        for &n in sizes {
+            let (mut c, mut e, mut t) = (Vec::new(), Vec::new(), Vec::new());
+            for rep in 0..o.reps {
+                let overflows = listen_drops();
+                let r = run_client(srv.addr, "burst", n, 1024, 1, Duration::from_secs(180));
+                let overflows = listen_drops().saturating_sub(overflows);
+                if overflows > 0 {
+                    eprintln!(
+                        "{} x{n}: {overflows} connections dropped at the listen queue \
+                         (SYN retransmits inflate connect time)",
+                        kind.name()
+                    );
+                }
+                let (cs, es) = match r.as_deref() {
+                    Ok([cs, es]) => (
+                        cs.parse().unwrap_or(f64::NAN),
+                        es.parse().unwrap_or(f64::NAN),
+                    ),
+                    Ok(other) => {
+                        eprintln!("{} x{n}: unexpected result {other:?}", kind.name());
+                        (f64::NAN, f64::NAN)
+                    }
+                    Err(err) => {
+                        eprintln!("{} x{n}: {err}", kind.name());
+                        (f64::NAN, f64::NAN)
+                    }
+                };
+                let _ = writeln!(
+                    raw,
+                    "{},{n},{rep},{cs:.6},{es:.6},{:.6},{overflows}",
+                    kind.name(),
+                    cs + es
+                );
+                c.push(cs);
+                e.push(es);
+                t.push(cs + es);
+                srv = srv.settle()?;
+            }
+            let (mc, me, mt) = (median(&mut c), median(&mut e), median(&mut t));
+            let _ = writeln!(csv, "{},{n},{mc:.6},{me:.6},{mt:.6}", kind.name());
+            let _ = write!(table, " {} |", secs(mt));
+            totals.push((n as f64 / 1000.0, mt));
+            echoes.push((n as f64 / 1000.0, me));
+        }
+        let (slope, _, r2) = fit(&totals);
+        let (eslope, _, _) = fit(&echoes);
+        let _ = writeln!(table, " {} | {r2:.3} | {} |", secs(slope), secs(eslope));
+        if let Err(e) = srv.quit() {
+            eprintln!("{}: {e}", kind.name());
+        }
+    }
+    println!("{table}");
+    write_file(o, "scale.csv", &csv)?;
+    write_file(o, "scale_raw.csv", &raw)
+}
+
+fn memory(o: &Opts) -> io::Result<()> {
+    let n = if o.quick { 1_000 } else { 10_000 };
+    println!(
+        "## Memory: server VmRSS per idle connection, {n} connections with one pending read each\n"
+    );
+    let mut table = String::from(
+        "| server | RSS before (KiB) | RSS with conns (KiB) | bytes per connection |\n|---|---:|---:|---:|\n",
+    );
+    let mut csv = String::from("server,conns,rss_before_kib,rss_after_kib,bytes_per_conn\n");
+    for &kind in &o.servers {
+        match memory_one(kind, n) {
+            Ok((before, after, ready)) => {
+                let per = (after as f64 - before as f64) * 1024.0 / ready as f64;
+                let note = if ready < n {
+                    format!(" (only {ready} of {n} accepted)")
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    table,
+                    "| {} | {before} | {after} | {per:.0}{note} |",
+                    kind.name()
+                );
+                let _ = writeln!(csv, "{},{ready},{before},{after},{per:.1}", kind.name());
+            }
+            Err(e) => {
+                eprintln!("memory, {}: {e}", kind.name());
+                let _ = writeln!(table, "| {} | fail | fail | fail |", kind.name());
+            }
+        }
+    }
+    println!("{table}");
+    write_file(o, "memory.csv", &csv)
+}
+
+/// RSS before and with `n` idle connections, and how many the server took (fewer than `n`
+/// if it stopped accepting, e.g. out of threads).
+fn memory_one(kind: Kind, n: usize) -> io::Result<(u64, u64, usize)> {
+    let mut srv = ServerProc::start(kind, &[])?;
+    // Warm up: lazily allocated state (arena chunks, buffers, thread caches) is not
+    // per-connection cost.
+    run_client(srv.addr, "burst", 64, 1024, 1, Duration::from_secs(60))?;
+    srv.idle()?;
+    thread::sleep(Duration::from_millis(200));
+    let before = srv.stat()?;
+    let envs = [
+        (ROLE, "client".to_string()),
+        ("PROACTOR_BENCH_ADDR", srv.addr.to_string()),
+        ("PROACTOR_BENCH_MODE", "idle".to_string()),
+        ("PROACTOR_BENCH_CONNS", n.to_string()),
+    ];
+    let mut idle = Proc::spawn(format!("idle client x{n}"), &envs, &[])?;
+    idle.expect("READY", Duration::from_secs(120))?;
+    // Until every connection is in, or none came in for 5 s (60 s at most).
+    let (start, mut last_change, mut last) = (Instant::now(), Instant::now(), 0);
+    let ready = loop {
+        let s = srv.stat()?;
+        let ready = s.ready - before.ready;
+        if ready != last {
+            (last, last_change) = (ready, Instant::now());
+        }
+        if (ready >= n && s.live >= n)
+            || last_change.elapsed() > Duration::from_secs(5)
+            || start.elapsed() > Duration::from_secs(60)
+        {
+            break ready;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    if ready == 0 {
+        return Err(io::Error::other("no connection was accepted"));
+    }
+    thread::sleep(Duration::from_millis(500)); // let the pending reads settle
+    let after = srv.stat()?;
+    let _ = idle.send("done");
+    idle.expect("RESULT", Duration::from_secs(60))?;
+    idle.finish(Duration::from_secs(10))?;
+    srv.idle()?;
+    srv.quit()?;
+    Ok((before.rss_kib, after.rss_kib, ready))
+}
+
+fn latency(o: &Opts) -> io::Result<()> {
+    // (connections, message size, recorded round trips per connection)
+    let cases: &[(usize, usize, usize)] = if o.quick {
+        &[(1, 128, 500), (10, 128, 100), (100, 4096, 20)]
+    } else {
+        &[(1, 128, 20_000), (100, 128, 2_000), (1_000, 4096, 200)]
+    };
+    println!("## Latency: closed loop, one request in flight per connection (microseconds per round trip)\n");
+    let mut table = String::from(
+        "| server | conns x size | round trips | p50 µs | p99 µs | p99.9 µs | max µs | round trips/s |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut csv = String::from("server,conns,size,samples,p50_us,p99_us,p999_us,max_us,per_s\n");
+    for &kind in &o.servers {
+        let mut srv = ServerProc::start(kind, &[])?;
+        for &(conns, size, rounds) in cases {
+            let r = run_client(
+                srv.addr,
+                "latency",
+                conns,
+                size,
+                rounds,
+                Duration::from_secs(40),
+            );
+            let r = match r {
+                Ok(r) if r.len() == 7 => r,
+                other => {
+                    eprintln!("latency, {} x{conns}: {other:?}", kind.name());
+                    let _ = writeln!(
+                        table,
+                        "| {} | {conns} x {size} B | fail | | | | | |",
+                        kind.name()
+                    );
+                    srv = srv.settle()?;
+                    continue;
+                }
+            };
+            if r[6] == "1" {
+                eprintln!(
+                    "{} x{conns}: time limit hit before all round trips",
+                    kind.name()
+                );
+            }
+            let _ = writeln!(
+                table,
+                "| {} | {conns} x {size} B | {} | {} | {} | {} | {} | {} |",
+                kind.name(),
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5]
+            );
+            let _ = writeln!(csv, "{},{conns},{size},{}", kind.name(), r[..6].join(","));
+            srv = srv.settle()?;
+        }
+        if let Err(e) = srv.quit() {
+            eprintln!("{}: {e}", kind.name());
+        }
+    }
+    println!("{table}");
+    write_file(o, "latency.csv", &csv)
+}
+
+/// `strace -c` summary: syscall -> (calls, errors).
+fn parse_strace(text: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut m = BTreeMap::new();
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        if t.len() < 5 || line.starts_with('%') || line.starts_with('-') {
+            continue;
+        }
+        let name = t[t.len() - 1];
+        if name == "total" {
+            continue;
+        }
+        // % time, seconds, usecs/call, calls, [errors], syscall
+        let calls = t[3].parse().unwrap_or(0);
+        let errors = if t.len() >= 6 {
+            t[4].parse().unwrap_or(0)
+        } else {
+            0
+        };
+        m.insert(name.to_string(), (calls, errors));
+    }
+    m
+}
+
+fn strace_available() -> bool {
+    Command::new("strace")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Syscalls not counted per message: the orchestration's sleeps and polls of this harness.
+const HARNESS_SYSCALLS: &[&str] = &["clock_nanosleep", "nanosleep"];
+
+/// The columns shown (anything else is summed into "other").
+const SHOWN: &[&str] = &[
+    "epoll_wait",
+    "epoll_pwait",
+    "recvfrom",
+    "read",
+    "sendto",
+    "sendmsg",
+    "writev",
+    "write",
+    "futex",
+];
+
+/// Syscall counts and proactor counters of one server process under `strace -c -f`, serving
+/// `rounds` ping-pong rounds of 128 bytes on `conns` connections.
+type Traced = (BTreeMap<String, (u64, u64)>, Option<[u64; 4]>);
+
+fn traced_run(o: &Opts, kind: Kind, conns: usize, rounds: usize) -> io::Result<Traced> {
+    let file = o
+        .out
+        .join(format!("strace-{}-{conns}-{rounds}.txt", kind.name()));
+    let wrap = ["strace", "-f", "-c", "-q", "-o"]
+        .map(String::from)
+        .into_iter()
+        .chain([file.display().to_string()])
+        .collect::<Vec<_>>();
+    let mut srv = ServerProc::start(kind, &wrap)?;
+    run_client(
+        srv.addr,
+        "pingpong",
+        conns,
+        128,
+        rounds,
+        Duration::from_secs(300),
+    )?;
+    srv.idle()?;
+    let pstats = srv.quit()?;
+    Ok((parse_strace(&fs::read_to_string(&file)?), pstats))
+}
+
+fn syscalls(o: &Opts) -> io::Result<()> {
+    if !strace_available() {
+        println!("## Syscalls: skipped, strace is not installed (apt-get install strace)\n");
+        return Ok(());
+    }
+    let msgs = if o.quick { 2_000 } else { 20_000 };
+    println!("## Syscalls per echoed 128-byte message (server process, strace -c -f, {msgs} messages minus a run with none)\n");
+    let mut table = String::from("| server | conns | total |");
+    for s in SHOWN {
+        let _ = write!(table, " {s} |");
+    }
+    table.push_str(" other | proactor wakeups |\n|---|---:|---:|");
+    table.push_str(&"---:|".repeat(SHOWN.len() + 2));
+    table.push('\n');
+    let mut csv = String::from("server,conns,messages,syscall,calls_per_msg,errors_per_msg\n");
+    for &kind in &o.servers {
+        for conns in [1usize, 100] {
+            let rounds = msgs / conns;
+            let m = (rounds * conns) as f64;
+            let runs = match [rounds, 0].map(|r| traced_run(o, kind, conns, r)) {
+                [Ok(run), Ok(base)] => [run, base],
+                [a, b] => {
+                    let e = a.err().or(b.err()).expect("one failed");
+                    eprintln!("syscalls, {} x{conns}: {e}", kind.name());
+                    let _ = writeln!(table, "| {} | {conns} | fail |", kind.name());
+                    continue;
+                }
+            };
+            let (run, base) = (&runs[0], &runs[1]);
+            let names: std::collections::BTreeSet<&String> =
+                run.0.keys().chain(base.0.keys()).collect();
+            let (mut total, mut other) = (0.0, 0.0);
+            let mut per = BTreeMap::new();
+            for name in names {
+                if HARNESS_SYSCALLS.contains(&name.as_str()) {
+                    continue;
+                }
+                let (c1, e1) = run.0.get(name).copied().unwrap_or_default();
+                let (c0, e0) = base.0.get(name).copied().unwrap_or_default();
+                let calls = (c1 as f64 - c0 as f64) / m;
+                let errors = (e1 as f64 - e0 as f64) / m;
+                let _ = writeln!(
+                    csv,
+                    "{},{conns},{m},{name},{calls:.4},{errors:.4}",
+                    kind.name()
+                );
+                total += calls;
+                if !SHOWN.contains(&name.as_str()) {
+                    other += calls;
+                }
+                per.insert(name.clone(), calls);
+            }
+            let _ = write!(table, "| {} | {conns} | {total:.2} |", kind.name());
+            for s in SHOWN {
+                let v = per.get(*s).copied().unwrap_or(0.0);
+                let _ = write!(table, " {:.2} |", if v.abs() < 0.005 { 0.0 } else { v });
+            }
+            let wakeups = match (run.1, base.1) {
+                (Some(a), Some(b)) => format!("{:.2}", (a[0] as f64 - b[0] as f64) / m),
+                _ => "-".into(),
+            };
+            let _ = writeln!(table, " {other:.2} | {wakeups} |");
+        }
+    }
+    println!("{table}");
+    println!("(`read`/`write` include the eventfd wake-ups; `futex` is the mailbox and command-queue hand-off between threads; errors, e.g. EAGAIN, are in syscalls.csv. strace slows every call, which changes batching: treat these as counts under load, not timings.)\n");
+    write_file(o, "syscalls.csv", &csv)
+}

@@ -1,0 +1,729 @@
+//! The echo servers the benches compare, CPU pinning, and the load generator ([`client`]).
+//!
+//! Every server listens on `127.0.0.1:0`, echoes every byte back, counts its connections, and
+//! stops when dropped: its threads are joined and every socket it holds is closed, so the next
+//! benchmark starts from a clean process (and stays under the 20,000 fd limit).
+//!
+//! - [`Kind::Proactor`]: one [`Watcher`] (poller pinned with `poller_cpu`) and the `WaitIO`
+//!   loop on one thread: Accept -> `ReadInternal`; read done -> `Write(bytes)`; write done ->
+//!   `ReadInternal`; error or end of stream -> `Free`; one Accept kept outstanding.
+//! - [`Kind::Tokio`]: the multi-thread runtime, a task per connection, a 64 KiB buffer each,
+//!   `read` then `write_all`, as a competent tokio user writes it.
+//! - [`Kind::Mio`]: a hand-written single-threaded edge-triggered mio server: read until
+//!   `WouldBlock` into one shared 64 KiB buffer, write at once, keep only the unwritten rest per
+//!   connection and stop reading that connection until it is written. The near-limit baseline.
+//! - [`Kind::Std`]: a thread per connection with blocking `std::net` sockets.
+//!
+//! Pinning: server threads go to CPU `PROACTOR_BENCH_SERVER_CPU` (default 0), the load
+//! generator to `PROACTOR_BENCH_CLIENT_CPU` (default 1), with `sched_setaffinity`; set
+//! `PROACTOR_BENCH_PIN=0` to turn it off. It is also off when either CPU is not available.
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use proactor::{Cmd, Conn, Error, Op, Watcher};
+
+/// Size of the per-connection (tokio, std) or shared (mio) read buffer.
+pub const BUF: usize = 64 * 1024;
+
+/// The servers under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Proactor,
+    Tokio,
+    Mio,
+    Std,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Proactor, Kind::Tokio, Kind::Mio, Kind::Std];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Proactor => "proactor",
+            Kind::Tokio => "tokio",
+            Kind::Mio => "mio",
+            Kind::Std => "std",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s.trim())
+    }
+
+    /// `PROACTOR_BENCH_SERVERS=proactor,mio` selects servers (default: all four).
+    pub fn selected() -> Vec<Kind> {
+        match std::env::var("PROACTOR_BENCH_SERVERS") {
+            Ok(list) => Kind::parse_list(&list),
+            Err(_) => Kind::ALL.to_vec(),
+        }
+    }
+
+    pub fn parse_list(list: &str) -> Vec<Kind> {
+        list.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| Kind::parse(s).unwrap_or_else(|| panic!("unknown server {s:?}")))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU pinning
+
+/// Which CPUs the server threads and the load generator are pinned to (`None`: not pinned).
+#[derive(Clone, Copy, Debug)]
+pub struct Pins {
+    pub server: Option<usize>,
+    pub client: Option<usize>,
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// The pinning plan, decided once per process (see the module doc).
+pub fn pins() -> Pins {
+    static PINS: OnceLock<Pins> = OnceLock::new();
+    *PINS.get_or_init(|| {
+        let off = Pins {
+            server: None,
+            client: None,
+        };
+        if std::env::var("PROACTOR_BENCH_PIN").is_ok_and(|v| v.trim() == "0") {
+            return off;
+        }
+        let server = env_usize("PROACTOR_BENCH_SERVER_CPU").unwrap_or(0);
+        let client = env_usize("PROACTOR_BENCH_CLIENT_CPU").unwrap_or(1);
+        let allowed = allowed_cpus();
+        if !allowed.contains(&server) || !allowed.contains(&client) {
+            eprintln!(
+                "bench: CPUs {server} (server) and {client} (client) are not both available \
+                 (allowed: {allowed:?}); threads are not pinned"
+            );
+            return off;
+        }
+        Pins {
+            server: Some(server),
+            client: Some(client),
+        }
+    })
+}
+
+/// Pins the calling thread to the server CPU, if pinning is on.
+pub fn pin_server_thread() {
+    if let Some(cpu) = pins().server {
+        pin_current_thread(cpu);
+    }
+}
+
+/// Pins the calling thread to the client CPU, if pinning is on.
+pub fn pin_client_thread() {
+    if let Some(cpu) = pins().client {
+        pin_current_thread(cpu);
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: every index is < CPU_SETSIZE, inside `set`.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn allowed_cpus() -> Vec<usize> {
+    Vec::new()
+}
+
+/// Pins the calling thread to `cpu` with `sched_setaffinity` (Linux; a no-op elsewhere).
+#[cfg(target_os = "linux")]
+pub fn pin_current_thread(cpu: usize) {
+    assert!(cpu < libc::CPU_SETSIZE as usize, "cpu {cpu} out of range");
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` < CPU_SETSIZE (asserted above), so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        panic!("sched_setaffinity({cpu}): {}", io::Error::last_os_error());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn pin_current_thread(_cpu: usize) {}
+
+// ---------------------------------------------------------------------------------------------
+// Sockets
+
+/// A listener on 127.0.0.1:0 with `TCP_NODELAY` (Linux copies it to every accepted socket, so
+/// the proactor server, which never touches its accepted sockets, gets it too) and the largest
+/// backlog the kernel allows (`net.core.somaxconn`), so an 8K-connection burst is not throttled
+/// by SYN drops.
+pub fn bind_listener() -> io::Result<TcpListener> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let fd = listener.as_raw_fd();
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is a live socket owned by `listener`; the option value is a c_int of the
+    // length passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Listening again only changes the backlog; the kernel caps it at somaxconn.
+    // SAFETY: `fd` is a live listening socket owned by `listener`.
+    if unsafe { libc::listen(fd, 65_535) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
+/// Closes `fd`'s connection with a reset instead of a FIN (`SO_LINGER` 0), so a load generator
+/// that opens and closes tens of thousands of connections leaves no `TIME_WAIT` entries that
+/// would exhaust the ephemeral ports. Servers see `ECONNRESET` or end of stream; both free.
+pub fn set_linger_zero(fd: &impl AsRawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is a live socket; the option value is a `linger` of the length passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// The resident set size of this process in KiB (`VmRSS` in /proc/self/status), 0 if unknown.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers
+
+/// Counters every server keeps.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Connections accepted with their first read pending (never decreases).
+    pub ready: AtomicUsize,
+    /// Connections open now.
+    pub live: AtomicUsize,
+}
+
+/// A running echo server; dropping it stops it and closes every socket it holds.
+pub struct Server {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+    watcher: Option<Arc<Watcher>>,
+    stop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Server {
+    pub fn start(kind: Kind) -> io::Result<Server> {
+        match kind {
+            Kind::Proactor => start_proactor(),
+            Kind::Tokio => start_tokio(),
+            Kind::Mio => start_mio(),
+            Kind::Std => start_std(),
+        }
+    }
+
+    /// The proactor watcher's counters (`None` for the baselines).
+    pub fn proactor_stats(&self) -> Option<proactor::Stats> {
+        self.watcher.as_ref().map(|w| w.stats())
+    }
+
+    /// Waits (at most `timeout`) until the server holds no connection; `true` if it got there.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while self.counters.live.load(Relaxed) != 0 {
+            if Instant::now() >= end {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+    }
+}
+
+/// How many accepts the proactor server keeps outstanding (`PROACTOR_BENCH_ACCEPTS`, default 1).
+fn proactor_accepts() -> usize {
+    env_usize("PROACTOR_BENCH_ACCEPTS").unwrap_or(1).max(1)
+}
+
+fn start_proactor() -> io::Result<Server> {
+    let listener = bind_listener()?;
+    let addr = listener.local_addr()?;
+    let mut builder = Watcher::builder();
+    if let Some(cpu) = pins().server {
+        builder = builder.poller_cpu(cpu);
+    }
+    let watcher = Arc::new(builder.build()?);
+    let lconn = watcher.listen(listener).map_err(io::Error::other)?;
+    for _ in 0..proactor_accepts() {
+        lconn.send(Cmd::Accept).map_err(io::Error::other)?;
+    }
+    let counters = Arc::new(Counters::default());
+    let (w, k) = (watcher.clone(), counters.clone());
+    let handle = thread::Builder::new()
+        .name("proactor-echo".into())
+        .spawn(move || {
+            pin_server_thread();
+            proactor_loop(&w, &lconn, &k);
+        })?;
+    let w = watcher.clone();
+    Ok(Server {
+        kind: Kind::Proactor,
+        addr,
+        counters,
+        watcher: Some(watcher),
+        stop: Some(Box::new(move || {
+            // Completes every pending operation with `WatcherClosed`, closes every socket and
+            // ends the mailbox, so `wait_io` in the loop fails and the loop returns.
+            w.close();
+            let _ = handle.join();
+        })),
+    })
+}
+
+/// The `WaitIO` echo loop.
+fn proactor_loop(watcher: &Watcher, listener: &Conn, k: &Counters) {
+    let mut batch = Vec::with_capacity(1024);
+    while watcher.wait_io(&mut batch).is_ok() {
+        for c in batch.drain(..) {
+            match (c.op, c.result) {
+                (Op::Accept, result) => {
+                    if result.is_ok() {
+                        if let Some((conn, _peer)) = c.buf.into_accepted() {
+                            k.live.fetch_add(1, Relaxed);
+                            if conn.send(Cmd::ReadInternal).is_ok() {
+                                k.ready.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    // Keep the accept outstanding (also after EMFILE: the watcher pauses).
+                    let _ = listener.send(Cmd::Accept);
+                }
+                (Op::Read, Ok(())) => {
+                    let _ = c.conn.send(Cmd::Write(c.buf.into_bytes()));
+                }
+                (Op::Write, Ok(())) => {
+                    let _ = c.conn.send(Cmd::ReadInternal);
+                }
+                (Op::Free, _) => {
+                    k.live.fetch_sub(1, Relaxed);
+                }
+                (_, Err(Error::WatcherClosed)) => {}
+                (_, Ok(())) => {} // no other operation is ever submitted
+                (_, Err(_)) => {
+                    // End of stream, reset, ...: close the connection.
+                    let _ = c.conn.send(Cmd::Free);
+                }
+            }
+        }
+    }
+}
+
+/// tokio worker threads: `PROACTOR_BENCH_TOKIO_WORKERS`, default one per server CPU (1 when
+/// pinned, which is what tokio's default picks for a process confined to one CPU).
+fn tokio_workers() -> usize {
+    env_usize("PROACTOR_BENCH_TOKIO_WORKERS").unwrap_or_else(|| {
+        if pins().server.is_some() {
+            1
+        } else {
+            thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    })
+}
+
+fn start_tokio() -> io::Result<Server> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(tokio_workers().max(1))
+        .enable_all()
+        .on_thread_start(pin_server_thread)
+        .thread_name("tokio-echo")
+        .build()?;
+    let listener = bind_listener()?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let counters = Arc::new(Counters::default());
+    let k = counters.clone();
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    rt.spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(tokio_conn(stream, k.clone()));
+                }
+                // Out of descriptors and the like: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    });
+    Ok(Server {
+        kind: Kind::Tokio,
+        addr,
+        counters,
+        watcher: None,
+        // Dropping the runtime's tasks drops their sockets.
+        stop: Some(Box::new(move || {
+            rt.shutdown_timeout(Duration::from_secs(5))
+        })),
+    })
+}
+
+async fn tokio_conn(mut stream: tokio::net::TcpStream, k: Arc<Counters>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    struct Live(Arc<Counters>);
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.live.fetch_sub(1, Relaxed);
+        }
+    }
+    k.live.fetch_add(1, Relaxed);
+    let _live = Live(k.clone());
+    let mut buf = vec![0u8; BUF];
+    k.ready.fetch_add(1, Relaxed);
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+const LISTENER: mio::Token = mio::Token(0);
+const WAKER: mio::Token = mio::Token(1);
+const FIRST_CONN: usize = 2;
+
+fn start_mio() -> io::Result<Server> {
+    let std_listener = bind_listener()?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let mut listener = mio::net::TcpListener::from_std(std_listener);
+    let poll = mio::Poll::new()?;
+    poll.registry()
+        .register(&mut listener, LISTENER, mio::Interest::READABLE)?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters::default());
+    let (s, k) = (stop.clone(), counters.clone());
+    let handle = thread::Builder::new()
+        .name("mio-echo".into())
+        .spawn(move || {
+            pin_server_thread();
+            mio_loop(poll, listener, &s, &k)
+        })?;
+    Ok(Server {
+        kind: Kind::Mio,
+        addr,
+        counters,
+        watcher: None,
+        stop: Some(Box::new(move || {
+            stop.store(true, Relaxed);
+            let _ = waker.wake();
+            let _ = handle.join();
+        })),
+    })
+}
+
+struct MioConn {
+    stream: mio::net::TcpStream,
+    /// Bytes read but not yet written back; while non-empty the connection is not read.
+    unsent: Vec<u8>,
+}
+
+/// A minimal slab: connection `i` has token `FIRST_CONN + i`.
+struct Slab<T> {
+    entries: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Slab<T> {
+        Slab {
+            entries: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn insert(&mut self, v: T) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(v);
+                i
+            }
+            None => {
+                self.entries.push(Some(v));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.entries.get_mut(i).and_then(Option::as_mut)
+    }
+
+    fn remove(&mut self, i: usize) -> Option<T> {
+        let v = self.entries.get_mut(i).and_then(Option::take);
+        if v.is_some() {
+            self.free.push(i);
+        }
+        v
+    }
+}
+
+fn mio_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, stop: &AtomicBool, k: &Counters) {
+    let mut events = mio::Events::with_capacity(1024);
+    let mut conns: Slab<MioConn> = Slab::new();
+    let mut buf = vec![0u8; BUF];
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            panic!("mio poll: {e}");
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nodelay(true);
+                            let i = conns.insert(MioConn {
+                                stream,
+                                unsent: Vec::new(),
+                            });
+                            let c = conns.get_mut(i).expect("just inserted");
+                            let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+                            let token = mio::Token(FIRST_CONN + i);
+                            if poll
+                                .registry()
+                                .register(&mut c.stream, token, interest)
+                                .is_err()
+                            {
+                                conns.remove(i);
+                                continue;
+                            }
+                            k.live.fetch_add(1, Relaxed);
+                            k.ready.fetch_add(1, Relaxed);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // WouldBlock: drained. Anything else (EMFILE): the next edge retries.
+                        Err(_) => break,
+                    }
+                },
+                WAKER => {
+                    if stop.load(Relaxed) {
+                        return; // drops every connection
+                    }
+                }
+                mio::Token(t) => {
+                    let i = t - FIRST_CONN;
+                    let Some(c) = conns.get_mut(i) else { continue };
+                    if !mio_serve(c, &mut buf) {
+                        if let Some(mut c) = conns.remove(i) {
+                            let _ = poll.registry().deregister(&mut c.stream);
+                        }
+                        k.live.fetch_sub(1, Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles one readiness event of a connection; `false` closes it.
+fn mio_serve(c: &mut MioConn, buf: &mut [u8]) -> bool {
+    if !c.unsent.is_empty() {
+        match write_some(&mut c.stream, &c.unsent) {
+            Ok(n) if n == c.unsent.len() => c.unsent.clear(),
+            Ok(n) => {
+                c.unsent.drain(..n);
+                return true; // still blocked: wait for the next writable edge
+            }
+            Err(_) => return false,
+        }
+    }
+    loop {
+        match c.stream.read(buf) {
+            Ok(0) => return false,
+            Ok(n) => match write_some(&mut c.stream, &buf[..n]) {
+                Ok(w) if w == n => {}
+                Ok(w) => {
+                    c.unsent.extend_from_slice(&buf[w..n]);
+                    return true; // stop reading until the rest is written
+                }
+                Err(_) => return false,
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Writes as much of `data` as the socket takes now; `Ok(n)` with `n < len` means `WouldBlock`.
+fn write_some(stream: &mut mio::net::TcpStream, data: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        match stream.write(&data[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Stack size of the std server's connection threads: its loop needs little, and 10K+ threads
+/// with the default 2 MiB would reserve tens of GiB of address space.
+const STD_STACK: usize = 128 * 1024;
+
+fn start_std() -> io::Result<Server> {
+    let listener = bind_listener()?;
+    let addr = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters::default());
+    // The descriptor of every open connection, to shut them down when the server stops (a
+    // cloned stream would double the descriptors, and 16K connections would pass the limit).
+    let open: Open = Arc::default();
+    let (s, k, o) = (stop.clone(), counters.clone(), open.clone());
+    let accept: JoinHandle<()> =
+        thread::Builder::new()
+            .name("std-accept".into())
+            .spawn(move || {
+                pin_server_thread();
+                std_accept(listener, &s, &k, &o);
+            })?;
+    let k = counters.clone();
+    Ok(Server {
+        kind: Kind::Std,
+        addr,
+        counters,
+        watcher: None,
+        stop: Some(Box::new(move || {
+            stop.store(true, Relaxed);
+            let _ = TcpStream::connect(addr); // wakes the blocking accept
+            let _ = accept.join();
+            for &fd in open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                // SAFETY: a descriptor stays in `open` only while its thread holds the stream
+                // open (removed under this lock before the stream is dropped), so `fd` is the
+                // live connection. shutdown(2) wakes the thread's blocking read.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            let end = Instant::now() + Duration::from_secs(10);
+            while k.live.load(Relaxed) != 0 && Instant::now() < end {
+                thread::sleep(Duration::from_millis(2));
+            }
+        })),
+    })
+}
+
+/// Open connections of the std server by id: their descriptors.
+type Open = Arc<Mutex<HashMap<u64, std::os::fd::RawFd>>>;
+
+fn std_accept(listener: TcpListener, stop: &AtomicBool, k: &Arc<Counters>, open: &Open) {
+    let mut next_id = 0u64;
+    for stream in listener.incoming() {
+        if stop.load(Relaxed) {
+            return;
+        }
+        let Ok(stream) = stream else {
+            thread::sleep(Duration::from_millis(10)); // out of descriptors: back off
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let id = next_id;
+        next_id += 1;
+        open.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, stream.as_raw_fd());
+        k.live.fetch_add(1, Relaxed);
+        let (k2, o2) = (k.clone(), open.clone());
+        let spawned = thread::Builder::new().stack_size(STD_STACK).spawn(move || {
+            let mut stream = stream;
+            pin_server_thread();
+            std_conn(&mut stream, &k2);
+            o2.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            drop(stream); // closed only once it is out of `open`
+            k2.live.fetch_sub(1, Relaxed);
+        });
+        if spawned.is_err() {
+            // Out of threads: the connection was closed with the closure. (`stop` shuts the
+            // descriptors in `open` down only after this thread has exited, so no race.)
+            open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            k.live.fetch_sub(1, Relaxed);
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn std_conn(stream: &mut TcpStream, k: &Counters) {
+    let mut buf = vec![0u8; BUF];
+    k.ready.fetch_add(1, Relaxed);
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stream.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
