@@ -282,22 +282,50 @@ impl Driver {
         }
     }
 
+    /// The poller thread's loop: rounds until the watcher is closed.
     pub(crate) fn run(mut self) {
-        loop {
-            self.drain_ctl();
-            self.drain_ops();
-            if self.shared.closed.load(Ordering::SeqCst) {
-                return self.shutdown();
-            }
-            self.run_ready();
-            if !self.timers.is_empty() {
-                self.now = Instant::now();
-                self.expire();
-            }
-            self.flush();
+        while self.process() {
             let timeout = self.next_timeout();
             self.wait(timeout);
         }
+    }
+
+    /// One step of an inline watcher, on the caller's thread: a round, and if it posted
+    /// nothing, a wait for events (at most until `deadline`) and another round. Returns
+    /// `false` once the watcher is closed and shut down.
+    pub(crate) fn step(&mut self, deadline: Option<Instant>) -> bool {
+        let posted = self.sink.stats.completions;
+        if !self.process() {
+            return false;
+        }
+        if self.sink.stats.completions != posted || !self.backlog.is_empty() {
+            return true;
+        }
+        let mut timeout = self.next_timeout();
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+        }
+        self.wait(timeout);
+        self.process()
+    }
+
+    /// Everything of a round but the wait: commands, I/O, timers, completions. Returns
+    /// `false` (after shutting down) if the watcher was closed.
+    fn process(&mut self) -> bool {
+        self.drain_ctl();
+        self.drain_ops();
+        if self.shared.closed.load(Ordering::SeqCst) {
+            self.shutdown();
+            return false;
+        }
+        self.run_ready();
+        if !self.timers.is_empty() {
+            self.now = Instant::now();
+            self.expire();
+        }
+        self.flush();
+        true
     }
 
     fn drain_ctl(&mut self) {
@@ -641,7 +669,7 @@ impl Driver {
         }
     }
 
-    fn shutdown(mut self) {
+    pub(crate) fn shutdown(&mut self) {
         // Submitters that passed their `closed` check are mid-push; once they are done,
         // nothing new can enter the queues.
         while self.shared.submitting.load(Ordering::SeqCst) != 0 {

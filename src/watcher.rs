@@ -204,6 +204,7 @@ pub struct WatcherBuilder {
     max_ops_per_conn: u32,
     events_capacity: usize,
     cpu: Option<usize>,
+    inline: bool,
     mailbox: Option<(flume::Sender<Completion>, flume::Receiver<Completion>)>,
 }
 
@@ -215,6 +216,7 @@ impl Default for WatcherBuilder {
             max_ops_per_conn: 1024,
             events_capacity: 1024,
             cpu: None,
+            inline: false,
             mailbox: None,
         }
     }
@@ -260,6 +262,21 @@ impl WatcherBuilder {
         self
     }
 
+    /// Runs the poller on the thread that calls [`Watcher::wait_io`] instead of a thread of
+    /// its own (default: `false`, a poller thread).
+    ///
+    /// The API is the same, but there is no hand-off between threads: a dedicated server loop
+    /// (`wait_io`, handle the batch, send commands, `wait_io` again) then pays no futex wake,
+    /// no eventfd write and no context switch per batch. Completions are produced only while
+    /// some thread is inside `wait_io`, `wait_io_timeout`, `wait_io_deadline` or
+    /// `try_wait_io` (one at a time: they take turns driving), so an inline watcher does not
+    /// suit `flume::Selector` or `recv_async` on its mailbox; keep the threaded default for
+    /// those. Commands may still be sent from any thread: they wake the driving thread.
+    pub fn inline(mut self, inline: bool) -> Self {
+        self.inline = inline;
+        self
+    }
+
     /// Posts completions into this channel instead of a new unbounded one, so several watchers
     /// can share one mailbox (flume is MPMC). [`Watcher::mailbox`] returns `receiver`.
     ///
@@ -274,13 +291,23 @@ impl WatcherBuilder {
         self
     }
 
-    /// Creates the watcher and starts its poller thread.
+    /// Creates the watcher and starts its poller thread (unless [`inline`](Self::inline)).
     ///
     /// # Errors
     ///
     /// Creating the epoll/kqueue instance, the waker or the thread failed (for example EMFILE),
-    /// or CPU pinning is not supported here.
+    /// CPU pinning is not supported here, or an inline watcher was given a CPU or a bounded
+    /// mailbox ([`io::ErrorKind::InvalidInput`]: the thread that drives it is the one that
+    /// must drain its mailbox, so it could never wait for room).
     pub fn build(self) -> io::Result<Watcher> {
+        let bounded = self
+            .mailbox
+            .as_ref()
+            .is_some_and(|(tx, _)| tx.capacity().is_some());
+        if self.inline && (self.cpu.is_some() || bounded) {
+            let msg = "an inline watcher takes neither a poller CPU nor a bounded mailbox";
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        }
         let selector = sys::Selector::new()?;
         let waker = sys::Waker::new(&selector, WAKER_TOKEN)?;
         let (ops_tx, ops_rx) = flume::bounded(self.command_capacity);
@@ -307,6 +334,14 @@ impl WatcherBuilder {
             self.buffer_size,
             self.events_capacity,
         );
+        if self.inline {
+            return Ok(Watcher {
+                shared,
+                mailbox: mail_rx,
+                thread: Mutex::new(None),
+                inline: Some(Mutex::new(Some(driver))),
+            });
+        }
         let cpu = self.cpu;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = thread::Builder::new()
@@ -327,6 +362,7 @@ impl WatcherBuilder {
             shared,
             mailbox: mail_rx,
             thread: Mutex::new(Some(thread)),
+            inline: None,
         })
     }
 }
@@ -343,6 +379,8 @@ pub struct Watcher {
     shared: Arc<Shared>,
     mailbox: flume::Receiver<Completion>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The driver of an inline watcher, run by whichever thread waits; `None` once closed.
+    inline: Option<Mutex<Option<Driver>>>,
 }
 
 impl Watcher {
@@ -479,8 +517,40 @@ impl Watcher {
     /// [`Error::WatcherClosed`] once the watcher is closed and its mailbox is drained (only
     /// when the mailbox is the watcher's own: a shared one stays open while others send).
     pub fn wait_io(&self, out: &mut Vec<Completion>) -> Result<usize, Error> {
+        if let Some(driver) = &self.inline {
+            return self.drive(driver, out, None);
+        }
         let first = self.mailbox.recv().map_err(|_| Error::WatcherClosed)?;
         Ok(self.take_ready(first, out))
+    }
+
+    /// Inline mode: run the poller on this thread until a completion is ready or `deadline`.
+    fn drive(
+        &self,
+        driver: &Mutex<Option<Driver>>,
+        out: &mut Vec<Completion>,
+        deadline: Option<Instant>,
+    ) -> Result<usize, Error> {
+        loop {
+            let n = self.try_take(out);
+            if n > 0 {
+                return Ok(n);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(0);
+            }
+            let mut guard = driver.lock().unwrap_or_else(|p| p.into_inner());
+            // Another thread may have driven while we waited for the lock.
+            if !self.mailbox.is_empty() {
+                continue;
+            }
+            let Some(d) = guard.as_mut() else {
+                return Err(Error::WatcherClosed);
+            };
+            if !d.step(deadline) {
+                *guard = None; // shut down: drops the mailbox sender, like a finished thread
+            }
+        }
     }
 
     /// Like [`wait_io`](Watcher::wait_io) but gives up at `deadline`, returning `Ok(0)`.
@@ -493,6 +563,9 @@ impl Watcher {
         out: &mut Vec<Completion>,
         deadline: Instant,
     ) -> Result<usize, Error> {
+        if let Some(driver) = &self.inline {
+            return self.drive(driver, out, Some(deadline));
+        }
         match self.mailbox.recv_deadline(deadline) {
             Ok(first) => Ok(self.take_ready(first, out)),
             Err(flume::RecvTimeoutError::Timeout) => Ok(0),
@@ -517,7 +590,23 @@ impl Watcher {
     }
 
     /// Appends every completion ready now to `out` without blocking; returns how many.
+    ///
+    /// An [`inline`](WatcherBuilder::inline) watcher first runs one non-blocking round of the
+    /// poller here (unless another thread is driving it right now).
     pub fn try_wait_io(&self, out: &mut Vec<Completion>) -> usize {
+        if let Some(driver) = &self.inline {
+            if let Ok(mut guard) = driver.try_lock() {
+                if let Some(d) = guard.as_mut() {
+                    if !d.step(Some(Instant::now())) {
+                        *guard = None;
+                    }
+                }
+            }
+        }
+        self.try_take(out)
+    }
+
+    fn try_take(&self, out: &mut Vec<Completion>) -> usize {
         let before = out.len();
         out.extend(self.mailbox.try_iter());
         out.len() - before
@@ -525,7 +614,7 @@ impl Watcher {
 
     fn take_ready(&self, first: Completion, out: &mut Vec<Completion>) -> usize {
         out.push(first);
-        1 + self.try_wait_io(out)
+        1 + self.try_take(out)
     }
 
     /// A snapshot of the poller's counters.
@@ -544,6 +633,13 @@ impl Watcher {
     pub fn close(&self) {
         self.shared.closed.store(true, SeqCst);
         let _ = self.shared.waker.wake();
+        if let Some(driver) = &self.inline {
+            // A thread driving it right now sees `closed` and shuts down; otherwise we do.
+            let mut guard = driver.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(mut d) = guard.take() {
+                d.shutdown();
+            }
+        }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
             // A panic in the poller is a bug in this crate; surface it here rather than hide it.

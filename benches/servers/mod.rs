@@ -38,17 +38,26 @@ pub const BUF: usize = 64 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Proactor,
+    /// The same loop on an inline watcher (`WatcherBuilder::inline`): no poller thread.
+    ProactorInline,
     Tokio,
     Mio,
     Std,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Proactor, Kind::Tokio, Kind::Mio, Kind::Std];
+    pub const ALL: [Kind; 5] = [
+        Kind::Proactor,
+        Kind::ProactorInline,
+        Kind::Tokio,
+        Kind::Mio,
+        Kind::Std,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Proactor => "proactor",
+            Kind::ProactorInline => "proactor-inline",
             Kind::Tokio => "tokio",
             Kind::Mio => "mio",
             Kind::Std => "std",
@@ -259,7 +268,8 @@ pub struct Server {
 impl Server {
     pub fn start(kind: Kind) -> io::Result<Server> {
         match kind {
-            Kind::Proactor => start_proactor(),
+            Kind::Proactor => start_proactor(false),
+            Kind::ProactorInline => start_proactor(true),
             Kind::Tokio => start_tokio(),
             Kind::Mio => start_mio(),
             Kind::Std => start_std(),
@@ -297,12 +307,12 @@ fn proactor_accepts() -> usize {
     env_usize("PROACTOR_BENCH_ACCEPTS").unwrap_or(1).max(1)
 }
 
-fn start_proactor() -> io::Result<Server> {
+fn start_proactor(inline: bool) -> io::Result<Server> {
     let listener = bind_listener()?;
     let addr = listener.local_addr()?;
-    let mut builder = Watcher::builder();
-    if let Some(cpu) = pins().server {
-        builder = builder.poller_cpu(cpu);
+    let mut builder = Watcher::builder().inline(inline);
+    if let (Some(cpu), false) = (pins().server, inline) {
+        builder = builder.poller_cpu(cpu); // inline: the pinned loop thread is the poller
     }
     let watcher = Arc::new(builder.build()?);
     let lconn = watcher.listen(listener).map_err(io::Error::other)?;
@@ -319,7 +329,11 @@ fn start_proactor() -> io::Result<Server> {
         })?;
     let w = watcher.clone();
     Ok(Server {
-        kind: Kind::Proactor,
+        kind: if inline {
+            Kind::ProactorInline
+        } else {
+            Kind::Proactor
+        },
         addr,
         counters,
         watcher: Some(watcher),
