@@ -2,18 +2,20 @@
 //! and handles completions in batches; each message is one `Bytes` shared by all its recipients'
 //! writes, slow consumers are cut off by a backlog limit and idle clients by read deadlines.
 //!
+//! With `--watchers N` the sockets are spread over N pollers whose completions all go to the
+//! chat thread's one mailbox.
+//!
 //!     cargo run --release --example chat-server -- --addr 127.0.0.1:7000 --idle-timeout 600
 //!     nc 127.0.0.1 7000        then type text, or /nick NAME, /who, /quit
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::TcpListener;
-use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use proactor::bytes::Bytes;
-use proactor::{Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher};
+use proactor::{Cmd, Completion, Conn, ConnId, Error, Op, Pool, SendError};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -29,6 +31,7 @@ const LAST: u64 = 1;
 
 struct Options {
     addr: String,
+    watchers: usize,
     idle: Option<Duration>,
     max_backlog: usize,
 }
@@ -37,7 +40,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = parse_args().unwrap_or_else(|e| {
         eprintln!("chat-server: {e}");
         eprintln!(
-            "usage: chat-server [--addr HOST:PORT] [--idle-timeout SECS] [--max-backlog BYTES]"
+            "usage: chat-server [--addr HOST:PORT] [--watchers N] [--idle-timeout SECS] \
+             [--max-backlog BYTES]"
         );
         std::process::exit(2)
     });
@@ -47,15 +51,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 
-    let watcher = Arc::new(Watcher::new()?);
+    // N pollers (default 1) sharing one mailbox: the chat state stays on one thread.
+    let pool = Pool::builder().watchers(opts.watchers).build()?;
     // One accept at a time, so clients are numbered in the order they connected.
-    watcher.listen(listener)?.send(Cmd::Accept)?;
-    let w = watcher.clone();
-    let chat = thread::spawn(move || Chat::new(&opts).run(&w));
+    pool.listen(listener)?.send(Cmd::Accept)?;
+    let mailbox = pool.mailbox();
+    let chat = thread::spawn(move || Chat::new(&opts).run(mailbox));
 
     signals.forever().next();
     // Pending operations complete with `WatcherClosed`, the sockets close, the mailbox ends.
-    watcher.close();
+    pool.close();
     let _ = chat.join();
     Ok(())
 }
@@ -141,10 +146,13 @@ impl Chat {
         }
     }
 
-    fn run(mut self, watcher: &Watcher) {
+    fn run(mut self, mailbox: proactor::flume::Receiver<Completion>) {
         let mut batch = Vec::new();
-        // Until the watcher is closed (SIGINT/SIGTERM) and its mailbox drained.
-        while watcher.wait_io(&mut batch).is_ok() {
+        // Until the watchers are closed (SIGINT/SIGTERM) and the mailbox drained: a batch is
+        // the first completion and every one ready after it.
+        while let Ok(first) = mailbox.recv() {
+            batch.push(first);
+            batch.extend(mailbox.try_iter());
             for c in batch.drain(..) {
                 self.complete(c);
                 // Announced here rather than where they happen: the announcement can push
@@ -351,6 +359,7 @@ impl Chat {
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         addr: "127.0.0.1:7000".into(),
+        watchers: 1,
         idle: None,
         max_backlog: 1 << 20,
     };
@@ -360,6 +369,12 @@ fn parse_args() -> Result<Options, String> {
         let number = || value.parse::<u64>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--addr" => opts.addr = value,
+            "--watchers" => {
+                opts.watchers = Some(number()?)
+                    .filter(|&n| n > 0)
+                    .ok_or("--watchers needs a number > 0")?
+                    as usize
+            }
             "--idle-timeout" => {
                 opts.idle = Some(number()?).filter(|&s| s > 0).map(Duration::from_secs)
             }

@@ -12,9 +12,21 @@ use crate::Error;
 use crate::{Cmd, SendError};
 
 slotmap::new_key_type! {
-    /// The identity of a registered connection: a generational key that never aliases a later
-    /// connection, even when the OS reuses the fd number.
-    pub struct ConnId;
+    /// A connection's slot in its watcher: generational, so a stale key finds nothing.
+    pub(crate) struct Key;
+}
+
+/// The identity of a registered connection, unique across every watcher of the process.
+///
+/// It never aliases a later connection, even when the OS reuses the fd number (the slot key
+/// is generational), nor a connection of another watcher (it includes the watcher's
+/// number), so one map keyed by `ConnId` can hold the connections of a whole [`Pool`].
+///
+/// [`Pool`]: crate::Pool
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct ConnId {
+    watcher: u32,
+    key: Key,
 }
 
 /// A cheap, cloneable handle to one registered socket: no thread, no task.
@@ -29,7 +41,7 @@ pub struct Conn {
 }
 
 pub(crate) struct ConnInner {
-    pub(crate) id: ConnId,
+    pub(crate) id: Key,
     pub(crate) shared: Arc<Shared>,
     /// Set once `Free` or `Detach` was accepted: later sends fail on the caller's thread.
     freed: AtomicBool,
@@ -39,7 +51,7 @@ pub(crate) struct ConnInner {
 }
 
 impl Conn {
-    pub(crate) fn new(id: ConnId, shared: Arc<Shared>, route: Route) -> Conn {
+    pub(crate) fn new(id: Key, shared: Arc<Shared>, route: Route) -> Conn {
         let inner = ConnInner {
             id,
             shared,
@@ -54,7 +66,10 @@ impl Conn {
 
     /// This connection's key.
     pub fn id(&self) -> ConnId {
-        self.inner.id
+        ConnId {
+            watcher: self.inner.shared.watcher_id,
+            key: self.inner.id,
+        }
     }
 
     /// Whether `Free` or `Detach` has been accepted for this connection.
@@ -154,6 +169,6 @@ impl Hash for Conn {
 
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Conn").field("id", &self.inner.id).finish()
+        f.debug_struct("Conn").field("id", &self.id()).finish()
     }
 }

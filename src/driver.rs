@@ -21,9 +21,10 @@ use bytes::BytesMut;
 use slotmap::{KeyData, SecondaryMap};
 
 use crate::cmd::Kind;
+use crate::conn::Key;
 use crate::stats::Stats;
 use crate::watcher::{Ctl, Msg, Route, Shared};
-use crate::{sys, Buf, Cmd, Completion, Conn, ConnId, Error, Op};
+use crate::{sys, Buf, Cmd, Completion, Conn, Error, Op};
 
 /// The waker's event token. Slotmap never hands out index `u32::MAX`, so no key maps to it.
 pub(crate) const WAKER_TOKEN: u64 = u64::MAX;
@@ -123,7 +124,7 @@ impl ConnState {
 struct Timer {
     when: Instant,
     seq: u64,
-    id: ConnId,
+    id: Key,
     dir: Dir,
     idle: bool,
 }
@@ -235,11 +236,11 @@ pub(crate) struct Driver {
     mailbox: flume::Sender<Completion>,
     /// Completions the (bounded, full) mailbox did not take yet, in order.
     backlog: VecDeque<Completion>,
-    conns: SecondaryMap<ConnId, ConnState>,
+    conns: SecondaryMap<Key, ConnState>,
     /// Every connection's pending operations.
     ops: Slab<Pending>,
     /// Connections with work they can do now; entries past the round's start are next round's.
-    ready: Vec<ConnId>,
+    ready: Vec<Key>,
     timers: BinaryHeap<Timer>,
     sink: Sink,
     arena: Arena,
@@ -359,7 +360,7 @@ impl Driver {
         }
     }
 
-    fn remove(&mut self, id: ConnId) -> Option<ConnState> {
+    fn remove(&mut self, id: Key) -> Option<ConnState> {
         let st = self.conns.remove(id)?;
         self.shared.live.fetch_sub(1, Ordering::Relaxed);
         self.shared
@@ -372,7 +373,7 @@ impl Driver {
     }
 
     /// Removes a connection, completing its pending operations with `err`.
-    fn retire(&mut self, id: ConnId, err: fn() -> Error) -> Option<OwnedFd> {
+    fn retire(&mut self, id: Key, err: fn() -> Error) -> Option<OwnedFd> {
         let mut st = self.remove(id)?;
         for q in [&mut st.reads, &mut st.writes] {
             while let Some(p) = self.ops.pop_front(q) {
@@ -418,7 +419,7 @@ impl Driver {
     /// connection runnable if that direction can make progress now.
     fn enqueue(
         &mut self,
-        id: ConnId,
+        id: Key,
         conn: Conn,
         kind: Kind,
         deadline: Option<Instant>,
@@ -654,7 +655,7 @@ impl Driver {
                 self.shared.waker.reset();
                 continue;
             }
-            let id = ConnId::from(KeyData::from_ffi(ev.token));
+            let id = Key::from(KeyData::from_ffi(ev.token));
             // A stale key (freed connection, or one whose slot was reused) finds nothing.
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
@@ -679,7 +680,7 @@ impl Driver {
             self.drain_ctl();
         }
         // Pending operations first: they were submitted before anything still queued.
-        let ids: Vec<ConnId> = self.conns.keys().collect();
+        let ids: Vec<Key> = self.conns.keys().collect();
         for id in ids {
             drop(self.retire(id, || Error::WatcherClosed));
         }

@@ -3,16 +3,22 @@
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{
+    fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use slotmap::{Key, SlotMap};
+use slotmap::{Key as _, SlotMap};
 
+use crate::conn::Key;
 use crate::driver::{Driver, WAKER_TOKEN};
 use crate::stats::{StatCells, Stats};
-use crate::{sys, Cmd, Completion, Conn, ConnId, Connect, Error};
+use crate::{sys, Cmd, Completion, Conn, Connect, Error};
+
+/// Numbers watchers, so `ConnId`s of different watchers never collide.
+static NEXT_WATCHER_ID: AtomicU32 = AtomicU32::new(0);
 
 /// Messages on the bounded command queue.
 pub(crate) enum Msg {
@@ -23,11 +29,11 @@ pub(crate) enum Msg {
 pub(crate) enum Ctl {
     /// A new socket; `connect` is the pending connect of one made by `Watcher::connect`.
     Register {
-        id: ConnId,
+        id: Key,
         fd: OwnedFd,
         connect: Option<(Conn, Connect)>,
     },
-    Release(ConnId),
+    Release(Key),
     /// A `Free` or `Detach` that found the command queue full: it must never be refused, or
     /// a connection with reads pending and no deadline could never be closed.
     Last(Conn, Cmd),
@@ -51,9 +57,11 @@ pub(crate) struct Shared {
     /// before its last drain, so no command slips into a queue nobody will read.
     pub(crate) submitting: AtomicUsize,
     /// Key allocation. The poller holds the per-connection state in a `SecondaryMap`.
-    pub(crate) ids: Mutex<SlotMap<ConnId, ()>>,
+    pub(crate) ids: Mutex<SlotMap<Key, ()>>,
     pub(crate) stats: StatCells,
     pub(crate) max_ops: u32,
+    /// This watcher's number in the process, part of every `ConnId`.
+    pub(crate) watcher_id: u32,
     /// Registered connections, counted at once (the stats trail by a round): the load
     /// measure for spreading connections over a pool.
     pub(crate) live: AtomicUsize,
@@ -190,7 +198,7 @@ impl Shared {
     }
 
     /// The last handle of `id` was dropped.
-    pub(crate) fn release(&self, id: ConnId) {
+    pub(crate) fn release(&self, id: Key) {
         // On a closed watcher the poller closed (or will close) every socket itself.
         let _ = self.control(Ctl::Release(id));
     }
@@ -324,6 +332,7 @@ impl WatcherBuilder {
             ids: Mutex::new(SlotMap::with_key()),
             stats: StatCells::default(),
             max_ops: self.max_ops_per_conn,
+            watcher_id: NEXT_WATCHER_ID.fetch_add(1, Relaxed),
             live: AtomicUsize::new(0),
         });
         let driver = Driver::new(

@@ -438,3 +438,28 @@ fn sigint_exits_0_within_2s_with_clients_connected() {
 fn sigterm_exits_0_within_2s_with_clients_connected() {
     exits_cleanly_on(libc::SIGTERM);
 }
+
+#[test]
+fn two_watchers_one_chat_every_line_relayed_in_order() {
+    let server = chat(&["--watchers", "2"]);
+    let mut cs = join(&server, 4);
+    for round in 0..20 {
+        for i in 0..4 {
+            let (before, rest) = cs.split_at_mut(i);
+            let (me, after) = rest.split_first_mut().unwrap();
+            let mut others: Vec<&mut Client> = before.iter_mut().chain(after.iter_mut()).collect();
+            say(
+                me,
+                &format!("guest{}", i + 1),
+                &format!("round {round}"),
+                &mut others,
+            );
+        }
+    }
+    assert_eq!(who(&mut cs[3]), "* online: guest1 guest2 guest3 guest4");
+    let mut quitter = cs.pop().unwrap();
+    quitter.send("/quit\n");
+    for c in &mut cs {
+        c.expect("* guest4 left");
+    }
+}
