@@ -195,3 +195,35 @@ fn idle_connection_is_kept() {
     thread::sleep(Duration::from_millis(300)); // an idle spell is part of the scenario
     ping(&mut c, b"2");
 }
+
+/// Issue 3: an idle connection waits on `Cmd::ReadInternal` and holds no buffer of its own,
+/// so 10,000 idle clients cost the server well under 1 KiB each.
+#[test]
+fn ten_thousand_idle_clients_cost_well_under_1_kib_each() {
+    const N: usize = 10_000;
+    let server = Server::start("echo-server", &[]);
+    let mut warm = server.connect();
+    ping(&mut warm, b"warm up"); // the arena chunk and the loop's buffers exist now
+    let before = server.rss_kib();
+    let mut clients = Vec::with_capacity(N);
+    // Waves of 100: each client sends a byte, then the wave reads its echoes, so the listen
+    // backlog never overflows and every connection has been served (and is reading again).
+    for wave in 0..N / 100 {
+        for _ in 0..100 {
+            let mut c = connect(server.addr);
+            c.write_all(&[wave as u8]).unwrap();
+            clients.push(c);
+        }
+        for c in &mut clients[wave * 100..] {
+            let mut b = [0; 1];
+            c.read_exact(&mut b).expect("echo of the first byte");
+            assert_eq!(b[0], wave as u8);
+        }
+    }
+    let after = server.rss_kib();
+    let per_conn = (after.saturating_sub(before) * 1024) as f64 / N as f64;
+    eprintln!("{N} idle clients: server RSS {before} -> {after} KiB = {per_conn:.0} B each");
+    assert!(per_conn < 700.0, "{per_conn:.0} bytes of server RSS per idle client");
+    // Still served after all that.
+    ping(&mut clients[N / 2], b"still here");
+}
