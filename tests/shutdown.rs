@@ -67,7 +67,11 @@ fn writes_after_shutdown_fail_with_epipe() {
         other => panic!("expected EPIPE, got {other:?}"),
     }
     let mut buf = [0; 8];
-    assert_eq!(client.read(&mut buf).unwrap(), 0, "peer sees EOF, nothing else");
+    assert_eq!(
+        client.read(&mut buf).unwrap(),
+        0,
+        "peer sees EOF, nothing else"
+    );
 }
 
 #[test]
