@@ -35,6 +35,9 @@
 //! on 127.0.0.1:0 for its benchmark and stopped (threads joined, sockets closed) before the
 //! next, so one process stays under the 20,000 fd limit.
 //!
+//! `watchers_1000x4KiB` (issue 7) runs the 1,000-connection round on a pool of 1, 2 and 4
+//! inline watchers, one loop thread each, unpinned.
+//!
 //! `PROACTOR_BENCH_SERVERS=proactor,mio` limits the servers; `PROACTOR_BENCH_QUICK=1` shrinks
 //! the 1,000- and 8,192-connection cases for a smoke run. Run with `scripts/bench.sh`, or
 //! `cargo bench --bench echo`.
@@ -125,6 +128,28 @@ fn rounds(c: &mut Criterion, name: &str, conns: usize, size: usize) {
     g.finish();
 }
 
+/// Issue 7: the 1,000-connection round served by a pool of 1, 2 and 4 inline watchers (one
+/// loop thread each, unpinned), side by side. On a 2-core machine the load generator needs
+/// one core, so this shows the cost of extra watchers more than their gain.
+fn watchers(c: &mut Criterion, conns: usize) {
+    let mut g = c.benchmark_group(format!("watchers_{conns}x4KiB"));
+    g.throughput(Throughput::Elements(conns as u64));
+    g.sampling_mode(SamplingMode::Flat);
+    let msg = client::message(4096);
+    let mut buf = vec![0u8; 4096];
+    for n in [1, 2, 4] {
+        let server = servers::start_pool(n).expect("pool server");
+        let mut cs = client::connect_n(server.addr, conns).expect("connect");
+        client::checked_round(&mut cs, &msg).expect("echo check");
+        g.bench_with_input(BenchmarkId::new("proactor-pool", n), &n, |b, _| {
+            b.iter(|| client::round(&mut cs, &msg, &mut buf).expect("round"))
+        });
+        client::close_all(cs);
+        stop(server);
+    }
+    g.finish();
+}
+
 fn main() {
     servers::pin_client_thread();
     let mut c = Criterion::default().configure_from_args();
@@ -134,5 +159,6 @@ fn main() {
     rounds(&mut c, "pingpong_100x128B", 100, 128);
     rounds(&mut c, &format!("pingpong_{many}x4KiB"), many, 4096);
     rounds(&mut c, &format!("burst_{burst}x1KiB"), burst, 1024);
+    watchers(&mut c, many);
     c.final_summary();
 }

@@ -346,6 +346,44 @@ fn start_proactor(inline: bool) -> io::Result<Server> {
     })
 }
 
+/// A pool of `watchers` inline watchers, one `WaitIO` loop thread each (the echo-server
+/// example's shape), for the watcher-scaling group. Not pinned: the point is to use cores.
+pub fn start_pool(watchers: usize) -> io::Result<Server> {
+    let listener = bind_listener()?;
+    let addr = listener.local_addr()?;
+    let pool = Arc::new(
+        proactor::Pool::builder()
+            .watchers(watchers)
+            .per_watcher_mailboxes()
+            .watcher_options(Watcher::builder().inline(true))
+            .build()?,
+    );
+    let lconn = pool.listen(listener).map_err(io::Error::other)?;
+    lconn.send(Cmd::Accept).map_err(io::Error::other)?;
+    let counters = Arc::new(Counters::default());
+    let mut loops = Vec::new();
+    for i in 0..watchers {
+        let (p, l, k) = (pool.clone(), lconn.clone(), counters.clone());
+        loops.push(
+            thread::Builder::new()
+                .name(format!("proactor-pool-{i}"))
+                .spawn(move || proactor_loop(&p.watchers()[i], &l, &k))?,
+        );
+    }
+    Ok(Server {
+        kind: Kind::Proactor,
+        addr,
+        counters,
+        watcher: None,
+        stop: Some(Box::new(move || {
+            pool.close();
+            for l in loops {
+                let _ = l.join();
+            }
+        })),
+    })
+}
+
 /// The `WaitIO` echo loop.
 fn proactor_loop(watcher: &Watcher, listener: &Conn, k: &Counters) {
     let mut batch = Vec::with_capacity(1024);
