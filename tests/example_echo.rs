@@ -223,7 +223,10 @@ fn ten_thousand_idle_clients_cost_well_under_1_kib_each() {
     let after = server.rss_kib();
     let per_conn = (after.saturating_sub(before) * 1024) as f64 / N as f64;
     eprintln!("{N} idle clients: server RSS {before} -> {after} KiB = {per_conn:.0} B each");
-    assert!(per_conn < 700.0, "{per_conn:.0} bytes of server RSS per idle client");
+    assert!(
+        per_conn < 700.0,
+        "{per_conn:.0} bytes of server RSS per idle client"
+    );
     // Still served after all that.
     ping(&mut clients[N / 2], b"still here");
 }
