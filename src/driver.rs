@@ -352,7 +352,13 @@ impl Driver {
 
     fn drain_ops(&mut self) {
         // Only what is queued now: a busy sender must not keep the poller from its sockets.
-        for _ in 0..self.ops_rx.len() {
+        let n = self.ops_rx.len();
+        if n > 0 {
+            // The time the commands are taken starts their idle periods: `now` from before
+            // the wait could be earlier than a command was sent, firing its timeout early.
+            self.now = Instant::now();
+        }
+        for _ in 0..n {
             let Ok(Msg::Op(conn, cmd)) = self.ops_rx.try_recv() else {
                 break;
             };
