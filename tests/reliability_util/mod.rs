@@ -1,0 +1,407 @@
+//! Helpers shared by the reliability tests (`faults.rs`, `model.rs`, `scale.rs`, `timers.rs`).
+//!
+//! Kept apart from `tests/util/` on purpose: these tests measure process-wide things (the fd
+//! count, RSS) and must not change when the behaviour tests' helpers do.
+//!
+//! - `Pairs`: loopback TCP pairs from one listener;
+//! - `Ledger`: gives every command a unique tag, records every completion in mailbox order,
+//!   and fails on an unknown tag, a second completion, or a wrong `Op`;
+//! - `Rng`, `pattern`: a tiny seeded PRNG (splitmix64) and deterministic byte streams;
+//! - `sanitized`, `fd_count`, `rss_kib`, `heap_in_use`, `set_linger_zero`, `set_buffer_sizes`, `wait_stats`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use proactor::{Buf, Cmd, Completion, Conn, ConnId, Op, SendError, Stats, Watcher};
+
+/// The generous upper bound for anything that should take milliseconds.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One listener handing out many loopback pairs (connect, then accept at once).
+pub struct Pairs {
+    listener: TcpListener,
+}
+
+impl Pairs {
+    pub fn new() -> Pairs {
+        Pairs {
+            listener: TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"),
+        }
+    }
+
+    /// (peer, server): the peer is the test's end, the server end gets registered.
+    pub fn pair(&self) -> (TcpStream, TcpStream) {
+        let peer = TcpStream::connect(self.listener.local_addr().unwrap()).expect("connect");
+        let (server, _) = self.listener.accept().expect("accept");
+        (peer, server)
+    }
+}
+
+/// Set by `scripts/sanitize.sh`: under AddressSanitizer or valgrind, memory figures mean
+/// nothing (ASan's quarantine holds freed memory, valgrind replaces the allocator) and
+/// everything runs 2 to 40 times slower, so the tests skip their memory bounds and relax
+/// their timing upper bounds. Correctness checks (exactly once, order, bytes, fds) stay.
+pub fn sanitized() -> bool {
+    std::env::var_os("PROACTOR_SANITIZER").is_some()
+}
+
+/// Open file descriptors of this process (`/proc/self/fd`, less the one `read_dir` holds).
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+        .saturating_sub(1)
+}
+
+/// Resident set size of this process, in KiB (`VmRSS` from `/proc/self/status`).
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// Bytes the allocator has handed out and not taken back (glibc `mallinfo2`: `uordblks`, in
+/// use in every arena, plus `hblkhd`, in use in mmapped blocks). Unlike RSS it does not
+/// count memory the allocator keeps cached after a free, so it shows leaks, not caching.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as u64
+}
+
+/// Waits (bounded) until the fd count is back to `start`; panics with both numbers if not.
+/// Closing a watcher is synchronous, so this normally returns on the first look; the wait
+/// only covers a `Ctl::Release` still on its way to a live poller.
+pub fn assert_fds_back(start: usize) {
+    let t = Instant::now();
+    loop {
+        let now = fd_count();
+        if now == start {
+            return;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            let list: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| {
+                    let target = std::fs::read_link(e.path()).unwrap_or_default();
+                    format!("{}->{}", e.file_name().to_string_lossy(), target.display())
+                })
+                .collect();
+            panic!("fd count {now}, expected {start} (leaked or closed too many): {list:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn setsockopt_int(fd: &impl AsRawFd, level: libc::c_int, opt: libc::c_int, value: libc::c_int) {
+    // SAFETY: `fd` is a live socket borrowed for this call; the option value is a live c_int
+    // whose size we pass.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+/// SO_LINGER {on, 0}: closing the socket sends RST instead of FIN (an abortive close).
+pub fn set_linger_zero(fd: &impl AsRawFd) {
+    let lg = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: as in `setsockopt_int`, with a live `linger`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&lg as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setsockopt(SO_LINGER): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Resets the connection from this end: SO_LINGER 0, then close.
+pub fn reset(stream: TcpStream) {
+    set_linger_zero(&stream);
+    drop(stream);
+}
+
+/// SO_SNDBUF and SO_RCVBUF (Linux doubles the value and applies its minimums).
+pub fn set_buffer_sizes(fd: &impl AsRawFd, bytes: i32) {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes);
+}
+
+/// Polls the published stats until `pred` holds (they trail the work by one poller round).
+pub fn wait_stats(watcher: &Watcher, what: &str, pred: impl Fn(&Stats) -> bool) -> Stats {
+    let start = Instant::now();
+    loop {
+        let s = watcher.stats();
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "timed out waiting for {what}: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// splitmix64: tiny, seeded, good enough for test data and choices.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below((hi - lo + 1) as u64) as usize
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// `len` deterministic pseudo-random bytes for `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+/// One line per completion, without dumping buffers.
+pub fn describe(c: &Completion) -> String {
+    let buf = match &c.buf {
+        Buf::None => "None".to_string(),
+        Buf::Vec(v) => format!("Vec({})", v.len()),
+        Buf::Bytes(b) => format!("Bytes({})", b.len()),
+        Buf::Fd(fd) => format!("Fd({})", fd.as_raw_fd()),
+        _ => "other".to_string(),
+    };
+    format!(
+        "{{{:?} {:?} tag {} n {} buf {} {:?}}}",
+        c.conn.id(),
+        c.op,
+        c.tag,
+        c.n,
+        buf,
+        c.result
+    )
+}
+
+/// The expected completion of one accepted command.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    pub conn: ConnId,
+    pub op: Op,
+}
+
+/// Every command gets a unique tag; every completion must match exactly one outstanding tag.
+/// `log` keeps the completions in the order the mailbox gave them.
+pub struct Ledger {
+    next: u64,
+    pub outstanding: HashMap<u64, Expect>,
+    pub index: HashMap<u64, usize>,
+    pub log: Vec<Completion>,
+    scratch: Vec<Completion>,
+}
+
+impl Default for Ledger {
+    fn default() -> Ledger {
+        Ledger::new()
+    }
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger {
+            next: 1,
+            outstanding: HashMap::new(),
+            index: HashMap::new(),
+            log: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Sends `cmd` with a fresh tag; the tag is only recorded if `send` accepts it.
+    pub fn send(&mut self, conn: &Conn, cmd: Cmd) -> Result<u64, SendError> {
+        let tag = self.next;
+        self.next += 1;
+        self.send_tagged(conn, cmd, tag).map(|()| tag)
+    }
+
+    /// Sends `cmd` with the caller's tag (unique across the ledger).
+    pub fn send_tagged(&mut self, conn: &Conn, cmd: Cmd, tag: u64) -> Result<(), SendError> {
+        let op = cmd.op();
+        assert!(
+            !self.outstanding.contains_key(&tag) && !self.index.contains_key(&tag),
+            "tag {tag} reused"
+        );
+        // Recorded after `send` accepts it: completions are only taken through this ledger
+        // (`&mut self`), so none can be looked up before the insert.
+        conn.send(cmd.tag(tag))?;
+        self.outstanding.insert(
+            tag,
+            Expect {
+                conn: conn.id(),
+                op,
+            },
+        );
+        Ok(())
+    }
+
+    /// Sends and panics if refused.
+    pub fn must(&mut self, conn: &Conn, cmd: Cmd) -> u64 {
+        match self.send(conn, cmd) {
+            Ok(tag) => tag,
+            Err(e) => panic!("send refused: {e:?}"),
+        }
+    }
+
+    /// Expects a completion for a tag the caller sent itself (other threads).
+    pub fn expect(&mut self, tag: u64, conn: ConnId, op: Op) {
+        assert!(self.outstanding.insert(tag, Expect { conn, op }).is_none());
+    }
+
+    pub fn record(&mut self, c: Completion) {
+        let Some(exp) = self.outstanding.remove(&c.tag) else {
+            if self.index.contains_key(&c.tag) {
+                panic!("second completion for tag {}: {}", c.tag, describe(&c));
+            }
+            panic!("completion for a tag never sent: {}", describe(&c));
+        };
+        assert_eq!(c.op, exp.op, "wrong op for tag {}: {}", c.tag, describe(&c));
+        assert_eq!(
+            c.conn.id(),
+            exp.conn,
+            "wrong conn for tag {}: {}",
+            c.tag,
+            describe(&c)
+        );
+        self.index.insert(c.tag, self.log.len());
+        self.log.push(c);
+    }
+
+    /// Takes completions from `watcher` until `done(self)` holds; panics after `timeout`.
+    pub fn pump_until(
+        &mut self,
+        watcher: &Watcher,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&Ledger) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            let mut got = std::mem::take(&mut self.scratch);
+            match watcher.wait_io_deadline(&mut got, deadline) {
+                Ok(0) => panic!(
+                    "timed out after {timeout:?} waiting for {what}; {} outstanding, e.g. {:?}",
+                    self.outstanding.len(),
+                    self.outstanding.iter().take(5).collect::<Vec<_>>()
+                ),
+                Ok(_) => {}
+                Err(e) => panic!("wait_io failed ({e}) waiting for {what}"),
+            }
+            for c in got.drain(..) {
+                self.record(c);
+            }
+            self.scratch = got;
+        }
+    }
+
+    /// Takes completions until every tag sent so far has completed.
+    pub fn pump_all(&mut self, watcher: &Watcher, timeout: Duration) {
+        self.pump_until(watcher, timeout, "every outstanding completion", |l| {
+            l.outstanding.is_empty()
+        });
+    }
+
+    /// Takes whatever is ready now, without blocking.
+    pub fn pump_ready(&mut self, watcher: &Watcher) -> usize {
+        let mut got = std::mem::take(&mut self.scratch);
+        let n = watcher.try_wait_io(&mut got);
+        for c in got.drain(..) {
+            self.record(c);
+        }
+        self.scratch = got;
+        n
+    }
+
+    pub fn get(&self, tag: u64) -> &Completion {
+        let i = self
+            .index
+            .get(&tag)
+            .unwrap_or_else(|| panic!("tag {tag} not completed"));
+        &self.log[*i]
+    }
+
+    pub fn is_done(&self, tag: u64) -> bool {
+        self.index.contains_key(&tag)
+    }
+
+    /// Position of `tag`'s completion in mailbox order.
+    pub fn position(&self, tag: u64) -> usize {
+        self.index[&tag]
+    }
+}
+
+/// Kernel error kinds a write may see once the peer is gone.
+pub fn is_peer_gone(e: &proactor::Error) -> bool {
+    match e {
+        proactor::Error::Io(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    }
+}
+
+/// `p`-th percentile of sorted `v` (nearest rank).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
