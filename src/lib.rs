@@ -4,7 +4,8 @@
 //! A [`Watcher`] owns one poller thread (epoll on Linux, kqueue on macOS and FreeBSD). Each
 //! registered socket becomes a [`Conn`], a cheap cloneable handle: no thread, no task per
 //! connection. You send it typed commands ([`Cmd::Read`], [`Cmd::ReadInternal`],
-//! [`Cmd::ReadFull`], [`Cmd::Write`], [`Cmd::Free`], [`Cmd::Detach`]), each with an optional
+//! [`Cmd::ReadFull`], [`Cmd::Write`], [`Cmd::Shutdown`], [`Cmd::Free`], [`Cmd::Detach`],
+//! [`Cmd::Accept`] on a listener), each with an optional
 //! deadline, idle timeout and tag; the poller does the non-blocking system calls and posts one
 //! [`Completion`] per command, with the buffer handed back, into the watcher's mailbox, a
 //! [`flume::Receiver`].
@@ -19,6 +20,13 @@
 //! The mailbox composes: batch waits ([`Watcher::wait_io`], gaio's `WaitIO`), non-blocking
 //! polls in a game loop (`try_recv`), `flume::Selector` over it and your own channels, or
 //! `recv_async` in async code. The crate itself depends on no async runtime.
+//!
+//! Beyond one watcher: [`Watcher::listen`] and [`Cmd::Accept`] accept connections and
+//! [`Watcher::connect`] makes them, so a server or a 10,000-connection client needs no other
+//! thread; a [`Pool`] spreads connections over several watchers (one per core) with one
+//! shared mailbox or one each; [`Watcher::register_with`] gives a connection a mailbox of its
+//! own. A dedicated server loop can build its watcher
+//! [`inline`](WatcherBuilder::inline): no poller thread, `wait_io` runs the poller itself.
 //!
 //! # Example: echo
 //!
@@ -92,6 +100,14 @@
 //! together. It is woken (eventfd / `EVFILT_USER`) only when it sleeps. Steady state allocates
 //! nothing per operation with caller buffers. Each connection gets at most 16 syscalls per
 //! direction per round, so one flooding peer cannot starve the others.
+//!
+//! A threaded watcher pays a hand-off between the poller and your thread per batch (a futex
+//! wake each way); an [inline](WatcherBuilder::inline) watcher does not, and makes 3 syscalls
+//! per echoed message on one connection and 2.03 at 100 (read, write, an amortised
+//! `epoll_wait`). Against a hand-written single-threaded mio server on the same 2-core
+//! machine it matches one-connection ping-pong and the 8,192-connection burst and runs at
+//! 0.89x to 0.92x of it with 100 and 1,000 busy connections; an idle connection costs about
+//! 274 bytes. The figures, the commands and the profile are in `docs/benchmarks.md`.
 //!
 //! # Platform notes
 //!
