@@ -47,6 +47,17 @@ enum Dir {
     Write,
 }
 
+impl Dir {
+    /// The FIFO an operation waits in: writes and what must follow or precede them (connect,
+    /// shutdown) on the write side; reads and accepts on the read side.
+    fn of(kind: &Kind) -> Dir {
+        match kind {
+            Kind::Write(_) | Kind::Connect | Kind::Shutdown => Dir::Write,
+            _ => Dir::Read,
+        }
+    }
+}
+
 /// An accepted read, read-full or write, waiting in its connection's FIFO.
 struct Pending {
     conn: Conn,
@@ -153,11 +164,11 @@ struct Sink {
 
 impl Sink {
     fn complete(&mut self, p: Pending, result: Result<(), Error>, buf: Option<Buf>) {
-        let op = p.kind.op();
-        match op {
-            Op::Write | Op::Connect | Op::Shutdown => self.stats.writes_in_flight -= 1,
-            _ => self.stats.reads_in_flight -= 1,
+        match Dir::of(&p.kind) {
+            Dir::Write => self.stats.writes_in_flight -= 1,
+            Dir::Read => self.stats.reads_in_flight -= 1,
         }
+        let op = p.kind.op();
         if p.has_timer() {
             self.stats.deadlines_armed -= 1;
         }
@@ -179,7 +190,8 @@ impl Sink {
 
     /// Completes a command that never became pending (unknown connection, closed watcher).
     fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
-        if !matches!(cmd.kind, Kind::Free | Kind::Detach | Kind::Connect) {
+        // Free and Detach are not counted in flight (`Conn::send`).
+        if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
             conn.inner.inflight.fetch_sub(1, Ordering::Relaxed);
         }
         let (op, tag) = (cmd.op(), cmd.tag);
@@ -432,10 +444,7 @@ impl Driver {
         idle: Option<Duration>,
         tag: u64,
     ) {
-        let dir = match kind {
-            Kind::Write(_) | Kind::Connect | Kind::Shutdown => Dir::Write,
-            _ => Dir::Read,
-        };
+        let dir = Dir::of(&kind);
         self.seq += 1;
         let seq = self.seq;
         let p = Pending {
