@@ -1,0 +1,137 @@
+//! OS details the issue names: descriptors the library creates or accepts are close-on-exec,
+//! and EINTR (a signal landing while the poller sits in `epoll_wait`) is retried, not an error.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use proactor::{Cmd, Connect, Error, Op, Watcher};
+use util::*;
+
+fn cloexec(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD on a descriptor number only reads its flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    assert!(flags >= 0, "fcntl(F_GETFD) on {fd}");
+    flags & libc::FD_CLOEXEC != 0
+}
+
+/// The socket behind a conn, handed back by `Detach`.
+fn detach(watcher: &Watcher, conn: &proactor::Conn) -> std::os::fd::OwnedFd {
+    conn.send(Cmd::Detach).unwrap();
+    let c = collect_one(watcher, TIMEOUT);
+    assert_eq!(c.op, Op::Detach);
+    c.buf.into_fd().expect("detached fd")
+}
+
+#[test]
+fn accepted_and_connected_sockets_and_the_pollers_own_fds_are_close_on_exec() {
+    let before: Vec<String> = anon_inodes();
+    let watcher = Watcher::new().unwrap();
+    // The epoll instance and the eventfd the watcher just made.
+    let mut own = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let fd: RawFd = entry.file_name().to_string_lossy().parse().unwrap();
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let t = target.to_string_lossy().into_owned();
+        if (t.contains("eventpoll") || t.contains("eventfd")) && !before.contains(&t) {
+            assert!(cloexec(fd), "{t} (fd {fd}) is not close-on-exec");
+            own += 1;
+        }
+    }
+    assert!(
+        own >= 2,
+        "found {own} of the watcher's epoll/eventfd descriptors"
+    );
+
+    let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let listener = watcher.listen(std_listener).unwrap();
+    listener.send(Cmd::Accept).unwrap();
+    let _client = std::net::TcpStream::connect(addr).unwrap();
+    let (accepted, _) = collect_one(&watcher, TIMEOUT).buf.into_accepted().unwrap();
+    assert!(
+        cloexec(detach(&watcher, &accepted).as_raw_fd()),
+        "accepted socket"
+    );
+
+    let connected = watcher.connect(Connect::new(addr)).unwrap();
+    assert!(collect_one(&watcher, TIMEOUT).is_ok());
+    assert!(
+        cloexec(detach(&watcher, &connected).as_raw_fd()),
+        "connected socket"
+    );
+}
+
+fn anon_inodes() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect()
+}
+
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn count_signal(_: libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[test]
+fn signals_interrupting_the_poller_are_retried() {
+    // A handler without SA_RESTART: epoll_wait returns EINTR each time one lands on the
+    // thread inside it. An inline watcher runs the poller on this thread, so we can aim.
+    // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid; the handler
+    // only touches an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = count_signal as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let watcher = Watcher::builder().inline(true).build().unwrap();
+    let (mut client, server) = tcp_pair();
+    let conn = watcher.register(server).unwrap();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let pest = s.spawn(|| {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < TIMEOUT {
+                // SAFETY: `me` is the test thread, alive until after this thread is joined.
+                unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+                std::thread::sleep(Duration::from_micros(200)); // pacing the signals
+            }
+        });
+        // A deadline far enough out that many signals land while we wait for it.
+        let start = Instant::now();
+        conn.send(Cmd::ReadInternal.timeout(Duration::from_millis(200)).tag(1))
+            .unwrap();
+        let c = collect_one(&watcher, TIMEOUT);
+        assert!(matches!(c.result, Err(Error::Deadline)), "{}", describe(&c));
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        // And an echo under fire.
+        for i in 0..50u8 {
+            client.write_all(&[i]).unwrap();
+            conn.send(Cmd::ReadInternal).unwrap();
+            let c = collect_one(&watcher, TIMEOUT);
+            assert_eq!(c.data(), [i], "{}", describe(&c));
+            conn.send(Cmd::Write(c.buf.into_bytes())).unwrap();
+            assert!(collect_one(&watcher, TIMEOUT).is_ok());
+            let mut b = [0; 1];
+            client.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i);
+        }
+        stop.store(true, Ordering::Relaxed);
+        pest.join().unwrap();
+    });
+    assert!(
+        SIGNALS.load(Ordering::Relaxed) > 50,
+        "too few signals landed to mean anything"
+    );
+}
