@@ -89,7 +89,7 @@ fn signals_interrupting_the_poller_are_retried() {
     // only touches an atomic.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = count_signal as usize;
+        sa.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as usize;
         libc::sigemptyset(&mut sa.sa_mask);
         assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
     }
