@@ -77,7 +77,7 @@ impl Conn {
         self.inner.freed.load(Ordering::Acquire)
     }
 
-    /// Submits a command. It never blocks: the poller thread performs it and posts exactly one
+    /// Submits a command. It never blocks: the poller performs it and posts exactly one
     /// [`Completion`](crate::Completion) to the watcher's mailbox.
     ///
     /// # Errors
