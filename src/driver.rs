@@ -622,6 +622,7 @@ impl Driver {
                 self.backlog.push_back(c);
             }
         }
+        self.sink.stats.timer_entries = self.timers.len() as u64;
         self.shared.stats.publish(&self.sink.stats);
     }
 

@@ -42,6 +42,9 @@ stats! {
     deadlines_armed,
     /// Operations completed by their deadline or idle timeout.
     deadlines_fired,
+    /// Entries in the timer heap, including those of operations that already completed
+    /// (cancelled lazily; the heap is compacted when they outnumber the live ones).
+    timer_entries,
     /// Bytes read from sockets.
     bytes_read,
     /// Bytes written to sockets.
