@@ -41,7 +41,8 @@ fn accepted_and_connected_sockets_and_the_pollers_own_fds_are_close_on_exec() {
         let fd: RawFd = entry.file_name().to_string_lossy().parse().unwrap();
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
         let t = target.to_string_lossy().into_owned();
-        if (t.contains("eventpoll") || t.contains("eventfd")) && !before.contains(&fd) {
+        let is_new = before.get(&fd) != Some(&t);
+        if (t.contains("eventpoll") || t.contains("eventfd")) && is_new {
             assert!(cloexec(fd), "{t} (fd {fd}) is not close-on-exec");
             own += 1;
         }
@@ -70,13 +71,18 @@ fn accepted_and_connected_sockets_and_the_pollers_own_fds_are_close_on_exec() {
     );
 }
 
-/// The descriptor numbers open now. (Compared by number: every epoll instance has the same
-/// link text, `anon_inode:[eventpoll]`.)
-fn open_fds() -> Vec<RawFd> {
+/// The descriptors open now and what each links to. A descriptor is new if its number was
+/// not open or linked elsewhere: every epoll instance links to the same text, and the number
+/// of the directory handle that lists them is free again right after.
+fn open_fds() -> std::collections::HashMap<RawFd, String> {
     std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .filter_map(|e| {
+            let fd = e.file_name().to_string_lossy().parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            Some((fd, link.to_string_lossy().into_owned()))
+        })
         .collect()
 }
 
