@@ -66,9 +66,9 @@ struct Pending {
     tag: u64,
     seq: u64,
     deadline: Option<Instant>,
+    /// Its idle period starts when the poller takes the command: the first idle timer is
+    /// armed then, at `now + idle`, and re-armed only later, so the timer itself carries it.
     idle: Option<Duration>,
-    /// When the poller took the command: the earliest start of its idle period.
-    since: Instant,
 }
 
 impl Pending {
@@ -455,7 +455,6 @@ impl Driver {
             seq,
             deadline,
             idle,
-            since: self.now,
         };
         let stats = &mut self.sink.stats;
         if let Some(when) = p.deadline {
@@ -572,8 +571,11 @@ impl Driver {
                 continue;
             };
             if t.idle {
+                // The timer fired no earlier than `idle` after the command was taken (or
+                // after the progress that last re-armed it); it is over unless bytes moved in
+                // this direction within the last `idle`.
                 let idle = p.idle.unwrap_or_default();
-                let due = p.since.max(progress).checked_add(idle);
+                let due = progress.checked_add(idle);
                 if let Some(when) = due.filter(|&due| due > now) {
                     self.timers.push(Timer { when, ..t });
                     continue;
