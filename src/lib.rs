@@ -106,8 +106,8 @@
 //! per echoed message on one connection and 2.03 at 100 (read, write, an amortised
 //! `epoll_wait`). Against a hand-written single-threaded mio server on the same 2-core
 //! machine it matches one-connection ping-pong and the 8,192-connection burst and runs at
-//! 0.89x to 0.92x of it with 100 and 1,000 busy connections; an idle connection costs about
-//! 274 bytes. The figures, the commands and the profile are in `docs/benchmarks.md`.
+//! about 0.9x of it with 100 and 1,000 busy connections; an idle connection costs about
+//! 260 bytes. The figures, the commands and the profile are in `docs/benchmarks.md`.
 //!
 //! # Platform notes
 //!
