@@ -2,6 +2,10 @@
 //! talk to it over real sockets with read timeouts, signal it, watch its memory.
 #![allow(dead_code)]
 
+#[path = "../common/sockopt.rs"]
+mod sockopt;
+use sockopt::{set_linger_zero, set_opt};
+
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -160,31 +164,13 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 
 /// Closes `s` with a TCP reset (SO_LINGER of zero) instead of a FIN.
 pub fn reset(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    set_opt(&s, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+    set_linger_zero(&s);
     drop(s);
 }
 
 /// Shrinks the socket's receive buffer so that a peer writing to it blocks early.
 pub fn small_rcvbuf(s: &TcpStream, bytes: libc::c_int) {
     set_opt(s, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
-}
-
-fn set_opt<T>(s: &TcpStream, level: libc::c_int, name: libc::c_int, value: &T) {
-    // SAFETY: `value` points to a live T of the size passed; the fd is open for the call.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "setsockopt: {}", io::Error::last_os_error());
 }
 
 /// A line-oriented client: every read waits at most [`REPLY`].

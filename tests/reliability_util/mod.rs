@@ -15,6 +15,11 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+#[path = "../common/sockopt.rs"]
+mod sockopt;
+#[allow(unused_imports)] // not every test crate resets sockets
+pub use sockopt::set_linger_zero;
+
 use proactor::{Buf, Cmd, Completion, Conn, ConnId, Op, SendError, Stats, Watcher};
 
 /// The generous upper bound for anything that should take milliseconds.
@@ -101,45 +106,6 @@ pub fn assert_fds_back(start: usize) {
     }
 }
 
-fn setsockopt_int(fd: &impl AsRawFd, level: libc::c_int, opt: libc::c_int, value: libc::c_int) {
-    // SAFETY: `fd` is a live socket borrowed for this call; the option value is a live c_int
-    // whose size we pass.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
-}
-
-/// SO_LINGER {on, 0}: closing the socket sends RST instead of FIN (an abortive close).
-pub fn set_linger_zero(fd: &impl AsRawFd) {
-    let lg = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: as in `setsockopt_int`, with a live `linger`.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&lg as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setsockopt(SO_LINGER): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 /// Resets the connection from this end: SO_LINGER 0, then close.
 pub fn reset(stream: TcpStream) {
     set_linger_zero(&stream);
@@ -148,8 +114,8 @@ pub fn reset(stream: TcpStream) {
 
 /// SO_SNDBUF and SO_RCVBUF (Linux doubles the value and applies its minimums).
 pub fn set_buffer_sizes(fd: &impl AsRawFd, bytes: i32) {
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes);
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes);
+    sockopt::set_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes);
+    sockopt::set_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
 }
 
 /// Polls the published stats until `pred` holds (they trail the work by one poller round).

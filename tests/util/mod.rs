@@ -15,6 +15,11 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+#[path = "../common/sockopt.rs"]
+mod sockopt;
+#[allow(unused_imports)] // not every test crate resets sockets
+pub use sockopt::set_linger_zero;
+
 use proactor::{Buf, Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher};
 
 /// The generous upper bound for anything that should take milliseconds.
@@ -165,30 +170,6 @@ pub fn fd_count() -> usize {
         .expect("/proc/self/fd")
         .count()
         - 1 // the directory handle of read_dir itself
-}
-
-/// SO_LINGER {on, 0}: closing the socket then sends RST instead of FIN.
-pub fn set_linger_zero(s: &impl AsRawFd) {
-    let lin = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a live `linger` of the size given; the fd is borrowed for the call.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&lin as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setsockopt(SO_LINGER): {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// Reads until EOF (or `TIMEOUT`), returning everything.
