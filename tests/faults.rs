@@ -1038,21 +1038,6 @@ fn check_records(stream: &[u8], threads: usize, per_thread: u32) {
     );
 }
 
-/// `send`, retrying while the conn's in-flight bound or the command queue is full.
-fn send_retry(conn: &Conn, mut cmd: Cmd, start: Instant) {
-    loop {
-        match conn.send(cmd) {
-            Ok(()) => return,
-            Err(SendError::Full(c)) => {
-                assert!(start.elapsed() < TIMEOUT, "the command queue never drained");
-                cmd = c;
-                thread::yield_now();
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-    }
-}
-
 #[test]
 fn watcher_dropped_with_10000_ops_in_flight() {
     let (_serial, fds) = begin();

@@ -9,10 +9,9 @@ mod reliability_util;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use proactor::{Cmd, Conn, Error, Op, SendError, Watcher};
+use proactor::{Cmd, Conn, Error, Op, Watcher};
 use reliability_util::*;
 
 const OPS: usize = 100_000;
@@ -27,22 +26,6 @@ fn setup(pairs: &Pairs, w: &Watcher) -> (Vec<Conn>, Vec<TcpStream>) {
         peers.push(peer);
     }
     (conns, peers)
-}
-
-/// Sends, waiting out a full command queue (the poller drains it as fast as it can).
-fn send(conn: &Conn, mut cmd: Cmd) {
-    let start = Instant::now();
-    loop {
-        match conn.send(cmd) {
-            Ok(()) => return,
-            Err(SendError::Full(c)) => {
-                assert!(start.elapsed() < TIMEOUT, "the command queue never drained");
-                cmd = c;
-                thread::yield_now();
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-    }
 }
 
 /// 100,000 internal reads that no byte will ever satisfy, with deadlines spread over 3 s
@@ -70,7 +53,7 @@ fn deadlines_100k_fire_in_order_never_early() {
     let deadline_of = |i: u32| base + step * i;
     for (k, &i) in order.iter().enumerate() {
         let cmd = Cmd::ReadInternal.deadline(deadline_of(i)).tag(i as u64);
-        send(&conns[k % CONNS], cmd);
+        send_retry(&conns[k % CONNS], cmd, Instant::now());
     }
     let submitted = submit_start.elapsed();
     assert!(
@@ -171,12 +154,10 @@ fn complete_by_data(
     let deadline = Instant::now() + far;
     for (c, conn) in conns.iter().enumerate() {
         for k in 0..per {
-            send(
-                conn,
-                Cmd::ReadFull(vec![0; 1])
-                    .deadline(deadline)
-                    .tag((c * per + k) as u64),
-            );
+            let cmd = Cmd::ReadFull(vec![0; 1])
+                .deadline(deadline)
+                .tag((c * per + k) as u64);
+            send_retry(conn, cmd, Instant::now());
         }
     }
     wait_stats(w, "100,000 armed deadlines", |s| {

@@ -371,3 +371,19 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
+
+/// `send`, retrying while the conn's in-flight bound or the command queue is full (the
+/// poller drains it as fast as it can); panics if it never drains within `TIMEOUT` of `start`.
+pub fn send_retry(conn: &Conn, mut cmd: Cmd, start: Instant) {
+    loop {
+        match conn.send(cmd) {
+            Ok(()) => return,
+            Err(SendError::Full(c)) => {
+                assert!(start.elapsed() < TIMEOUT, "the command queue never drained");
+                cmd = c;
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
