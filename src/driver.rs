@@ -381,11 +381,7 @@ impl Driver {
     fn remove(&mut self, id: Key) -> Option<ConnState> {
         let st = self.conns.remove(id)?;
         self.shared.live.fetch_sub(1, Ordering::Relaxed);
-        self.shared
-            .ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.shared.ids().remove(id);
         self.sink.stats.connections -= 1;
         Some(st)
     }

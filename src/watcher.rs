@@ -57,7 +57,7 @@ pub(crate) struct Shared {
     /// before its last drain, so no command slips into a queue nobody will read.
     pub(crate) submitting: AtomicUsize,
     /// Key allocation. The poller holds the per-connection state in a `SecondaryMap`.
-    pub(crate) ids: Mutex<SlotMap<Key, ()>>,
+    ids: Mutex<SlotMap<Key, ()>>,
     pub(crate) stats: StatCells,
     pub(crate) max_ops: u32,
     /// This watcher's number in the process, part of every `ConnId`.
@@ -150,6 +150,12 @@ impl Shared {
         }
     }
 
+    /// The key allocator. Nothing can panic while it is held, so a poisoned lock is still
+    /// consistent and is used as it is.
+    pub(crate) fn ids(&self) -> std::sync::MutexGuard<'_, SlotMap<Key, ()>> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Gives `fd` a key, adds it to the selector and tells the poller. Called by user threads
     /// and by pollers (accepts spread over a pool land on another watcher).
     pub(crate) fn adopt(
@@ -158,16 +164,9 @@ impl Shared {
         connect: Option<Connect>,
         route: Route,
     ) -> Result<Conn, Error> {
-        let id = self
-            .ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(());
+        let id = self.ids().insert(());
         let forget = |id| {
-            self.ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
+            self.ids().remove(id);
         };
         // Registered before the poller knows the key: events that arrive first find no state
         // and are dropped, which is harmless because a new connection starts out assumed
@@ -418,12 +417,7 @@ impl Watcher {
     /// that cannot be watched: not a socket (`ENOTSOCK`), not a stream socket
     /// ([`io::ErrorKind::InvalidInput`]), or refused by epoll/kqueue. The socket is closed.
     pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, Error> {
-        let fd: OwnedFd = socket.into();
-        if self.is_closed() {
-            return Err(Error::WatcherClosed);
-        }
-        sys::prepare_stream(fd.as_fd())?;
-        self.shared.adopt(fd, None, Route::default())
+        self.register_routed(socket.into(), Route::default(), false)
     }
 
     /// Like [`register`](Watcher::register), but this connection's completions go to `mailbox`
@@ -439,16 +433,11 @@ impl Watcher {
         socket: impl Into<OwnedFd>,
         mailbox: flume::Sender<Completion>,
     ) -> Result<Conn, Error> {
-        let fd: OwnedFd = socket.into();
-        if self.is_closed() {
-            return Err(Error::WatcherClosed);
-        }
-        sys::prepare_stream(fd.as_fd())?;
         let route = Route {
             mailbox: Some(mailbox),
             spread: None,
         };
-        self.shared.adopt(fd, None, route)
+        self.register_routed(socket.into(), route, false)
     }
 
     /// Takes ownership of a listening stream socket ([`TcpListener`](std::net::TcpListener),
@@ -473,11 +462,16 @@ impl Watcher {
     }
 
     pub(crate) fn listen_routed(&self, fd: OwnedFd, route: Route) -> Result<Conn, Error> {
+        self.register_routed(fd, route, true)
+    }
+
+    /// The checks every registration makes, then `adopt`.
+    fn register_routed(&self, fd: OwnedFd, route: Route, listener: bool) -> Result<Conn, Error> {
         if self.is_closed() {
             return Err(Error::WatcherClosed);
         }
         sys::prepare_stream(fd.as_fd())?;
-        if !sys::is_listener(fd.as_fd())? {
+        if listener && !sys::is_listener(fd.as_fd())? {
             let msg = "not a listening socket (call listen() first, or use register)";
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());
         }
