@@ -218,26 +218,30 @@ impl Sink {
     }
 }
 
-/// The internal read buffer: zeroed chunks handed out as `Bytes` slices.
+/// The internal read buffer: chunks whose spare capacity the kernel reads into, handed out
+/// as `Bytes` slices. Never zeroed: `recv` initialises what it reports.
 struct Arena {
     buf: BytesMut,
     chunk: usize,
 }
 
 impl Arena {
-    /// Makes sure a useful amount of zeroed space is left, reusing the used-up chunk when no
-    /// slice of it is still held.
-    fn refill(&mut self, stats: &mut Stats) {
-        if self.buf.len() >= self.chunk.min(MIN_ARENA) {
-            return;
+    /// Makes sure a useful amount of space is left, reusing the used-up chunk when no slice
+    /// of it is still held. Returns how much one read may take.
+    fn refill(&mut self, stats: &mut Stats) -> usize {
+        let want = self.chunk.min(MIN_ARENA);
+        if self.spare() < want {
+            self.buf.clear();
+            if !self.buf.try_reclaim(self.chunk) {
+                self.buf = BytesMut::with_capacity(self.chunk);
+                stats.chunks_allocated += 1;
+            }
         }
-        self.buf.clear();
-        if self.buf.try_reclaim(self.chunk) {
-            self.buf.resize(self.chunk, 0);
-        } else {
-            self.buf = BytesMut::zeroed(self.chunk);
-            stats.chunks_allocated += 1;
-        }
+        self.spare().min(self.chunk)
+    }
+
+    fn spare(&self) -> usize {
+        self.buf.capacity() - self.buf.len()
     }
 }
 
@@ -749,8 +753,8 @@ fn do_reads(
             Kind::Read(buf) => (sys::recv(fd, &mut buf[..]), buf.len()),
             Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
             Kind::ReadInternal => {
-                arena.refill(&mut sink.stats);
-                (sys::recv(fd, &mut arena.buf), arena.buf.len())
+                let max = arena.refill(&mut sink.stats);
+                (sys::recv_spare(fd, &mut arena.buf, max), max)
             }
             _ => {
                 match sys::accept(fd) {

@@ -93,6 +93,35 @@ pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// `recv(2)` into the spare capacity of `buf` (the bytes past its length), retrying EINTR;
+/// at most `max` bytes; the bytes received are appended to `buf`. No zeroing first: the internal read arena hands
+/// out a fresh 64 KiB per chunk, and zeroing it cost as much as a 128-byte echo's `recv`
+/// (see docs/benchmarks.md).
+pub(crate) fn recv_spare(
+    fd: BorrowedFd<'_>,
+    buf: &mut bytes::BytesMut,
+    max: usize,
+) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let len = max.min(spare.len());
+    let spare = &mut spare[..len];
+    let n = loop {
+        // SAFETY: `spare` is live, writable memory of `spare.len()` bytes that `buf` owns; the
+        // kernel writes at most that many bytes into it and never reads it.
+        let r = cvt_size(unsafe {
+            libc::recv(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), 0)
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity (recv returns
+    // how many it wrote, at most `spare.len()`), so `len + n` bytes are initialised.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
 // Apple: SO_NOSIGPIPE was set when the socket was registered, accepted or created.
