@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::cmd::Kind;
-use crate::watcher::{Ctl, Msg, Route, Shared, SubmitError};
+use crate::watcher::{Ctl, Route, Shared, SubmitError};
 #[cfg(doc)]
 use crate::Error;
 use crate::{Cmd, SendError};
@@ -119,13 +119,13 @@ impl Conn {
                 inner.inflight.fetch_sub(1, Ordering::Relaxed);
             }
         };
-        match inner.shared.submit(Msg::Op(self.clone(), cmd)) {
+        match inner.shared.submit(self, cmd) {
             Ok(()) => Ok(()),
-            Err((SubmitError::Full, Msg::Op(conn, cmd))) if last => {
+            Err((SubmitError::Full, cmd)) if last => {
                 // Operations still queued then complete (freed) after this one.
-                match inner.shared.control(Ctl::Last(conn, cmd)) {
+                match inner.shared.control(Ctl::Last(self.clone(), cmd)) {
                     Ok(()) => Ok(()),
-                    Err((_, msg)) => {
+                    Err(msg) => {
                         undo();
                         match msg {
                             Ctl::Last(_, cmd) => Err(SendError::Closed(cmd)),
@@ -134,11 +134,11 @@ impl Conn {
                     }
                 }
             }
-            Err((SubmitError::Full, Msg::Op(_, cmd))) => {
+            Err((SubmitError::Full, cmd)) => {
                 undo();
                 Err(SendError::Full(cmd))
             }
-            Err((SubmitError::Closed, Msg::Op(_, cmd))) => {
+            Err((SubmitError::Closed, cmd)) => {
                 undo();
                 Err(SendError::Closed(cmd))
             }

@@ -12,7 +12,7 @@ use crate::fifo::{Fifo, Slab};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use slotmap::{KeyData, SecondaryMap};
 use crate::cmd::Kind;
 use crate::conn::Key;
 use crate::stats::Stats;
-use crate::watcher::{Ctl, Msg, Route, Shared};
+use crate::watcher::{Ctl, Route, Shared};
 use crate::{sys, Buf, Cmd, Completion, Conn, Error, Op};
 
 /// The waker's event token. Slotmap never hands out index `u32::MAX`, so no key maps to it.
@@ -247,8 +247,10 @@ impl Arena {
 
 pub(crate) struct Driver {
     shared: Arc<Shared>,
-    ops_rx: flume::Receiver<Msg>,
-    ctl_rx: flume::Receiver<Ctl>,
+    /// The inbox's queues as the last take left them (empty, allocation kept): swapped with
+    /// the inbox's each round.
+    ops_in: Vec<(Conn, Cmd)>,
+    ctl_in: Vec<Ctl>,
     mailbox: flume::Sender<Completion>,
     /// Completions the (bounded, full) mailbox did not take yet, in order.
     backlog: VecDeque<Completion>,
@@ -268,16 +270,14 @@ pub(crate) struct Driver {
 impl Driver {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        ops_rx: flume::Receiver<Msg>,
-        ctl_rx: flume::Receiver<Ctl>,
         mailbox: flume::Sender<Completion>,
         chunk: usize,
         events_capacity: usize,
     ) -> Driver {
         Driver {
             shared,
-            ops_rx,
-            ctl_rx,
+            ops_in: Vec::new(),
+            ctl_in: Vec::new(),
             mailbox,
             backlog: VecDeque::new(),
             conns: SecondaryMap::new(),
@@ -330,8 +330,9 @@ impl Driver {
     /// Everything of a round but the wait: commands, I/O, timers, completions. Returns
     /// `false` (after shutting down) if the watcher was closed.
     fn process(&mut self) -> bool {
-        self.drain_ctl();
-        self.drain_ops();
+        self.take_inbox(false);
+        self.run_ctl();
+        self.run_ops();
         if self.shared.closed.load(Ordering::SeqCst) {
             self.shutdown();
             return false;
@@ -345,11 +346,18 @@ impl Driver {
         true
     }
 
-    fn drain_ctl(&mut self) {
-        for _ in 0..self.ctl_rx.len() {
-            let Ok(msg) = self.ctl_rx.try_recv() else {
-                break;
-            };
+    /// Swaps the inbox's queues with our empty ones: only what is queued now, so a busy
+    /// sender cannot keep the poller from its sockets. `seal` makes it the last take.
+    fn take_inbox(&mut self, seal: bool) {
+        let mut inbox = self.shared.inbox();
+        inbox.sealed |= seal;
+        std::mem::swap(&mut inbox.ops, &mut self.ops_in);
+        std::mem::swap(&mut inbox.ctl, &mut self.ctl_in);
+    }
+
+    fn run_ctl(&mut self) {
+        let mut ctl = std::mem::take(&mut self.ctl_in);
+        for msg in ctl.drain(..) {
             match msg {
                 Ctl::Register { id, fd, connect } => {
                     self.conns.insert(id, ConnState::new(fd, self.now));
@@ -360,26 +368,25 @@ impl Driver {
                 }
                 // No operation can be pending (each holds a handle): just close.
                 Ctl::Release(id) => drop(self.remove(id)),
-                // Its registration came before it on this same queue.
-                Ctl::Last(conn, cmd) => self.submit(conn, cmd, false),
+                // Its registration was taken with it or before (registering comes first).
+                Ctl::Last(conn, cmd) => self.submit(conn, cmd),
             }
         }
+        self.ctl_in = ctl; // keep the allocation
     }
 
-    fn drain_ops(&mut self) {
-        // Only what is queued now: a busy sender must not keep the poller from its sockets.
-        let n = self.ops_rx.len();
-        if n > 0 {
-            // The time the commands are taken starts their idle periods: `now` from before
-            // the wait could be earlier than a command was sent, firing its timeout early.
-            self.now = Instant::now();
+    fn run_ops(&mut self) {
+        if self.ops_in.is_empty() {
+            return;
         }
-        for _ in 0..n {
-            let Ok(Msg::Op(conn, cmd)) = self.ops_rx.try_recv() else {
-                break;
-            };
-            self.submit(conn, cmd, true);
+        // The time the commands are taken starts their idle periods: `now` from before the
+        // wait could be earlier than a command was sent, firing its timeout early.
+        self.now = Instant::now();
+        let mut ops = std::mem::take(&mut self.ops_in);
+        for (conn, cmd) in ops.drain(..) {
+            self.submit(conn, cmd);
         }
+        self.ops_in = ops;
     }
 
     fn remove(&mut self, id: Key) -> Option<ConnState> {
@@ -401,12 +408,8 @@ impl Driver {
         Some(st.fd)
     }
 
-    fn submit(&mut self, conn: Conn, cmd: Cmd, may_drain: bool) {
+    fn submit(&mut self, conn: Conn, cmd: Cmd) {
         let id = conn.inner.id;
-        if may_drain && !self.conns.contains_key(id) {
-            // Its registration may have been queued just after our control drain.
-            self.drain_ctl();
-        }
         if !self.conns.contains_key(id) {
             return self.sink.reject(conn, cmd, Error::Freed);
         }
@@ -646,12 +649,13 @@ impl Driver {
     fn wait(&mut self, mut timeout: Option<Duration>) {
         if timeout != Some(Duration::ZERO) {
             // See `Shared::wake_if_sleeping` for the other half of this handshake.
-            self.shared.sleeping.store(true, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            if !self.ops_rx.is_empty()
-                || !self.ctl_rx.is_empty()
-                || self.shared.closed.load(Ordering::SeqCst)
-            {
+            self.shared.sleeping.store(true, Ordering::Relaxed);
+            let inbox = self.shared.inbox();
+            if !inbox.ops.is_empty() || !inbox.ctl.is_empty() || inbox.sealed {
+                timeout = Some(Duration::ZERO);
+            }
+            drop(inbox);
+            if self.shared.closed.load(Ordering::SeqCst) {
                 timeout = Some(Duration::ZERO);
             }
         }
@@ -689,20 +693,15 @@ impl Driver {
     }
 
     pub(crate) fn shutdown(&mut self) {
-        // Submitters that passed their `closed` check are mid-push; once they are done,
-        // nothing new can enter the queues.
-        while self.shared.submitting.load(Ordering::SeqCst) != 0 {
-            thread::yield_now();
-        }
-        while !self.ctl_rx.is_empty() {
-            self.drain_ctl();
-        }
+        // The last take: later pushes fail with `Closed`.
+        self.take_inbox(true);
+        self.run_ctl();
         // Pending operations first: they were submitted before anything still queued.
         let ids: Vec<Key> = self.conns.keys().collect();
         for id in ids {
             drop(self.retire(id, || Error::WatcherClosed));
         }
-        while let Ok(Msg::Op(conn, cmd)) = self.ops_rx.try_recv() {
+        for (conn, cmd) in std::mem::take(&mut self.ops_in) {
             self.sink.reject(conn, cmd, Error::WatcherClosed);
         }
         self.flush();

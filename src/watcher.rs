@@ -4,9 +4,9 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{
-    fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+    AtomicBool, AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed, Ordering::SeqCst,
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -20,12 +20,7 @@ use crate::{sys, Cmd, Completion, Conn, Connect, Error};
 /// Numbers watchers, so `ConnId`s of different watchers never collide.
 static NEXT_WATCHER_ID: AtomicU32 = AtomicU32::new(0);
 
-/// Messages on the bounded command queue.
-pub(crate) enum Msg {
-    Op(Conn, Cmd),
-}
-
-/// Messages on the unbounded control queue: never refused, so a drop never leaks a socket.
+/// Control messages: never refused (only after shutdown), so a drop never leaks a socket.
 pub(crate) enum Ctl {
     /// A new socket; `connect` is the pending connect of one made by `Watcher::connect`.
     Register {
@@ -44,18 +39,28 @@ pub(crate) enum SubmitError {
     Closed,
 }
 
+/// The queues into the poller, behind one lock: senders push one message each, the poller
+/// takes both queues whole once per round (one lock per round, however many arrived).
+#[derive(Default)]
+pub(crate) struct Inbox {
+    /// Commands, bounded by the builder's `command_capacity`.
+    pub(crate) ops: Vec<(Conn, Cmd)>,
+    /// Registrations and releases; taken before `ops`, unbounded.
+    pub(crate) ctl: Vec<Ctl>,
+    /// Set by the poller's shutdown as it takes the last messages: later pushes fail, so
+    /// nothing is left in a queue nobody will read.
+    pub(crate) sealed: bool,
+}
+
 /// State shared by the watcher, every `Conn` and the poller thread.
 pub(crate) struct Shared {
-    ops_tx: flume::Sender<Msg>,
-    ctl_tx: flume::Sender<Ctl>,
+    inbox: Mutex<Inbox>,
+    ops_capacity: usize,
     pub(crate) selector: sys::Selector,
     pub(crate) waker: sys::Waker,
     /// The poller is in (or about to enter) `select` with a non-zero timeout.
     pub(crate) sleeping: AtomicBool,
     pub(crate) closed: AtomicBool,
-    /// Submissions between their `closed` check and their push; the poller waits for zero
-    /// before its last drain, so no command slips into a queue nobody will read.
-    pub(crate) submitting: AtomicUsize,
     /// Key allocation. The poller holds the per-connection state in a `SecondaryMap`.
     ids: Mutex<SlotMap<Key, ()>>,
     pub(crate) stats: StatCells,
@@ -103,47 +108,50 @@ impl Spread {
 }
 
 impl Shared {
-    /// Pushes onto a queue unless the watcher is closed, then wakes the poller if it sleeps.
-    fn push<T>(
-        &self,
-        msg: T,
-        send: impl FnOnce(T) -> Result<(), flume::TrySendError<T>>,
-    ) -> Result<(), (SubmitError, T)> {
-        self.submitting.fetch_add(1, SeqCst);
-        if self.closed.load(SeqCst) {
-            self.submitting.fetch_sub(1, SeqCst);
-            return Err((SubmitError::Closed, msg));
+    /// The queues. Nothing can panic while the lock is held (and no `Conn` is dropped under
+    /// it: that could re-enter), so a poisoned lock is still consistent.
+    pub(crate) fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a command, unless the watcher is closed or the queue is full (the command
+    /// comes back). The handle in the queue keeps the connection registered until the
+    /// poller takes it.
+    pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd) -> Result<(), (SubmitError, Cmd)> {
+        let mut inbox = self.inbox();
+        if inbox.sealed || self.closed.load(Relaxed) {
+            return Err((SubmitError::Closed, cmd));
         }
-        let r = send(msg);
-        self.submitting.fetch_sub(1, SeqCst);
-        match r {
-            Ok(()) => {
-                self.wake_if_sleeping();
-                Ok(())
-            }
-            Err(flume::TrySendError::Full(m)) => Err((SubmitError::Full, m)),
-            Err(flume::TrySendError::Disconnected(m)) => Err((SubmitError::Closed, m)),
+        if inbox.ops.len() >= self.ops_capacity {
+            return Err((SubmitError::Full, cmd));
         }
+        inbox.ops.push((conn.clone(), cmd));
+        let sleeping = self.sleeping.load(Relaxed);
+        drop(inbox);
+        self.wake_if(sleeping);
+        Ok(())
     }
 
-    pub(crate) fn submit(&self, msg: Msg) -> Result<(), (SubmitError, Msg)> {
-        self.push(msg, |m| self.ops_tx.try_send(m))
+    /// Queues a control message unless the poller has shut down (it comes back).
+    pub(crate) fn control(&self, msg: Ctl) -> Result<(), Ctl> {
+        let mut inbox = self.inbox();
+        if inbox.sealed {
+            drop(inbox);
+            return Err(msg);
+        }
+        inbox.ctl.push(msg);
+        let sleeping = self.sleeping.load(Relaxed);
+        drop(inbox);
+        self.wake_if(sleeping);
+        Ok(())
     }
 
-    pub(crate) fn control(&self, msg: Ctl) -> Result<(), (SubmitError, Ctl)> {
-        self.push(msg, |m| {
-            self.ctl_tx
-                .send(m)
-                .map_err(|e| flume::TrySendError::Disconnected(e.into_inner()))
-        })
-    }
-
-    /// The poller sets `sleeping`, fences, then checks the queues; we push, fence, then check
-    /// `sleeping`. One of the two sees the other (Dekker), so a command never waits for a
-    /// timeout, and the eventfd write happens only when the poller sleeps.
-    fn wake_if_sleeping(&self) {
-        fence(SeqCst);
-        if self.sleeping.load(SeqCst) && self.sleeping.swap(false, SeqCst) {
+    /// The poller sets `sleeping`, then takes the lock to see whether the queues are empty;
+    /// a sender pushes and reads `sleeping` under the same lock. Whichever holds the lock
+    /// second sees what the other did, so a message never waits for a timeout, and the
+    /// eventfd is written only when the poller sleeps (once: the swap).
+    fn wake_if(&self, sleeping: bool) {
+        if sleeping && self.sleeping.swap(false, AcqRel) {
             // A failed wake-up write means the eventfd is broken; the poller's own timeout
             // still runs the loop, so there is nothing better to do here.
             let _ = self.waker.wake();
@@ -186,7 +194,7 @@ impl Shared {
                 self.live.fetch_add(1, SeqCst);
                 Ok(conn)
             }
-            Err((_, msg)) => {
+            Err(msg) => {
                 if let Ctl::Register { fd, .. } = msg {
                     let _ = self.selector.deregister(fd.as_raw_fd());
                 }
@@ -317,17 +325,14 @@ impl WatcherBuilder {
         }
         let selector = sys::Selector::new()?;
         let waker = sys::Waker::new(&selector, WAKER_TOKEN)?;
-        let (ops_tx, ops_rx) = flume::bounded(self.command_capacity);
-        let (ctl_tx, ctl_rx) = flume::unbounded();
         let (mail_tx, mail_rx) = self.mailbox.unwrap_or_else(flume::unbounded);
         let shared = Arc::new(Shared {
-            ops_tx,
-            ctl_tx,
+            inbox: Mutex::new(Inbox::default()),
+            ops_capacity: self.command_capacity,
             selector,
             waker,
             sleeping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            submitting: AtomicUsize::new(0),
             ids: Mutex::new(SlotMap::with_key()),
             stats: StatCells::default(),
             max_ops: self.max_ops_per_conn,
@@ -336,8 +341,6 @@ impl WatcherBuilder {
         });
         let driver = Driver::new(
             shared.clone(),
-            ops_rx,
-            ctl_rx,
             mail_tx,
             self.buffer_size,
             self.events_capacity,
