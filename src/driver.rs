@@ -254,6 +254,9 @@ pub(crate) struct Driver {
     mailbox: flume::Sender<Completion>,
     /// Completions the (bounded, full) mailbox did not take yet, in order.
     backlog: VecDeque<Completion>,
+    /// An inline watcher with its own mailbox: completions for the mailbox are kept here
+    /// for the thread driving the watcher to take (`take_direct`), with no channel between.
+    direct: Option<Vec<Completion>>,
     conns: SecondaryMap<Key, ConnState>,
     /// Every connection's pending operations.
     ops: Slab<Pending>,
@@ -280,6 +283,7 @@ impl Driver {
             ctl_in: Vec::new(),
             mailbox,
             backlog: VecDeque::new(),
+            direct: None,
             conns: SecondaryMap::new(),
             ops: Slab::new(),
             ready: Vec::new(),
@@ -296,6 +300,23 @@ impl Driver {
             events: sys::Events::with_capacity(events_capacity),
             seq: 0,
             now: Instant::now(),
+        }
+    }
+
+    /// Completions go to `take_direct` instead of the mailbox (an inline watcher with a
+    /// mailbox of its own: no one else can be waiting on it).
+    pub(crate) fn deliver_direct(&mut self) {
+        self.direct = Some(Vec::new());
+    }
+
+    /// Moves the completions kept for the driving thread to the end of `out`.
+    pub(crate) fn take_direct(&mut self, out: &mut Vec<Completion>) {
+        if let Some(direct) = &mut self.direct {
+            if out.is_empty() {
+                std::mem::swap(out, direct);
+            } else {
+                out.append(direct);
+            }
         }
     }
 
@@ -619,6 +640,12 @@ impl Driver {
             }
         }
         for c in self.sink.out.drain(..) {
+            if let Some(direct) = &mut self.direct {
+                if c.conn.inner.route.mailbox.is_none() {
+                    direct.push(c);
+                    continue;
+                }
+            }
             if !self.backlog.is_empty() {
                 self.backlog.push_back(c);
                 continue;
@@ -693,6 +720,13 @@ impl Driver {
     }
 
     pub(crate) fn shutdown(&mut self) {
+        // Nobody may come to take direct completions any more (`Watcher::close`): what is
+        // kept goes to the mailbox, ahead of what the shutdown completes.
+        if let Some(direct) = self.direct.take() {
+            for c in direct {
+                let _ = self.mailbox.send(c); // unbounded (inline), or nobody receives
+            }
+        }
         // The last take: later pushes fail with `Closed`.
         self.take_inbox(true);
         self.run_ctl();

@@ -284,7 +284,9 @@ impl WatcherBuilder {
     /// (`wait_io`, handle the batch, send commands, `wait_io` again) then pays no futex wake,
     /// no eventfd write and no context switch per batch. Completions are produced only while
     /// some thread is inside `wait_io`, `wait_io_timeout`, `wait_io_deadline` or
-    /// `try_wait_io` (one at a time: they take turns driving), so an inline watcher does not
+    /// `try_wait_io` (one at a time: they take turns driving), and they go straight into the
+    /// vector of the call that produced them, not through the mailbox channel (unless the
+    /// watcher was given a shared [`mailbox`](Self::mailbox)). So an inline watcher does not
     /// suit `flume::Selector` or `recv_async` on its mailbox; keep the threaded default for
     /// those. Commands may still be sent from any thread: they wake the driving thread.
     pub fn inline(mut self, inline: bool) -> Self {
@@ -325,6 +327,7 @@ impl WatcherBuilder {
         }
         let selector = sys::Selector::new()?;
         let waker = sys::Waker::new(&selector, WAKER_TOKEN)?;
+        let own_mailbox = self.mailbox.is_none();
         let (mail_tx, mail_rx) = self.mailbox.unwrap_or_else(flume::unbounded);
         let shared = Arc::new(Shared {
             inbox: Mutex::new(Inbox::default()),
@@ -339,12 +342,15 @@ impl WatcherBuilder {
             watcher_id: NEXT_WATCHER_ID.fetch_add(1, Relaxed),
             live: AtomicUsize::new(0),
         });
-        let driver = Driver::new(
+        let mut driver = Driver::new(
             shared.clone(),
             mail_tx,
             self.buffer_size,
             self.events_capacity,
         );
+        if self.inline && own_mailbox {
+            driver.deliver_direct();
+        }
         if self.inline {
             return Ok(Watcher {
                 shared,
@@ -537,10 +543,11 @@ impl Watcher {
         out: &mut Vec<Completion>,
         deadline: Option<Instant>,
     ) -> Result<usize, Error> {
+        let before = out.len();
         loop {
-            let n = self.try_take(out);
-            if n > 0 {
-                return Ok(n);
+            self.try_take(out);
+            if out.len() > before {
+                return Ok(out.len() - before);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(0);
@@ -553,7 +560,9 @@ impl Watcher {
             let Some(d) = guard.as_mut() else {
                 return Err(Error::WatcherClosed);
             };
-            if !d.step(deadline) {
+            let running = d.step(deadline);
+            d.take_direct(out);
+            if !running {
                 *guard = None; // shut down: drops the mailbox sender, like a finished thread
             }
         }
@@ -603,9 +612,15 @@ impl Watcher {
         if let Some(driver) = &self.inline {
             if let Ok(mut guard) = driver.try_lock() {
                 if let Some(d) = guard.as_mut() {
-                    if !d.step(Some(Instant::now())) {
+                    // Completions posted to the mailbox are older than the direct ones.
+                    let before = out.len();
+                    self.try_take(out);
+                    let running = d.step(Some(Instant::now()));
+                    d.take_direct(out);
+                    if !running {
                         *guard = None;
                     }
+                    return out.len() - before + self.try_take(out);
                 }
             }
         }

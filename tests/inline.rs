@@ -122,6 +122,38 @@ fn try_wait_io_drives_one_round() {
 }
 
 #[test]
+fn completions_reach_the_driving_call_in_order_and_are_appended() {
+    let watcher = inline();
+    let (mut client, server) = tcp_pair();
+    let conn = watcher.register(server).unwrap();
+    let write = |tag: u8| Cmd::Write(vec![tag; 100]).tag(u64::from(tag));
+    conn.send(write(0)).unwrap();
+    let mut got = collect(&watcher, 1, TIMEOUT);
+    // Whatever the caller's vector holds stays in front.
+    for tag in 1..5 {
+        conn.send(write(tag)).unwrap();
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while got.len() < 5 {
+        let before = got.len();
+        let n = watcher.wait_io_deadline(&mut got, deadline).unwrap();
+        assert!(n > 0, "timed out: {}", describe_all(&got));
+        assert_eq!(got.len(), before + n, "the count is what was appended");
+    }
+    let tags: Vec<u64> = got.iter().map(|c| c.tag).collect();
+    assert_eq!(tags, [0, 1, 2, 3, 4], "{}", describe_all(&got));
+    assert!(got.iter().all(|c| c.is_ok() && c.n == 100));
+    // They came straight to the driving call: nothing is left behind in the mailbox.
+    assert!(watcher.mailbox().is_empty());
+    let mut buf = vec![0; 500];
+    client.read_exact(&mut buf).unwrap();
+    assert!(buf
+        .chunks(100)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+}
+
+#[test]
 fn close_completes_pending_work_and_later_waits_fail() {
     let watcher = inline();
     let (_client, server) = tcp_pair();
