@@ -2,11 +2,11 @@
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::cmd::Kind;
-use crate::watcher::{Ctl, Route, Shared, SubmitError};
+use crate::watcher::{Ctl, Shared, SubmitError};
 #[cfg(doc)]
 use crate::Error;
 use crate::{Cmd, SendError};
@@ -40,28 +40,35 @@ pub struct Conn {
     pub(crate) inner: Arc<ConnInner>,
 }
 
+/// What every handle of one connection shares: 24 bytes, so with the `Arc` counts the
+/// allocation fits glibc's 48-byte size class (part of the idle-connection budget in
+/// docs/benchmarks.md). Where its completions go is the poller's business (`ConnState`).
 pub(crate) struct ConnInner {
     pub(crate) id: Key,
     pub(crate) shared: Arc<Shared>,
-    /// Set once `Free` or `Detach` was accepted: later sends fail on the caller's thread.
-    freed: AtomicBool,
-    /// Read, read-full and write operations accepted and not yet completed.
-    pub(crate) inflight: AtomicU32,
-    pub(crate) route: Route,
+    /// [`FREED`] once `Free` or `Detach` was accepted (later sends fail on the caller's
+    /// thread), plus the read, read-full and write operations accepted and not yet completed.
+    pub(crate) state: AtomicU32,
 }
 
+/// The `state` bit saying `Free` or `Detach` was accepted; the bits below count operations.
+pub(crate) const FREED: u32 = 1 << 31;
+
 impl Conn {
-    pub(crate) fn new(id: Key, shared: Arc<Shared>, route: Route) -> Conn {
+    pub(crate) fn new(id: Key, shared: Arc<Shared>) -> Conn {
         let inner = ConnInner {
             id,
             shared,
-            freed: AtomicBool::new(false),
-            inflight: AtomicU32::new(0),
-            route,
+            state: AtomicU32::new(0),
         };
         Conn {
             inner: Arc::new(inner),
         }
+    }
+
+    /// One operation of this connection completed (or was refused by the poller).
+    pub(crate) fn op_done(&self) {
+        self.inner.state.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// This connection's key.
@@ -74,7 +81,7 @@ impl Conn {
 
     /// Whether `Free` or `Detach` has been accepted for this connection.
     pub fn is_freed(&self) -> bool {
-        self.inner.freed.load(Ordering::Acquire)
+        self.inner.state.load(Ordering::Acquire) & FREED != 0
     }
 
     /// Submits a command. It never blocks: the poller performs it and posts exactly one
@@ -100,23 +107,25 @@ impl Conn {
         let last = matches!(cmd.kind, Kind::Free | Kind::Detach);
         if last {
             // Only one Free/Detach is ever accepted; it does not count against the op bound.
-            if inner.freed.swap(true, Ordering::AcqRel) {
+            if inner.state.fetch_or(FREED, Ordering::AcqRel) & FREED != 0 {
                 return Err(SendError::Freed(cmd));
             }
         } else {
-            if inner.freed.load(Ordering::Acquire) {
+            let before = inner.state.fetch_add(1, Ordering::AcqRel);
+            if before & FREED != 0 {
+                inner.state.fetch_sub(1, Ordering::Relaxed);
                 return Err(SendError::Freed(cmd));
             }
-            if inner.inflight.fetch_add(1, Ordering::Relaxed) >= inner.shared.max_ops {
-                inner.inflight.fetch_sub(1, Ordering::Relaxed);
+            if before >= inner.shared.max_ops {
+                inner.state.fetch_sub(1, Ordering::Relaxed);
                 return Err(SendError::Full(cmd));
             }
         }
         let undo = || {
             if last {
-                inner.freed.store(false, Ordering::Release);
+                inner.state.fetch_and(!FREED, Ordering::Release);
             } else {
-                inner.inflight.fetch_sub(1, Ordering::Relaxed);
+                inner.state.fetch_sub(1, Ordering::Relaxed);
             }
         };
         match inner.shared.submit(self, cmd) {

@@ -6,7 +6,7 @@
 //! each) -> expire timers -> post the round's completions -> `select` with a timeout of zero
 //! (work left), the nearest deadline, or forever -> mark connections from the events.
 
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use crate::fifo::{Fifo, Slab};
 use std::io::{self, IoSlice};
@@ -58,30 +58,37 @@ impl Dir {
     }
 }
 
-/// An accepted read, read-full or write, waiting in its connection's FIFO.
+/// An accepted operation waiting in its connection's FIFO. The connection's handle is kept
+/// once per connection (`ConnState::conn`), the deadline and idle period by its timers.
 struct Pending {
-    conn: Conn,
     kind: Kind,
     done: usize,
     tag: u64,
     seq: u64,
-    deadline: Option<Instant>,
-    /// Its idle period starts when the poller takes the command: the first idle timer is
-    /// armed then, at `now + idle`, and re-armed only later, so the timer itself carries it.
-    idle: Option<Duration>,
+    /// A deadline or idle timer refers to it (by `seq`).
+    timed: bool,
 }
 
-impl Pending {
-    fn has_timer(&self) -> bool {
-        self.deadline.is_some() || self.idle.is_some()
-    }
-}
-
+/// What the poller keeps per connection. Its size is most of what an idle connection costs
+/// (docs/benchmarks.md), hence the parked read and the millisecond progress stamps.
 struct ConnState {
     fd: OwnedFd,
     /// Pending operations, in `Driver::ops`.
     reads: Fifo,
     writes: Fifo,
+    /// A handle of this connection, held while any operation is pending: completions get
+    /// clones, the last one gets this one, so the connection is released (after the user
+    /// drops it) only when nothing is pending.
+    conn: Option<Conn>,
+    /// The tag of the parked read (see `parked`).
+    parked_tag: u64,
+    /// When bytes last moved in each direction (`Driver::stamp`), for idle timeouts.
+    read_progress: u32,
+    write_progress: u32,
+    /// A plain `ReadInternal` (no timer) that is the connection's only read, kept here
+    /// instead of in the slab: an idle connection waiting for input then costs no slab entry.
+    /// It moves to the read FIFO when it runs or another read queues behind it.
+    parked: bool,
     readable: bool,
     writable: bool,
     /// A short read does not prove the socket drained: the peer hung up or the socket
@@ -94,24 +101,25 @@ struct ConnState {
     eof: bool,
     /// In the runnable list.
     queued: bool,
-    read_progress: Instant,
-    write_progress: Instant,
 }
 
 impl ConnState {
-    fn new(fd: OwnedFd, now: Instant) -> ConnState {
+    fn new(fd: OwnedFd, now: u32) -> ConnState {
         ConnState {
             fd,
             reads: Fifo::EMPTY,
             writes: Fifo::EMPTY,
+            conn: None,
+            parked_tag: 0,
+            read_progress: now,
+            write_progress: now,
+            parked: false,
             readable: true,
             writable: true,
             // Until a read sees EAGAIN: see the field.
             hup: true,
             eof: false,
             queued: false,
-            read_progress: now,
-            write_progress: now,
         }
     }
 
@@ -123,8 +131,48 @@ impl ConnState {
     }
 
     fn has_work(&self) -> bool {
-        (!self.reads.is_empty() && (self.readable || self.eof))
+        ((!self.reads.is_empty() || self.parked) && (self.readable || self.eof))
             || (!self.writes.is_empty() && self.writable)
+    }
+
+    fn idle(&self) -> bool {
+        self.reads.is_empty() && self.writes.is_empty() && !self.parked
+    }
+
+    /// The handle for the completion of an operation just taken out of its queue: a clone
+    /// while others are pending, else the held one.
+    fn handle(&mut self) -> Conn {
+        let conn = if self.idle() {
+            self.conn.take()
+        } else {
+            self.conn.clone()
+        };
+        conn.expect("a connection with an operation pending holds its handle")
+    }
+
+    /// Moves the parked read into the (empty) read FIFO, to run or to queue behind.
+    fn unpark(&mut self, ops: &mut Slab<Pending>) {
+        if self.parked {
+            self.parked = false;
+            let p = Pending {
+                kind: Kind::ReadInternal,
+                done: 0,
+                tag: self.parked_tag,
+                seq: 0,
+                timed: false,
+            };
+            ops.push_back(&mut self.reads, p);
+        }
+    }
+
+    /// Parks the read FIFO's only entry if it is a plain internal read.
+    fn park(&mut self, ops: &mut Slab<Pending>) {
+        let plain = |p: &Pending| matches!(p.kind, Kind::ReadInternal) && !p.timed;
+        if self.reads.is_single() && ops.front(&self.reads).is_some_and(plain) {
+            let p = ops.pop_front(&mut self.reads).expect("front exists");
+            self.parked = true;
+            self.parked_tag = p.tag;
+        }
     }
 }
 
@@ -137,7 +185,8 @@ struct Timer {
     seq: u64,
     id: Key,
     dir: Dir,
-    idle: bool,
+    /// An idle check, of this period; `None` for a deadline.
+    idle: Option<Duration>,
 }
 
 impl Ord for Timer {
@@ -153,32 +202,52 @@ impl PartialOrd for Timer {
     }
 }
 
+/// A completion and, for a routed connection, the channel it goes to.
+type Outgoing = (Completion, Option<flume::Sender<Completion>>);
+
 /// The round's completions and the counters, kept apart from the connection table so both
 /// can be borrowed at once.
 struct Sink {
-    out: Vec<Completion>,
+    out: Vec<Outgoing>,
     stats: Stats,
-    /// Sockets accepted this round, registered once the listener's state is not borrowed.
-    accepted: Vec<(Pending, OwnedFd, Option<SocketAddr>)>,
+    /// Sockets accepted this round (with the listener's handle), registered once the
+    /// listener's state is not borrowed.
+    accepted: Vec<(Pending, Conn, OwnedFd, Option<SocketAddr>)>,
+    /// The routes of connections registered with one (rare: `register_with`, pools), kept
+    /// until the connection is released so that even commands refused after a `Free` reach
+    /// the right mailbox.
+    routes: HashMap<Key, Box<Route>>,
 }
 
 impl Sink {
-    fn complete(&mut self, p: Pending, result: Result<(), Error>, buf: Option<Buf>) {
+    /// Completes `p`, an operation of `st` just taken out of its queue.
+    fn complete(
+        &mut self,
+        st: &mut ConnState,
+        p: Pending,
+        result: Result<(), Error>,
+        buf: Option<Buf>,
+    ) {
+        let conn = st.handle();
+        self.finish(p, conn, result, buf);
+    }
+
+    fn finish(&mut self, p: Pending, conn: Conn, result: Result<(), Error>, buf: Option<Buf>) {
         match Dir::of(&p.kind) {
             Dir::Write => self.stats.writes_in_flight -= 1,
             Dir::Read => self.stats.reads_in_flight -= 1,
         }
         let op = p.kind.op();
-        if p.has_timer() {
+        if p.timed {
             self.stats.deadlines_armed -= 1;
         }
         if matches!(result, Err(Error::Deadline | Error::IdleTimeout)) {
             self.stats.deadlines_fired += 1;
         }
-        p.conn.inner.inflight.fetch_sub(1, Ordering::Relaxed);
+        conn.op_done();
         let buf = buf.unwrap_or_else(|| p.kind.into_buf());
-        let (conn, tag, n) = (p.conn, p.tag, p.done);
-        self.out.push(Completion {
+        let (tag, n) = (p.tag, p.done);
+        self.push(Completion {
             conn,
             op,
             tag,
@@ -192,11 +261,11 @@ impl Sink {
     fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
         // Free and Detach are not counted in flight (`Conn::send`).
         if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
-            conn.inner.inflight.fetch_sub(1, Ordering::Relaxed);
+            conn.op_done();
         }
         let (op, tag) = (cmd.op(), cmd.tag);
         let buf = cmd.into_buf();
-        self.out.push(Completion {
+        self.push(Completion {
             conn,
             op,
             tag,
@@ -207,7 +276,7 @@ impl Sink {
     }
 
     fn post(&mut self, conn: Conn, op: Op, tag: u64, buf: Buf) {
-        self.out.push(Completion {
+        self.push(Completion {
             conn,
             op,
             tag,
@@ -215,6 +284,16 @@ impl Sink {
             n: 0,
             result: Ok(()),
         });
+    }
+
+    fn push(&mut self, c: Completion) {
+        let to = if self.routes.is_empty() {
+            None
+        } else {
+            let route = self.routes.get(&c.conn.inner.id);
+            route.and_then(|r| r.mailbox.clone())
+        };
+        self.out.push((c, to));
     }
 }
 
@@ -253,7 +332,7 @@ pub(crate) struct Driver {
     ctl_in: Vec<Ctl>,
     mailbox: flume::Sender<Completion>,
     /// Completions the (bounded, full) mailbox did not take yet, in order.
-    backlog: VecDeque<Completion>,
+    backlog: VecDeque<Outgoing>,
     /// An inline watcher with its own mailbox: completions for the mailbox are kept here
     /// for the thread driving the watcher to take (`take_direct`), with no channel between.
     direct: Option<Vec<Completion>>,
@@ -268,6 +347,8 @@ pub(crate) struct Driver {
     events: sys::Events,
     seq: u64,
     now: Instant,
+    /// The origin of the millisecond stamps (`stamp`).
+    epoch: Instant,
 }
 
 impl Driver {
@@ -292,6 +373,7 @@ impl Driver {
                 out: Vec::new(),
                 stats: Stats::default(),
                 accepted: Vec::new(),
+                routes: HashMap::new(),
             },
             arena: Arena {
                 buf: BytesMut::new(),
@@ -300,6 +382,7 @@ impl Driver {
             events: sys::Events::with_capacity(events_capacity),
             seq: 0,
             now: Instant::now(),
+            epoch: Instant::now(),
         }
     }
 
@@ -380,15 +463,29 @@ impl Driver {
         let mut ctl = std::mem::take(&mut self.ctl_in);
         for msg in ctl.drain(..) {
             match msg {
-                Ctl::Register { id, fd, connect } => {
-                    self.conns.insert(id, ConnState::new(fd, self.now));
+                Ctl::Register {
+                    id,
+                    fd,
+                    connect,
+                    route,
+                } => {
+                    self.conns
+                        .insert(id, ConnState::new(fd, stamp(self.epoch, self.now)));
                     self.sink.stats.connections += 1;
+                    if let Some(route) = route {
+                        self.sink.routes.insert(id, route);
+                    }
                     if let Some((conn, to)) = connect {
                         self.enqueue(id, conn, Kind::Connect, to.deadline, None, to.tag);
                     }
                 }
-                // No operation can be pending (each holds a handle): just close.
-                Ctl::Release(id) => drop(self.remove(id)),
+                // No operation can be pending (the state holds a handle then): just close.
+                Ctl::Release(id) => {
+                    drop(self.remove(id));
+                    if !self.sink.routes.is_empty() {
+                        self.sink.routes.remove(&id);
+                    }
+                }
                 // Its registration was taken with it or before (registering comes first).
                 Ctl::Last(conn, cmd) => self.submit(conn, cmd),
             }
@@ -421,9 +518,10 @@ impl Driver {
     /// Removes a connection, completing its pending operations with `err`.
     fn retire(&mut self, id: Key, err: fn() -> Error) -> Option<OwnedFd> {
         let mut st = self.remove(id)?;
-        for q in [&mut st.reads, &mut st.writes] {
-            while let Some(p) = self.ops.pop_front(q) {
-                self.sink.complete(p, Err(err()), None);
+        st.unpark(&mut self.ops);
+        for dir in [Dir::Read, Dir::Write] {
+            while let Some(p) = self.ops.pop_front(st.queue(dir)) {
+                self.sink.complete(&mut st, p, Err(err()), None);
             }
         }
         Some(st.fd)
@@ -457,8 +555,8 @@ impl Driver {
         self.enqueue(id, conn, cmd.kind, cmd.deadline, cmd.idle, cmd.tag);
     }
 
-    /// Appends an operation to its connection's FIFO, arms its timers, and marks the
-    /// connection runnable if that direction can make progress now.
+    /// Appends an operation to its connection's FIFO (or parks it), arms its timers, and
+    /// marks the connection runnable if that direction can make progress now.
     fn enqueue(
         &mut self,
         id: Key,
@@ -468,48 +566,68 @@ impl Driver {
         idle: Option<Duration>,
         tag: u64,
     ) {
-        let dir = Dir::of(&kind);
-        self.seq += 1;
-        let seq = self.seq;
-        let p = Pending {
-            conn,
-            kind,
-            done: 0,
-            tag,
-            seq,
-            deadline,
-            idle,
+        let Some(st) = self.conns.get_mut(id) else {
+            return self.sink.reject(
+                conn,
+                Cmd {
+                    kind,
+                    deadline,
+                    idle,
+                    tag,
+                },
+                Error::Freed,
+            );
         };
+        if st.conn.is_none() {
+            st.conn = Some(conn);
+        }
+        let dir = Dir::of(&kind);
         let stats = &mut self.sink.stats;
-        if let Some(when) = p.deadline {
-            self.timers.push(Timer {
-                when,
-                seq,
-                id,
-                dir,
-                idle: false,
-            });
-        }
-        if let Some(when) = p.idle.and_then(|d| self.now.checked_add(d)) {
-            self.timers.push(Timer {
-                when,
-                seq,
-                id,
-                dir,
-                idle: true,
-            });
-        }
-        if p.has_timer() {
-            stats.deadlines_armed += 1;
-        }
         match dir {
             Dir::Read => stats.reads_in_flight += 1,
             Dir::Write => stats.writes_in_flight += 1,
         }
-        let Some(st) = self.conns.get_mut(id) else {
-            return;
-        };
-        self.ops.push_back(st.queue(dir), p);
+        let timed = deadline.is_some() || idle.is_some();
+        if !timed && matches!(kind, Kind::ReadInternal) && st.reads.is_empty() && !st.parked {
+            st.parked = true;
+            st.parked_tag = tag;
+        } else {
+            if dir == Dir::Read {
+                st.unpark(&mut self.ops);
+            }
+            self.seq += 1;
+            let seq = self.seq;
+            if let Some(when) = deadline {
+                let idle = None;
+                self.timers.push(Timer {
+                    when,
+                    seq,
+                    id,
+                    dir,
+                    idle,
+                });
+            }
+            if let Some(when) = idle.and_then(|d| self.now.checked_add(d)) {
+                self.timers.push(Timer {
+                    when,
+                    seq,
+                    id,
+                    dir,
+                    idle,
+                });
+            }
+            if timed {
+                stats.deadlines_armed += 1;
+            }
+            let p = Pending {
+                kind,
+                done: 0,
+                tag,
+                seq,
+                timed,
+            };
+            self.ops.push_back(st.queue(dir), p);
+        }
         if st.has_work() && !st.queued {
             st.queued = true;
             self.ready.push(id);
@@ -523,8 +641,9 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, self.now);
-            do_writes(st, &mut self.ops, &mut self.sink, self.now);
+            let now = stamp(self.epoch, self.now);
+            let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
+            do_writes(st, &mut self.ops, &mut self.sink, now);
             st.queued = st.has_work();
             if st.queued {
                 self.ready.push(id);
@@ -536,13 +655,13 @@ impl Driver {
                     seq: RESUME,
                     id,
                     dir: Dir::Read,
-                    idle: false,
+                    idle: None,
                 });
             }
             if !self.sink.accepted.is_empty() {
                 let mut accepted = std::mem::take(&mut self.sink.accepted);
-                for (p, fd, peer) in accepted.drain(..) {
-                    self.adopt_accepted(p, fd, peer);
+                for (p, listener, fd, peer) in accepted.drain(..) {
+                    self.adopt_accepted(p, listener, fd, peer);
                 }
                 self.sink.accepted = accepted; // keep the allocation
             }
@@ -553,21 +672,27 @@ impl Driver {
     /// Registers an accepted socket (on this watcher, or on the least-loaded watcher of the
     /// listener's pool) and completes its `Accept`. The new connection inherits the
     /// listener's mailbox route.
-    fn adopt_accepted(&mut self, p: Pending, fd: OwnedFd, peer: Option<SocketAddr>) {
-        let listener = &p.conn.inner.route;
-        let target = listener
-            .spread
-            .as_ref()
-            .map_or(&self.shared, |s| &s.targets[s.pick()]);
+    fn adopt_accepted(
+        &mut self,
+        p: Pending,
+        listener: Conn,
+        fd: OwnedFd,
+        peer: Option<SocketAddr>,
+    ) {
+        let own = self.sink.routes.get(&listener.inner.id);
+        let spread = own.and_then(|r| r.spread.clone());
         let route = Route {
-            mailbox: listener.mailbox.clone(),
+            mailbox: own.and_then(|r| r.mailbox.clone()),
             spread: None,
         };
+        let target = spread
+            .as_ref()
+            .map_or(&self.shared, |s| &s.targets[s.pick()]);
         match target.adopt(fd, None, route) {
             Ok(conn) => self
                 .sink
-                .complete(p, Ok(()), Some(Buf::Accepted(conn, peer))),
-            Err(e) => self.sink.complete(p, Err(e), None),
+                .finish(p, listener, Ok(()), Some(Buf::Accepted(conn, peer))),
+            Err(e) => self.sink.finish(p, listener, Err(e), None),
         }
     }
 
@@ -586,34 +711,41 @@ impl Driver {
                 }
                 continue;
             }
-            let progress = match t.dir {
-                Dir::Read => st.read_progress,
-                Dir::Write => st.write_progress,
-            };
             let q = st.queue(t.dir);
-            let Some(p) = self.ops.iter(q).find(|p| p.seq == t.seq) else {
+            if !self.ops.iter(q).any(|p| p.seq == t.seq) {
                 continue;
-            };
-            if t.idle {
+            }
+            if let Some(idle) = t.idle {
                 // The timer fired no earlier than `idle` after the command was taken (or
                 // after the progress that last re-armed it); it is over unless bytes moved in
-                // this direction within the last `idle`.
-                let idle = p.idle.unwrap_or_default();
-                let due = progress.checked_add(idle);
-                if let Some(when) = due.filter(|&due| due > now) {
-                    self.timers.push(Timer { when, ..t });
+                // this direction within the last `idle`. Stamps are rounded up, so `since`
+                // is never longer than the truth; one from the future (same millisecond)
+                // counts as zero.
+                let progress = match t.dir {
+                    Dir::Read => st.read_progress,
+                    Dir::Write => st.write_progress,
+                };
+                let now_ms = stamp(self.epoch, now).wrapping_sub(1);
+                let since = (now_ms.wrapping_sub(progress) as i32).max(0);
+                let since = Duration::from_millis(since as u64);
+                if since < idle {
+                    self.timers.push(Timer {
+                        when: now + (idle - since),
+                        ..t
+                    });
                     continue;
                 }
             }
+            let q = st.queue(t.dir);
             let Some(p) = self.ops.remove(q, |p| p.seq == t.seq) else {
                 continue;
             };
-            let err = if t.idle {
+            let err = if t.idle.is_some() {
                 Error::IdleTimeout
             } else {
                 Error::Deadline
             };
-            self.sink.complete(p, Err(err), None);
+            self.sink.complete(st, p, Err(err), None);
         }
         // Compact when completed operations' timers dominate the heap.
         let armed = self.sink.stats.deadlines_armed as usize;
@@ -640,11 +772,9 @@ impl Driver {
             }
         }
         for c in self.sink.out.drain(..) {
-            if let Some(direct) = &mut self.direct {
-                if c.conn.inner.route.mailbox.is_none() {
-                    direct.push(c);
-                    continue;
-                }
+            if let (Some(direct), None) = (&mut self.direct, &c.1) {
+                direct.push(c.0);
+                continue;
             }
             if !self.backlog.is_empty() {
                 self.backlog.push_back(c);
@@ -741,23 +871,26 @@ impl Driver {
         self.flush();
         // A bounded, full mailbox: the last completions wait for room, for as long as someone
         // can still receive them.
-        while let Some(c) = self.backlog.pop_front() {
-            let tx = c.conn.inner.route.mailbox.clone();
+        while let Some((c, to)) = self.backlog.pop_front() {
             // Blocking is fine now: the poller has nothing else left to do.
-            let _ = tx.as_ref().unwrap_or(&self.mailbox).send(c);
+            let _ = to.as_ref().unwrap_or(&self.mailbox).send(c);
         }
     }
 }
 
+/// `t` in milliseconds since `epoch`, rounded up and wrapping every 49.7 days: a progress
+/// stamp. Rounding up makes the time since progress come out short, never long, so an idle
+/// timeout is re-armed late rather than fired early.
+fn stamp(epoch: Instant, t: Instant) -> u32 {
+    (t.saturating_duration_since(epoch).as_millis() as u32).wrapping_add(1)
+}
+
 /// Posts `c` to its connection's route, or the watcher's mailbox; gives it back when that
 /// (bounded) channel is full. With no receiver left, the completion is dropped.
-fn deliver(mailbox: &flume::Sender<Completion>, c: Completion) -> Result<(), Completion> {
-    let r = match &c.conn.inner.route.mailbox {
-        None => mailbox.try_send(c),
-        Some(tx) => tx.clone().try_send(c),
-    };
+fn deliver(mailbox: &flume::Sender<Completion>, (c, to): Outgoing) -> Result<(), Outgoing> {
+    let r = to.as_ref().unwrap_or(mailbox).try_send(c);
     match r {
-        Err(flume::TrySendError::Full(c)) => Err(c),
+        Err(flume::TrySendError::Full(c)) => Err((c, to)),
         Ok(()) | Err(flume::TrySendError::Disconnected(_)) => Ok(()),
     }
 }
@@ -768,13 +901,28 @@ fn do_reads(
     ops: &mut Slab<Pending>,
     sink: &mut Sink,
     arena: &mut Arena,
-    now: Instant,
+    now: u32,
+) -> bool {
+    if st.readable || st.eof {
+        st.unpark(ops);
+    }
+    let paused = read_queue(st, ops, sink, arena, now);
+    st.park(ops);
+    paused
+}
+
+fn read_queue(
+    st: &mut ConnState,
+    ops: &mut Slab<Pending>,
+    sink: &mut Sink,
+    arena: &mut Arena,
+    now: u32,
 ) -> bool {
     let mut budget = BUDGET;
     while let Some(p) = ops.front_mut(&st.reads) {
         if st.eof {
             let p = ops.pop_front(&mut st.reads).expect("front exists");
-            sink.complete(p, Err(Error::Eof), None);
+            sink.complete(st, p, Err(Error::Eof), None);
             continue;
         }
         if !st.readable || budget == 0 {
@@ -793,13 +941,14 @@ fn do_reads(
                 match sys::accept(fd) {
                     Ok((fd, peer)) => {
                         let p = ops.pop_front(&mut st.reads).expect("front exists");
-                        sink.accepted.push((p, fd, peer));
+                        let listener = st.handle();
+                        sink.accepted.push((p, listener, fd, peer));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.readable = false,
                     Err(e) => {
                         let pause = is_resource_error(&e);
                         let p = ops.pop_front(&mut st.reads).expect("front exists");
-                        sink.complete(p, Err(Error::Io(e)), None);
+                        sink.complete(st, p, Err(Error::Io(e)), None);
                         if pause {
                             st.readable = false;
                             return true;
@@ -813,7 +962,7 @@ fn do_reads(
             Ok(0) => {
                 st.eof = true;
                 let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(p, Err(Error::Eof), None);
+                sink.complete(st, p, Err(Error::Eof), None);
             }
             Ok(n) => {
                 sink.stats.bytes_read += n as u64;
@@ -838,7 +987,7 @@ fn do_reads(
                     _ => p.done = n,
                 }
                 let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(p, Ok(()), data);
+                sink.complete(st, p, Ok(()), data);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 st.readable = false;
@@ -846,7 +995,7 @@ fn do_reads(
             }
             Err(e) => {
                 let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(p, Err(Error::Io(e)), None);
+                sink.complete(st, p, Err(Error::Io(e)), None);
             }
         }
     }
@@ -868,7 +1017,7 @@ fn write_buf(p: &Pending) -> &[u8] {
     }
 }
 
-fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: Instant) {
+fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: u32) {
     let mut budget = BUDGET;
     while st.writable && budget > 0 {
         let Some(head) = ops.front(&st.writes) else {
@@ -889,11 +1038,11 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: 
                 Ok(false) => st.writable = false,
                 Ok(true) => {
                     let p = ops.pop_front(&mut st.writes).expect("front exists");
-                    sink.complete(p, Ok(()), None);
+                    sink.complete(st, p, Ok(()), None);
                 }
                 Err(e) => {
                     let p = ops.pop_front(&mut st.writes).expect("front exists");
-                    sink.complete(p, Err(Error::Io(e)), None);
+                    sink.complete(st, p, Err(Error::Io(e)), None);
                 }
             }
             continue;
@@ -929,13 +1078,13 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: 
                     p.done += left;
                     n -= left;
                     let p = ops.pop_front(&mut st.writes).expect("front exists");
-                    sink.complete(p, Ok(()), None);
+                    sink.complete(st, p, Ok(()), None);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.writable = false,
             Err(e) => {
                 let p = ops.pop_front(&mut st.writes).expect("front exists");
-                sink.complete(p, Err(Error::Io(e)), None);
+                sink.complete(st, p, Err(Error::Io(e)), None);
             }
         }
     }

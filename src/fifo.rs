@@ -24,6 +24,11 @@ impl Fifo {
     pub(crate) fn is_empty(&self) -> bool {
         self.head == NIL
     }
+
+    /// Exactly one entry.
+    pub(crate) fn is_single(&self) -> bool {
+        self.head != NIL && self.head == self.tail
+    }
 }
 
 struct Entry<T> {

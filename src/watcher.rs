@@ -27,6 +27,8 @@ pub(crate) enum Ctl {
         id: Key,
         fd: OwnedFd,
         connect: Option<(Conn, Connect)>,
+        /// `None` for the common case: the watcher's mailbox, no pool.
+        route: Option<Box<Route>>,
     },
     Release(Key),
     /// A `Free` or `Detach` that found the command queue full: it must never be refused, or
@@ -79,6 +81,13 @@ pub(crate) struct Route {
     pub(crate) mailbox: Option<flume::Sender<Completion>>,
     /// Register accepted connections on the least-loaded of these watchers.
     pub(crate) spread: Option<Arc<Spread>>,
+}
+
+impl Route {
+    /// Boxed, or `None` when it is the default (kept per connection: 8 bytes when unused).
+    pub(crate) fn boxed(self) -> Option<Box<Route>> {
+        (self.mailbox.is_some() || self.spread.is_some()).then(|| Box::new(self))
+    }
 }
 
 /// The watchers of a pool, for spreading accepted connections.
@@ -183,13 +192,19 @@ impl Shared {
             forget(id);
             return Err(e.into());
         }
-        let conn = Conn::new(id, self.clone(), route);
+        let conn = Conn::new(id, self.clone());
         let connect = connect.map(|to| {
             // The connect is an operation in flight like any other.
-            conn.inner.inflight.fetch_add(1, SeqCst);
+            conn.inner.state.fetch_add(1, SeqCst);
             (conn.clone(), to)
         });
-        match self.control(Ctl::Register { id, fd, connect }) {
+        let route = route.boxed();
+        match self.control(Ctl::Register {
+            id,
+            fd,
+            connect,
+            route,
+        }) {
             Ok(()) => {
                 self.live.fetch_add(1, SeqCst);
                 Ok(conn)
@@ -253,10 +268,12 @@ impl WatcherBuilder {
     }
 
     /// Most read, read-full and write operations one connection may have in flight; more
-    /// are refused with [`SendError::Full`](crate::SendError::Full) (default: 1,024).
+    /// are refused with [`SendError::Full`](crate::SendError::Full) (default: 1,024; at most
+    /// 2^31 - 1).
     /// `Free` and `Detach` are always let through.
     pub fn max_ops_per_conn(mut self, n: u32) -> Self {
-        self.max_ops_per_conn = n.max(1);
+        // The count shares a word with the handle's "freed" bit.
+        self.max_ops_per_conn = n.clamp(1, crate::conn::FREED - 1);
         self
     }
 

@@ -187,6 +187,35 @@ fn reads_complete_in_submission_order() {
     ledger.assert_all_done();
 }
 
+/// A plain internal read waiting alone is kept apart from the queue (the idle-memory
+/// layout); reads sent after it, timed or not, must still complete behind it, and a Free
+/// must still complete it.
+#[test]
+fn a_waiting_internal_read_keeps_its_place_and_is_freed() {
+    let (watcher, conn, mut client) = watcher_pair();
+    conn.send(Cmd::ReadInternal.tag(1)).unwrap();
+    wait_stats(&watcher, "1 pending read", |s| s.reads_in_flight == 1);
+    conn.send(Cmd::ReadFull(vec![0; 3]).tag(2)).unwrap();
+    conn.send(Cmd::ReadInternal.timeout(TIMEOUT).tag(3))
+        .unwrap();
+    conn.send(Cmd::ReadInternal.tag(4)).unwrap();
+    wait_stats(&watcher, "4 pending reads", |s| s.reads_in_flight == 4);
+    client.write_all(b"first").unwrap();
+    let first = collect_one(&watcher, TIMEOUT);
+    assert_eq!((first.tag, first.data()), (1, &b"first"[..]));
+    client.write_all(b"abcdefg").unwrap();
+    let cs = collect(&watcher, 2, TIMEOUT);
+    assert_eq!((cs[0].tag, cs[0].data()), (2, &b"abc"[..]));
+    assert_eq!((cs[1].tag, cs[1].data()), (3, &b"defg"[..]));
+    // Tag 4 now waits alone again; Free completes it, then itself.
+    conn.send(Cmd::Free.tag(5)).unwrap();
+    let cs = collect(&watcher, 2, TIMEOUT);
+    let got: Vec<(u64, Op)> = cs.iter().map(|c| (c.tag, c.op)).collect();
+    assert_eq!(got, [(4, Op::Read), (5, Op::Free)], "{}", describe_all(&cs));
+    assert!(matches!(cs[0].result, Err(proactor::Error::Freed)));
+    assert_eq!(watcher.stats().reads_in_flight, 0);
+}
+
 #[test]
 fn many_small_writes_arrive_in_order() {
     let (watcher, conn, mut client) = watcher_pair();
