@@ -230,3 +230,31 @@ fn pinned_pollers_run() {
     client.write_all(b"pinned").unwrap();
     assert_eq!(take(&pool.mailbox(), 1)[0].data(), b"pinned");
 }
+
+#[test]
+fn an_inline_watcher_posts_routed_completions_to_the_route() {
+    let w = Watcher::builder().inline(true).build().unwrap();
+    let (lobby_tx, lobby_rx) = proactor::flume::unbounded();
+    let (_client, server) = pair();
+    let conn = w.register_with(server, lobby_tx).unwrap();
+    conn.send(Cmd::ReadInternal.tag(1)).unwrap();
+    conn.send(Cmd::Free.tag(2)).unwrap();
+    let (mut out, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(10));
+    while lobby_rx.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the route got {}",
+            lobby_rx.len()
+        );
+        w.try_wait_io(&mut out);
+        std::thread::yield_now();
+    }
+    assert!(
+        out.is_empty(),
+        "routed completions went to the driving call"
+    );
+    let got = take(&lobby_rx, 2);
+    assert_eq!((got[0].tag, got[0].op), (1, Op::Read));
+    assert!(matches!(got[0].result, Err(proactor::Error::Freed)));
+    assert_eq!((got[1].tag, got[1].op), (2, Op::Free));
+}
