@@ -1056,7 +1056,11 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: 
             asked += iov[k].len();
             k += 1;
         }
-        match sys::send_vectored(fd, &iov[..k]) {
+        let sent = match k {
+            1 => sys::send(fd, &iov[0]),
+            _ => sys::send_vectored(fd, &iov[..k]),
+        };
+        match sent {
             Ok(mut n) => {
                 sink.stats.bytes_written += n as u64;
                 if n > 0 {

@@ -15,7 +15,7 @@ use std::io;
 mod socket;
 pub(crate) use socket::{
     accept, connect_finished, is_listener, prepare_stream, recv, recv_spare, reuseport_listener,
-    send_vectored, shutdown_write, start_connect,
+    send, send_vectored, shutdown_write, start_connect,
 };
 
 #[cfg(any(target_os = "linux", target_os = "android"))]

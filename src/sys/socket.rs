@@ -128,6 +128,22 @@ const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
 #[cfg(any(target_os = "macos", target_os = "ios"))]
 const SEND_FLAGS: libc::c_int = 0;
 
+/// `send(2)` of one buffer, without SIGPIPE, retrying EINTR. The common case of one queued
+/// write: the kernel's `send` takes the buffer as it is, where `sendmsg` first copies and
+/// checks a `msghdr` and an iovec array.
+pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes of it.
+        let r = cvt_size(unsafe {
+            libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), SEND_FLAGS)
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// `sendmsg(2)` of the slices, without SIGPIPE, retrying EINTR.
 pub(crate) fn send_vectored(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (null name, no control data, no flags).
