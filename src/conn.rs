@@ -32,8 +32,8 @@ pub struct ConnId {
 /// A cheap, cloneable handle to one registered socket: no thread, no task.
 ///
 /// Send it commands with [`Conn::send`]; their completions arrive in the watcher's mailbox.
-/// When the last handle is dropped and no operation is pending (pending operations and the
-/// completions in the mailbox hold a handle each), the socket is closed, as [`Cmd::Free`]
+/// When the last handle is dropped and no operation is pending (the watcher keeps a handle
+/// while any is, and every completion holds one), the socket is closed, as [`Cmd::Free`]
 /// does at once.
 #[derive(Clone)]
 pub struct Conn {
@@ -157,7 +157,8 @@ impl Conn {
 
 impl Drop for ConnInner {
     fn drop(&mut self) {
-        // The last handle is gone and no operation is pending (each holds a handle): close.
+        // The last handle is gone and no operation is pending (the poller holds a handle
+        // while one is): close.
         self.shared.release(self.id);
     }
 }
