@@ -11,7 +11,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use crate::fifo::{Fifo, Slab};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
@@ -1017,6 +1017,27 @@ fn write_buf(p: &Pending) -> &[u8] {
     }
 }
 
+/// Sends the plain writes at the head of `q`: one `send` for a lone write (the common case,
+/// without building an iovec array), else up to `MAX_IOV` in one `sendmsg`. Returns the
+/// result and how many bytes were asked for.
+fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result<usize>, usize) {
+    let is_write = |p: &Pending| matches!(p.kind, Kind::Write(_));
+    let mut writes = ops.iter(q).take_while(|p| is_write(p));
+    let first = writes.next().map_or(&[][..], write_buf);
+    if ops.iter(q).nth(1).is_none_or(|p| !is_write(p)) {
+        return (sys::send(fd, first), first.len());
+    }
+    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+    iov[0] = IoSlice::new(first);
+    let (mut k, mut asked) = (1, first.len());
+    for p in writes.take(MAX_IOV - 1) {
+        iov[k] = IoSlice::new(write_buf(p));
+        asked += iov[k].len();
+        k += 1;
+    }
+    (sys::send_vectored(fd, &iov[..k]), asked)
+}
+
 fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: u32) {
     let mut budget = BUDGET;
     while st.writable && budget > 0 {
@@ -1047,19 +1068,7 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: 
             }
             continue;
         }
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut k = 0;
-        let mut asked = 0;
-        let writes = ops.iter(&st.writes).take(MAX_IOV);
-        for p in writes.take_while(|p| matches!(p.kind, Kind::Write(_))) {
-            iov[k] = IoSlice::new(write_buf(p));
-            asked += iov[k].len();
-            k += 1;
-        }
-        let sent = match k {
-            1 => sys::send(fd, &iov[0]),
-            _ => sys::send_vectored(fd, &iov[..k]),
-        };
+        let (sent, asked) = send_writes(fd, ops, &st.writes);
         match sent {
             Ok(mut n) => {
                 sink.stats.bytes_written += n as u64;
