@@ -597,17 +597,12 @@ impl Driver {
             }
             self.seq += 1;
             let seq = self.seq;
-            if let Some(when) = deadline {
-                let idle = None;
-                self.timers.push(Timer {
-                    when,
-                    seq,
-                    id,
-                    dir,
-                    idle,
-                });
-            }
-            if let Some(when) = idle.and_then(|d| self.now.checked_add(d)) {
+            let idle_at = idle.and_then(|d| Some((self.now.checked_add(d)?, d)));
+            let timers = [
+                deadline.map(|at| (at, None)),
+                idle_at.map(|(at, d)| (at, Some(d))),
+            ];
+            for (when, idle) in timers.into_iter().flatten() {
                 self.timers.push(Timer {
                     when,
                     seq,
