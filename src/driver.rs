@@ -766,6 +766,7 @@ impl Driver {
                 break;
             }
         }
+        let posted = !self.sink.out.is_empty() || !self.backlog.is_empty();
         for c in self.sink.out.drain(..) {
             if let (Some(direct), None) = (&mut self.direct, &c.1) {
                 direct.push(c.0);
@@ -781,6 +782,9 @@ impl Driver {
         }
         self.sink.stats.timer_entries = self.timers.len() as u64;
         self.shared.stats.publish(&self.sink.stats);
+        if posted && self.direct.is_none() {
+            self.shared.rounds.ended();
+        }
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -1019,7 +1023,7 @@ fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result
     let is_write = |p: &Pending| matches!(p.kind, Kind::Write(_));
     let mut writes = ops.iter(q).take_while(|p| is_write(p));
     let first = writes.next().map_or(&[][..], write_buf);
-    if ops.iter(q).nth(1).is_none_or(|p| !is_write(p)) {
+    if !matches!(ops.iter(q).nth(1), Some(p) if is_write(p)) {
         return (sys::send(fd, first), first.len());
     }
     let mut iov = [IoSlice::new(&[]); MAX_IOV];
