@@ -3,47 +3,30 @@
 //! Kept apart from `tests/util/` on purpose: these tests measure process-wide things (the fd
 //! count, RSS) and must not change when the behaviour tests' helpers do.
 //!
-//! - `Pairs`: loopback TCP pairs from one listener;
 //! - `Ledger`: gives every command a unique tag, records every completion in mailbox order,
 //!   and fails on an unknown tag, a second completion, or a wrong `Op`;
-//! - `Rng`, `pattern`: a tiny seeded PRNG (splitmix64) and deterministic byte streams;
+//! - `Pairs`, `Rng`, `pattern`, `describe` (from `tests/common/kit.rs`, shared with `tests/util`);
 //! - `sanitized`, `fd_count`, `rss_kib`, `heap_in_use`, `set_linger_zero`, `set_buffer_sizes`, `wait_stats`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+#[path = "../common/kit.rs"]
+mod kit;
+#[allow(unused_imports)] // each test crate uses its own subset
+pub use kit::{describe, describe_all, pattern, Pairs, Rng};
 #[path = "../common/sockopt.rs"]
 mod sockopt;
 #[allow(unused_imports)] // not every test crate resets sockets
 pub use sockopt::set_linger_zero;
 
-use proactor::{Buf, Cmd, Completion, Conn, ConnId, Op, SendError, Stats, Watcher};
+use proactor::{Cmd, Completion, Conn, ConnId, Op, SendError, Stats, Watcher};
 
 /// The generous upper bound for anything that should take milliseconds.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// One listener handing out many loopback pairs (connect, then accept at once).
-pub struct Pairs {
-    listener: TcpListener,
-}
-
-impl Pairs {
-    pub fn new() -> Pairs {
-        Pairs {
-            listener: TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"),
-        }
-    }
-
-    /// (peer, server): the peer is the test's end, the server end gets registered.
-    pub fn pair(&self) -> (TcpStream, TcpStream) {
-        let peer = TcpStream::connect(self.listener.local_addr().unwrap()).expect("connect");
-        let (server, _) = self.listener.accept().expect("accept");
-        (peer, server)
-    }
-}
 
 /// Set by `scripts/sanitize.sh`: under AddressSanitizer or valgrind, memory figures mean
 /// nothing (ASan's quarantine holds freed memory, valgrind replaces the allocator) and
@@ -132,68 +115,6 @@ pub fn wait_stats(watcher: &Watcher, what: &str, pred: impl Fn(&Stats) -> bool) 
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-/// splitmix64: tiny, seeded, good enough for test data and choices.
-#[derive(Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below((hi - lo + 1) as u64) as usize
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-/// `len` deterministic pseudo-random bytes for `seed`.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0; len];
-    Rng::new(seed).fill(&mut v);
-    v
-}
-
-/// One line per completion, without dumping buffers.
-pub fn describe(c: &Completion) -> String {
-    let buf = match &c.buf {
-        Buf::None => "None".to_string(),
-        Buf::Vec(v) => format!("Vec({})", v.len()),
-        Buf::Bytes(b) => format!("Bytes({})", b.len()),
-        Buf::Fd(fd) => format!("Fd({})", fd.as_raw_fd()),
-        _ => "other".to_string(),
-    };
-    format!(
-        "{{{:?} {:?} tag {} n {} buf {} {:?}}}",
-        c.conn.id(),
-        c.op,
-        c.tag,
-        c.n,
-        buf,
-        c.result
-    )
 }
 
 /// The expected completion of one accepted command.
