@@ -2,6 +2,10 @@
 //! talk to it over real sockets with read timeouts, signal it, watch its memory.
 #![allow(dead_code)]
 
+#[path = "../common/kit.rs"]
+mod kit;
+#[allow(unused_imports)] // not every example test sends patterns
+pub use kit::pattern;
 #[path = "../common/sockopt.rs"]
 mod sockopt;
 use sockopt::{set_linger_zero, set_opt};
@@ -254,15 +258,3 @@ pub fn wait_writable(s: &TcpStream, timeout: Duration) -> bool {
     r > 0
 }
 
-/// Deterministic pseudo-random bytes (xorshift), different for each `seed`.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
