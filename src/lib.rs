@@ -95,19 +95,21 @@
 //!
 //! # Performance characteristics
 //!
-//! The poller drains every queued command per wake-up, tries each operation at once, gathers
+//! The poller takes every queued command per wake-up, tries each operation at once, gathers
 //! up to 64 queued writes of a connection into one `sendmsg`, and posts a round's completions
 //! together. It is woken (eventfd / `EVFILT_USER`) only when it sleeps. Steady state allocates
 //! nothing per operation with caller buffers. Each connection gets at most 16 syscalls per
 //! direction per round, so one flooding peer cannot starve the others.
 //!
-//! A threaded watcher pays a hand-off between the poller and your thread per batch (a futex
-//! wake each way); an [inline](WatcherBuilder::inline) watcher does not, and makes 3 syscalls
-//! per echoed message on one connection and 2.03 at 100 (read, write, an amortised
-//! `epoll_wait`). Against a hand-written single-threaded mio server on the same 2-core
-//! machine it matches one-connection ping-pong and the 8,192-connection burst and runs at
-//! about 0.9x of it with 100 and 1,000 busy connections; an idle connection costs about
-//! 260 bytes. The figures, the commands and the profile are in `docs/benchmarks.md`.
+//! A threaded watcher pays a hand-off between the poller and your thread per round (a futex
+//! wake each way; `wait_io` sleeps until the poller's round is over, not per completion); an
+//! [inline](WatcherBuilder::inline) watcher does not, and makes 3 syscalls per echoed message
+//! on one connection and 2.03 at 100 (read, write, an amortised `epoll_wait`). Against a
+//! hand-written single-threaded mio server on the same 2-core machine the inline mode matches
+//! one-connection ping-pong, the 1,000-connection round and the 8,192-connection burst, and
+//! runs at 0.96x-0.98x of it with 100 busy connections (the threaded default: 0.92x at 100,
+//! 0.96x-1.02x at 1,000). An idle connection waiting in a read costs about 122 bytes. The
+//! figures, the commands and the profile are in `docs/benchmarks.md`.
 //!
 //! # Platform notes
 //!
