@@ -104,6 +104,15 @@ impl Rounds {
     }
 }
 
+/// Ends the last round when the poller thread exits.
+struct EndRounds(Arc<Shared>);
+
+impl Drop for EndRounds {
+    fn drop(&mut self) {
+        self.0.rounds.ended();
+    }
+}
+
 /// State shared by the watcher, every `Conn` and the poller thread.
 pub(crate) struct Shared {
     inbox: Mutex<Inbox>,
@@ -438,11 +447,12 @@ impl WatcherBuilder {
                 let pinned = cpu.map_or(Ok(()), sys::pin_to_cpu);
                 let ok = pinned.is_ok();
                 let _ = ready_tx.send(pinned);
+                // Dropped after the driver (and its mailbox sender), panic or not, so waiters
+                // wake to see the mailbox closed.
+                let _end = EndRounds(poller_shared);
                 if ok {
                     driver.run();
                 }
-                // The mailbox's sender is gone with the driver: waiters see it closed.
-                poller_shared.rounds.ended();
             })?;
         if let Ok(Err(e)) = ready_rx.recv() {
             let _ = thread.join();

@@ -257,4 +257,3 @@ pub fn wait_writable(s: &TcpStream, timeout: Duration) -> bool {
     let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
     r > 0
 }
-
