@@ -631,12 +631,12 @@ impl Driver {
 
     fn run_ready(&mut self) {
         let n = self.ready.len();
+        let now = stamp(self.epoch, self.now);
         for i in 0..n {
             let id = self.ready[i];
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            let now = stamp(self.epoch, self.now);
             let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
             do_writes(st, &mut self.ops, &mut self.sink, now);
             st.queued = st.has_work();
