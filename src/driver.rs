@@ -1,10 +1,12 @@
 //! The poller thread: owns the selector's events, the connection table, the timers and the
-//! internal read arena. Nothing here runs on a user thread.
+//! internal read arena. Nothing here runs on a user thread (an inline watcher's driver runs
+//! on the thread inside `wait_io`, one at a time).
 //!
-//! One round: drain the control and command queues (new operations join their connection's
+//! One round: take the control and command queues (new operations join their connection's
 //! FIFO and mark it runnable when it is ready) -> run the runnable connections (bounded work
-//! each) -> expire timers -> post the round's completions -> `select` with a timeout of zero
-//! (work left), the nearest deadline, or forever -> mark connections from the events.
+//! each) -> expire timers -> post the round's completions (and end the round for threads in
+//! `wait_io`) -> `select` with a timeout of zero (work left), the nearest deadline, or
+//! forever -> mark connections from the events.
 
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 

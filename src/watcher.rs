@@ -144,7 +144,8 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    /// Boxed, or `None` when it is the default (kept per connection: 8 bytes when unused).
+    /// Boxed, or `None` when it is the default: only routed connections take an entry in
+    /// the poller's route map.
     pub(crate) fn boxed(self) -> Option<Box<Route>> {
         (self.mailbox.is_some() || self.spread.is_some()).then(|| Box::new(self))
     }

@@ -93,10 +93,10 @@ pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// `recv(2)` into the spare capacity of `buf` (the bytes past its length), retrying EINTR;
-/// at most `max` bytes; the bytes received are appended to `buf`. No zeroing first: the internal read arena hands
-/// out a fresh 64 KiB per chunk, and zeroing it cost as much as a 128-byte echo's `recv`
-/// (see docs/benchmarks.md).
+/// `recv(2)` of at most `max` bytes into the spare capacity of `buf` (past its length),
+/// retrying EINTR; the bytes received are appended to `buf`. The spare capacity is never
+/// zeroed first: the internal read arena's 64 KiB chunks are reused, and re-zeroing each one
+/// showed in the profile as much as the whole driver round (docs/benchmarks.md).
 pub(crate) fn recv_spare(
     fd: BorrowedFd<'_>,
     buf: &mut bytes::BytesMut,
