@@ -1,6 +1,12 @@
-//! Test helpers both helper modules need (`tests/util`, `tests/reliability_util`), included
-//! by each with `#[path]`: loopback pairs, a seeded PRNG, and one-line completion dumps.
+//! Test helpers every helper module needs (`tests/util`, `tests/reliability_util`,
+//! `tests/example_util`), included by each with `#[path]`: loopback pairs, a seeded PRNG,
+//! one-line completion dumps, and the socket options of `sockopt.rs`.
 #![allow(dead_code)]
+
+#[path = "sockopt.rs"]
+mod sockopt;
+#[allow(unused_imports)] // not every helper module sets raw options
+pub use sockopt::{set_linger_zero, set_opt};
 
 use std::fmt::Write as _;
 use std::net::{TcpListener, TcpStream};

@@ -6,9 +6,7 @@
 mod kit;
 #[allow(unused_imports)] // not every example test sends patterns
 pub use kit::pattern;
-#[path = "../common/sockopt.rs"]
-mod sockopt;
-use sockopt::{set_linger_zero, set_opt};
+use kit::{set_linger_zero, set_opt};
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};

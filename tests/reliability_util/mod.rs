@@ -17,11 +17,7 @@ use std::time::{Duration, Instant};
 #[path = "../common/kit.rs"]
 mod kit;
 #[allow(unused_imports)] // each test crate uses its own subset
-pub use kit::{describe, describe_all, pattern, Pairs, Rng};
-#[path = "../common/sockopt.rs"]
-mod sockopt;
-#[allow(unused_imports)] // not every test crate resets sockets
-pub use sockopt::set_linger_zero;
+pub use kit::{describe, describe_all, pattern, set_linger_zero, Pairs, Rng};
 
 use proactor::{Cmd, Completion, Conn, ConnId, Op, SendError, Stats, Watcher};
 
@@ -97,8 +93,8 @@ pub fn reset(stream: TcpStream) {
 
 /// SO_SNDBUF and SO_RCVBUF (Linux doubles the value and applies its minimums).
 pub fn set_buffer_sizes(fd: &impl AsRawFd, bytes: i32) {
-    sockopt::set_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes);
-    sockopt::set_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
+    kit::set_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &bytes);
+    kit::set_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
 }
 
 /// Polls the published stats until `pred` holds (they trail the work by one poller round).

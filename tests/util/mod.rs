@@ -16,11 +16,7 @@ use std::time::{Duration, Instant};
 #[path = "../common/kit.rs"]
 mod kit;
 #[allow(unused_imports)] // each test crate uses its own subset
-pub use kit::{describe, describe_all, pattern, Pairs, Rng};
-#[path = "../common/sockopt.rs"]
-mod sockopt;
-#[allow(unused_imports)] // not every test crate resets sockets
-pub use sockopt::set_linger_zero;
+pub use kit::{describe, describe_all, pattern, set_linger_zero, Pairs, Rng};
 
 use proactor::{Buf, Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher};
 
