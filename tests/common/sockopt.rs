@@ -1,5 +1,5 @@
-//! Socket options the tests set on their own peer sockets; included by each helper module
-//! (`#[path]`), so one `setsockopt` wrapper serves them all.
+//! Socket options the tests set on their own peer sockets; included by `kit.rs` (`#[path]`),
+//! which every helper module includes, so one `setsockopt` wrapper serves them all.
 #![allow(dead_code)]
 
 use std::os::fd::AsRawFd;
