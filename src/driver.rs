@@ -639,7 +639,11 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
+            if st.readable || st.eof {
+                st.unpark(&mut self.ops);
+            }
             let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
+            st.park(&mut self.ops);
             do_writes(st, &mut self.ops, &mut self.sink, now);
             st.queued = st.has_work();
             if st.queued {
@@ -896,23 +900,9 @@ fn deliver(mailbox: &flume::Sender<Completion>, (c, to): Outgoing) -> Result<(),
     }
 }
 
-/// Runs the read FIFO. Returns `true` if a listener hit a resource limit and must pause.
+/// Runs the read FIFO (a parked read moved into it first, by the caller). Returns `true` if a
+/// listener hit a resource limit and must pause.
 fn do_reads(
-    st: &mut ConnState,
-    ops: &mut Slab<Pending>,
-    sink: &mut Sink,
-    arena: &mut Arena,
-    now: u32,
-) -> bool {
-    if st.readable || st.eof {
-        st.unpark(ops);
-    }
-    let paused = read_queue(st, ops, sink, arena, now);
-    st.park(ops);
-    paused
-}
-
-fn read_queue(
     st: &mut ConnState,
     ops: &mut Slab<Pending>,
     sink: &mut Sink,

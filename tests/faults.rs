@@ -62,6 +62,20 @@ fn check_bystander(w: &Watcher, l: &mut Ledger, conn: &Conn, peer: &mut TcpStrea
     );
 }
 
+/// Frees the connection under test; its `Free` must complete `Ok`.
+fn free_and_check(w: &Watcher, l: &mut Ledger, conn: &Conn) {
+    let free = l.must(conn, Cmd::Free);
+    l.pump_all(w, TIMEOUT);
+    assert!(l.get(free).is_ok(), "free: {}", describe(l.get(free)));
+}
+
+/// Waits until the bystander is the watcher's only connection and nothing is in flight.
+fn wait_only_bystander(w: &Watcher) {
+    wait_stats(w, "only the bystander left", |s| {
+        s.connections == 1 && s.reads_in_flight == 0 && s.writes_in_flight == 0
+    });
+}
+
 /// Reads until end of stream or an error (a reset); returns the bytes and whether it was a
 /// clean end of stream.
 fn drain_peer(peer: &mut TcpStream) -> (Vec<u8>, bool) {
@@ -152,12 +166,8 @@ fn peer_reset_during_large_write() {
         assert!(c.is_eof() || is_reset(&c.result), "{}", describe(c));
 
         check_bystander(&w, &mut l, &bconn, &mut bpeer, 2);
-        let free = l.must(&conn, Cmd::Free);
-        l.pump_all(&w, TIMEOUT);
-        assert!(l.get(free).is_ok());
-        wait_stats(&w, "only the bystander left", |s| {
-            s.connections == 1 && s.reads_in_flight == 0 && s.writes_in_flight == 0
-        });
+        free_and_check(&w, &mut l, &conn);
+        wait_only_bystander(&w);
         w.close();
     }
     assert_fds_back(fds);
@@ -210,9 +220,7 @@ fn peer_reset_during_read_full() {
         );
 
         check_bystander(&w, &mut l, &bconn, &mut bpeer, 4);
-        let free = l.must(&conn, Cmd::Free);
-        l.pump_all(&w, TIMEOUT);
-        assert!(l.get(free).is_ok());
+        free_and_check(&w, &mut l, &conn);
         w.close();
     }
     assert_fds_back(fds);
@@ -267,9 +275,7 @@ fn peer_half_close_while_writes_queued() {
                 assert!(l.position(writes[i - 1]) < l.position(*t), "FIFO");
             }
         }
-        let free = l.must(&conn, Cmd::Free);
-        l.pump_all(&w, TIMEOUT);
-        assert!(l.get(free).is_ok());
+        free_and_check(&w, &mut l, &conn);
         let (got, clean) = reader.join().unwrap();
         assert!(clean, "the peer sees end of stream after the free");
         assert_eq!(got.len(), data.len());
@@ -362,12 +368,8 @@ fn peer_vanishes_with_1000_ops_queued() {
         assert!(failed, "the writes that did not fit must fail");
 
         check_bystander(&w, &mut l, &bconn, &mut bpeer, 8);
-        let free = l.must(&conn, Cmd::Free);
-        l.pump_all(&w, TIMEOUT);
-        assert!(l.get(free).is_ok());
-        wait_stats(&w, "nothing in flight", |s| {
-            s.connections == 1 && s.reads_in_flight == 0 && s.writes_in_flight == 0
-        });
+        free_and_check(&w, &mut l, &conn);
+        wait_only_bystander(&w);
         w.close();
     }
     assert_fds_back(fds);
@@ -533,9 +535,7 @@ where
             assert!(l.position(*t) >= last, "writes FIFO");
             last = l.position(*t);
         }
-        let free = l.must(&conn, Cmd::Free);
-        l.pump_all(&w, TIMEOUT);
-        assert!(l.get(free).is_ok());
+        free_and_check(&w, &mut l, &conn);
         writer.join().unwrap();
         let got_out = reader.join().unwrap();
         assert_eq!(got_out.len(), OUT);
@@ -702,9 +702,7 @@ fn free_races_completions() {
             start.elapsed()
         );
         check_bystander(&w, &mut l, &bconn, &mut bpeer, 17);
-        wait_stats(&w, "only the bystander left", |s| {
-            s.connections == 1 && s.reads_in_flight == 0 && s.writes_in_flight == 0
-        });
+        wait_only_bystander(&w);
         w.close();
     }
     assert_fds_back(fds);
