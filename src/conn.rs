@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::cmd::Kind;
-use crate::watcher::{Ctl, Shared, SubmitError};
+use crate::watcher::Shared;
 #[cfg(doc)]
 use crate::Error;
 use crate::{Cmd, SendError};
@@ -105,53 +105,24 @@ impl Conn {
             return Err(SendError::EmptyBuffer(cmd));
         }
         let last = matches!(cmd.kind, Kind::Free | Kind::Detach);
-        if last {
-            // Only one Free/Detach is ever accepted; it does not count against the op bound.
-            if inner.state.fetch_or(FREED, Ordering::AcqRel) & FREED != 0 {
-                return Err(SendError::Freed(cmd));
-            }
-        } else {
+        if !last {
+            // Counted first, so the bound holds however many threads send at once. A Free
+            // racing this send is settled under the queue lock (`Shared::submit`).
             let before = inner.state.fetch_add(1, Ordering::AcqRel);
             if before & FREED != 0 {
-                inner.state.fetch_sub(1, Ordering::Relaxed);
+                self.op_done();
                 return Err(SendError::Freed(cmd));
             }
             if before >= inner.shared.max_ops {
-                inner.state.fetch_sub(1, Ordering::Relaxed);
+                self.op_done();
                 return Err(SendError::Full(cmd));
             }
         }
-        let undo = || {
-            if last {
-                inner.state.fetch_and(!FREED, Ordering::Release);
-            } else {
-                inner.state.fetch_sub(1, Ordering::Relaxed);
-            }
-        };
-        match inner.shared.submit(self, cmd) {
-            Ok(()) => Ok(()),
-            Err((SubmitError::Full, cmd)) if last => {
-                // Operations still queued then complete (freed) after this one.
-                match inner.shared.control(Ctl::Last(self.clone(), cmd)) {
-                    Ok(()) => Ok(()),
-                    Err(msg) => {
-                        undo();
-                        match msg {
-                            Ctl::Last(_, cmd) => Err(SendError::Closed(cmd)),
-                            _ => unreachable!("control returns the message it was given"),
-                        }
-                    }
-                }
-            }
-            Err((SubmitError::Full, cmd)) => {
-                undo();
-                Err(SendError::Full(cmd))
-            }
-            Err((SubmitError::Closed, cmd)) => {
-                undo();
-                Err(SendError::Closed(cmd))
-            }
+        let r = inner.shared.submit(self, cmd, last);
+        if r.is_err() && !last {
+            self.op_done();
         }
+        r
     }
 }
 

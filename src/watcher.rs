@@ -4,8 +4,8 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{
-    fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed,
-    Ordering::SeqCst,
+    fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Acquire,
+    Ordering::Relaxed, Ordering::SeqCst,
 };
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use slotmap::{Key as _, SlotMap};
 
 use crate::conn::Key;
+use crate::conn::FREED;
 use crate::driver::{Driver, WAKER_TOKEN};
 use crate::stats::{StatCells, Stats};
-use crate::{sys, Cmd, Completion, Conn, Connect, Error};
+use crate::{sys, Cmd, Completion, Conn, Connect, Error, SendError};
 
 /// Numbers watchers, so `ConnId`s of different watchers never collide.
 static NEXT_WATCHER_ID: AtomicU32 = AtomicU32::new(0);
@@ -32,14 +33,8 @@ pub(crate) enum Ctl {
         route: Option<Box<Route>>,
     },
     Release(Key),
-    /// A `Free` or `Detach` that found the command queue full: it must never be refused, or
-    /// a connection with reads pending and no deadline could never be closed.
+    /// A `Free` or `Detach` that found the command queue full (`Shared::submit`).
     Last(Conn, Cmd),
-}
-
-pub(crate) enum SubmitError {
-    Full,
-    Closed,
 }
 
 /// The queues into the poller, behind one lock: senders push one message each, the poller
@@ -184,18 +179,38 @@ impl Shared {
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a command, unless the watcher is closed or the queue is full (the command
-    /// comes back). The handle in the queue keeps the connection registered until the
-    /// poller takes it.
-    pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd) -> Result<(), (SubmitError, Cmd)> {
+    /// Queues a command for `conn` (`last`: a `Free` or `Detach`), or gives it back in the
+    /// error. The connection's "freed" bit is set by `last` and checked by the others under
+    /// the queue lock, so whatever a sender was told, the queue agrees: a command accepted
+    /// before a `Free` is queued before it, and one queued after it was refused. The handle
+    /// in the queue keeps the connection registered until the poller takes it.
+    pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd, last: bool) -> Result<(), SendError> {
+        let state = &conn.inner.state;
         let mut inbox = self.inbox();
         if inbox.sealed || self.closed.load(Relaxed) {
-            return Err((SubmitError::Closed, cmd));
+            return Err(SendError::Closed(cmd));
         }
-        if inbox.ops.len() >= self.ops_capacity {
-            return Err((SubmitError::Full, cmd));
+        let full = inbox.ops.len() >= self.ops_capacity;
+        if last {
+            // Only one Free/Detach is ever accepted; it does not count against the op bound.
+            if state.fetch_or(FREED, AcqRel) & FREED != 0 {
+                return Err(SendError::Freed(cmd));
+            }
+            if full {
+                // Never refused, or a connection with reads pending and no deadline could
+                // never be closed: the control queue, which the poller takes first, so
+                // operations still queued complete (freed) after this one.
+                inbox.ctl.push(Ctl::Last(conn.clone(), cmd));
+            } else {
+                inbox.ops.push((conn.clone(), cmd));
+            }
+        } else if state.load(Acquire) & FREED != 0 {
+            return Err(SendError::Freed(cmd));
+        } else if full {
+            return Err(SendError::Full(cmd));
+        } else {
+            inbox.ops.push((conn.clone(), cmd));
         }
-        inbox.ops.push((conn.clone(), cmd));
         let sleeping = self.sleeping.load(Relaxed);
         drop(inbox);
         self.wake_if(sleeping);

@@ -27,7 +27,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Takes the file's lock and the fd count to come back to.
 fn begin() -> (MutexGuard<'static, ()>, usize) {
     let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    (guard, fd_count())
+    (guard, fds_start())
 }
 
 fn is_reset(r: &Result<(), Error>) -> bool {

@@ -327,7 +327,7 @@ struct CycleReport {
 }
 
 fn cycle(w: &Watcher, listener: &Conn, addr: SocketAddr, n: usize, hold: Duration) -> CycleReport {
-    let fds_start = fd_count();
+    let fds_start = fds_start();
     let mut s = Server {
         w,
         listener: listener.clone(),
@@ -427,7 +427,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn scale(n: usize) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let fds0 = fd_count();
+    let fds0 = fds_start();
     let rss0 = rss_kib();
     let heap0 = heap_in_use();
     let allocs0 = live_allocations();

@@ -40,6 +40,30 @@ pub fn fd_count() -> usize {
         .saturating_sub(1)
 }
 
+/// Every open descriptor as `fd->target` (the `read_dir` one included).
+pub fn fd_list() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            format!("{}->{}", e.file_name().to_string_lossy(), target.display())
+        })
+        .collect()
+}
+
+/// The descriptors when the running test took its starting count (`fds_start`), for the
+/// message of a failed `assert_fds_back`.
+static START_FDS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// `fd_count()` at the start of a test, remembering which descriptors they were.
+pub fn fds_start() -> usize {
+    let list = fd_list();
+    let count = list.len().saturating_sub(1);
+    *START_FDS.lock().unwrap_or_else(|p| p.into_inner()) = list;
+    count
+}
+
 /// Resident set size of this process, in KiB (`VmRSS` from `/proc/self/status`).
 pub fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
@@ -71,15 +95,12 @@ pub fn assert_fds_back(start: usize) {
             return;
         }
         if t.elapsed() > Duration::from_secs(5) {
-            let list: Vec<String> = std::fs::read_dir("/proc/self/fd")
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .map(|e| {
-                    let target = std::fs::read_link(e.path()).unwrap_or_default();
-                    format!("{}->{}", e.file_name().to_string_lossy(), target.display())
-                })
-                .collect();
-            panic!("fd count {now}, expected {start} (leaked or closed too many): {list:?}");
+            let list = fd_list();
+            let at_start = START_FDS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            panic!(
+                "fd count {now}, expected {start} (leaked or closed too many): {list:?}; \
+                 at the test's start (fds_start): {at_start:?}"
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     }
