@@ -187,15 +187,18 @@ impl Shared {
     pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd, last: bool) -> Result<(), SendError> {
         let state = &conn.inner.state;
         let mut inbox = self.inbox();
+        // A freed connection says so before a closed watcher does.
+        if state.load(Acquire) & FREED != 0 {
+            return Err(SendError::Freed(cmd));
+        }
         if inbox.sealed || self.closed.load(Relaxed) {
             return Err(SendError::Closed(cmd));
         }
         let full = inbox.ops.len() >= self.ops_capacity;
         if last {
-            // Only one Free/Detach is ever accepted; it does not count against the op bound.
-            if state.fetch_or(FREED, AcqRel) & FREED != 0 {
-                return Err(SendError::Freed(cmd));
-            }
+            // Only one Free/Detach is ever accepted (the bit is only set here, under the
+            // lock); it does not count against the op bound.
+            state.fetch_or(FREED, AcqRel);
             if full {
                 // Never refused, or a connection with reads pending and no deadline could
                 // never be closed: the control queue, which the poller takes first, so
@@ -204,8 +207,6 @@ impl Shared {
             } else {
                 inbox.ops.push((conn.clone(), cmd));
             }
-        } else if state.load(Acquire) & FREED != 0 {
-            return Err(SendError::Freed(cmd));
         } else if full {
             return Err(SendError::Full(cmd));
         } else {
