@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark of docs/benchmarks.md and prints the figures in a form to paste there.
 #
-#   scripts/bench.sh            full run on a quiet machine (about 10 minutes)
+#   scripts/bench.sh            full run on a quiet machine (about 6 minutes once built)
 #   scripts/bench.sh --quick    smoke run: tiny sizes and times, proves everything works;
 #                               its figures are noise, and it leaves docs/ alone
 #
