@@ -181,20 +181,8 @@ fn exits_cleanly_on(sig: i32) {
     let _idle = Client::connect(server.addr);
     welcome(&mut a);
     tick_where(&mut a, "2 players", |t| t.players.len() == 2);
-    let status = server.stop_with(sig, Duration::from_secs(2));
-    assert!(
-        status.success(),
-        "exit status {status:?} after signal {sig}"
-    );
+    server.stop_cleanly(sig);
     a.expect_closed(1 << 20);
 }
 
-#[test]
-fn sigint_exits_0_within_2s_with_clients_connected() {
-    exits_cleanly_on(libc::SIGINT);
-}
-
-#[test]
-fn sigterm_exits_0_within_2s_with_clients_connected() {
-    exits_cleanly_on(libc::SIGTERM);
-}
+signal_exit_tests!(exits_cleanly_on);

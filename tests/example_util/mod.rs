@@ -131,6 +131,15 @@ impl Server {
         }
     }
 
+    /// Signals `sig` and requires exit status 0 within 2 s (the contract of every example).
+    pub fn stop_cleanly(&mut self, sig: i32) {
+        let status = self.stop_with(sig, Duration::from_secs(2));
+        assert!(
+            status.success(),
+            "exit status {status:?} after signal {sig}"
+        );
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
@@ -254,4 +263,20 @@ pub fn wait_writable(s: &TcpStream, timeout: Duration) -> bool {
     // SAFETY: one valid pollfd, for the duration of the call.
     let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
     r > 0
+}
+
+/// The two signal tests every example has, each running `$exits_cleanly_on(signal)`.
+#[macro_export]
+macro_rules! signal_exit_tests {
+    ($exits_cleanly_on:ident) => {
+        #[test]
+        fn sigint_exits_0_within_2s_with_clients_connected() {
+            $exits_cleanly_on(libc::SIGINT);
+        }
+
+        #[test]
+        fn sigterm_exits_0_within_2s_with_clients_connected() {
+            $exits_cleanly_on(libc::SIGTERM);
+        }
+    };
 }
