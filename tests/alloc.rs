@@ -158,9 +158,7 @@ fn steady_state_allocates_nothing_per_operation() {
     }
 
     // Internal buffer, 4 KiB chunks.
-    let watcher = Watcher::builder().buffer_size(4096).build().unwrap();
-    let (mut client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+    let (watcher, conn, mut client) = watcher_pair_with(Watcher::builder().buffer_size(4096));
     let msg = Rng::new(2).bytes(MSG);
     let mut batch = Vec::with_capacity(64);
     for _ in 0..100 {

@@ -12,9 +12,7 @@ use util::*;
 
 #[test]
 fn max_ops_per_conn_refuses_with_full_and_gives_the_buffer_back() {
-    let watcher = Watcher::builder().max_ops_per_conn(4).build().unwrap();
-    let (mut client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+    let (watcher, conn, mut client) = watcher_pair_with(Watcher::builder().max_ops_per_conn(4));
     let mut ledger = Ledger::new();
     ledger.must(&conn, Cmd::Read(vec![0; 1]));
     ledger.must(&conn, Cmd::ReadInternal);
@@ -58,9 +56,7 @@ fn max_ops_per_conn_refuses_with_full_and_gives_the_buffer_back() {
 
 #[test]
 fn detach_is_never_held_back_by_the_bound() {
-    let watcher = Watcher::builder().max_ops_per_conn(1).build().unwrap();
-    let (_client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+    let (watcher, conn, _client) = watcher_pair_with(Watcher::builder().max_ops_per_conn(1));
     let mut ledger = Ledger::new();
     ledger.must(&conn, Cmd::ReadInternal);
     assert!(conn.send(Cmd::ReadInternal).unwrap_err().is_full());
@@ -85,13 +81,10 @@ impl BufIsFd for proactor::Completion {
 /// accepted command still completes exactly once.
 #[test]
 fn command_queue_full() {
-    let watcher = Watcher::builder()
+    let options = Watcher::builder()
         .command_capacity(1)
-        .max_ops_per_conn(u32::MAX)
-        .build()
-        .unwrap();
-    let (_client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+        .max_ops_per_conn(u32::MAX);
+    let (watcher, conn, _client) = watcher_pair_with(options);
     let mut ledger = Ledger::new();
     let mut full = 0;
     for _ in 0..20_000 {

@@ -229,13 +229,10 @@ impl Server {
 fn flooding_conn_gets_a_bounded_share_of_each_round() {
     const QUEUED: usize = 4000;
     const DOCUMENTED_BUDGET: u64 = 16;
-    let watcher = Watcher::builder()
+    let options = Watcher::builder()
         .buffer_size(1024)
-        .max_ops_per_conn(1 << 20)
-        .build()
-        .unwrap();
-    let (client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+        .max_ops_per_conn(1 << 20);
+    let (watcher, conn, client) = watcher_pair_with(options);
     let mut ledger = Ledger::new();
     for _ in 0..QUEUED {
         ledger.must(&conn, Cmd::ReadInternal);

@@ -105,9 +105,7 @@ fn signals_interrupting_the_poller_are_retried() {
         libc::sigemptyset(&mut sa.sa_mask);
         assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
     }
-    let watcher = Watcher::builder().inline(true).build().unwrap();
-    let (mut client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+    let (watcher, conn, mut client) = watcher_pair_with(Watcher::builder().inline(true));
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
     let stop = AtomicBool::new(false);

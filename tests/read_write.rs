@@ -312,9 +312,7 @@ fn caller_buffer_comes_back_whole() {
 /// Internal-buffer slices stay valid and unchanged while later reads reuse the arena.
 #[test]
 fn internal_slices_stay_valid() {
-    let watcher = Watcher::builder().buffer_size(256).build().unwrap();
-    let (mut client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+    let (watcher, conn, mut client) = watcher_pair_with(Watcher::builder().buffer_size(256));
     let mut ledger = Ledger::new();
     let mut kept: Vec<(Bytes, Vec<u8>)> = Vec::new();
     let mut rng = Rng::new(5);

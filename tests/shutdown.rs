@@ -76,13 +76,10 @@ fn writes_after_shutdown_fail_with_epipe() {
 
 #[test]
 fn free_is_accepted_even_when_the_command_queue_is_full() {
-    let watcher = Watcher::builder()
+    let options = Watcher::builder()
         .command_capacity(1)
-        .max_ops_per_conn(u32::MAX)
-        .build()
-        .unwrap();
-    let (_client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+        .max_ops_per_conn(u32::MAX);
+    let (watcher, conn, _client) = watcher_pair_with(options);
     let mut ledger = Ledger::new();
     let mut fulls = 0;
     for _ in 0..100_000 {

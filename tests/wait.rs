@@ -61,10 +61,9 @@ fn a_blocked_waiter_is_woken_by_every_round() {
 #[test]
 fn several_waiters_share_the_completions_exactly_once() {
     const N: usize = 5000;
-    let builder = Watcher::builder().max_ops_per_conn(N as u32);
-    let watcher = Arc::new(builder.build().unwrap());
-    let (mut client, server) = tcp_pair();
-    let conn = watcher.register(server).unwrap();
+    let (watcher, conn, mut client) =
+        watcher_pair_with(Watcher::builder().max_ops_per_conn(N as u32));
+    let watcher = Arc::new(watcher);
     let taken = Arc::new(AtomicUsize::new(0));
     let waiters: Vec<_> = (0..3)
         .map(|_| {

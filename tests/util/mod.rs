@@ -18,7 +18,7 @@ mod kit;
 #[allow(unused_imports)] // each test crate uses its own subset
 pub use kit::{describe, describe_all, pattern, set_linger_zero, Pairs, Rng};
 
-use proactor::{Buf, Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher};
+use proactor::{Buf, Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher, WatcherBuilder};
 
 /// The generous upper bound for anything that should take milliseconds.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,7 +30,12 @@ pub fn tcp_pair() -> (TcpStream, TcpStream) {
 
 /// A watcher, a registered server-side conn, and the client peer (blocking std socket).
 pub fn watcher_pair() -> (Watcher, Conn, TcpStream) {
-    let watcher = Watcher::new().expect("watcher");
+    watcher_pair_with(Watcher::builder())
+}
+
+/// `watcher_pair` on a watcher built with these options.
+pub fn watcher_pair_with(options: WatcherBuilder) -> (Watcher, Conn, TcpStream) {
+    let watcher = options.build().expect("watcher");
     let (client, server) = tcp_pair();
     let conn = watcher.register(server).expect("register");
     (watcher, conn, client)
