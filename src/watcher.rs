@@ -212,9 +212,7 @@ impl Shared {
         } else {
             inbox.ops.push((conn.clone(), cmd));
         }
-        let sleeping = self.sleeping.load(Relaxed);
-        drop(inbox);
-        self.wake_if(sleeping);
+        self.release_and_wake(inbox);
         Ok(())
     }
 
@@ -226,9 +224,7 @@ impl Shared {
             return Err(msg);
         }
         inbox.ctl.push(msg);
-        let sleeping = self.sleeping.load(Relaxed);
-        drop(inbox);
-        self.wake_if(sleeping);
+        self.release_and_wake(inbox);
         Ok(())
     }
 
@@ -236,7 +232,9 @@ impl Shared {
     /// a sender pushes and reads `sleeping` under the same lock. Whichever holds the lock
     /// second sees what the other did, so a message never waits for a timeout, and the
     /// eventfd is written only when the poller sleeps (once: the swap).
-    fn wake_if(&self, sleeping: bool) {
+    fn release_and_wake(&self, inbox: MutexGuard<'_, Inbox>) {
+        let sleeping = self.sleeping.load(Relaxed);
+        drop(inbox);
         if sleeping && self.sleeping.swap(false, AcqRel) {
             // A failed wake-up write means the eventfd is broken; the poller's own timeout
             // still runs the loop, so there is nothing better to do here.
@@ -663,13 +661,8 @@ impl Watcher {
             if !self.mailbox.is_empty() {
                 continue;
             }
-            let Some(d) = guard.as_mut() else {
+            if !step_inline(&mut guard, deadline, out) {
                 return Err(Error::WatcherClosed);
-            };
-            let running = d.step(deadline);
-            d.take_direct(out);
-            if !running {
-                *guard = None; // shut down: drops the mailbox sender, like a finished thread
             }
         }
     }
@@ -745,15 +738,11 @@ impl Watcher {
     pub fn try_wait_io(&self, out: &mut Vec<Completion>) -> usize {
         if let Some(driver) = &self.inline {
             if let Ok(mut guard) = driver.try_lock() {
-                if let Some(d) = guard.as_mut() {
+                if guard.is_some() {
                     // Completions posted to the mailbox are older than the direct ones.
                     let before = out.len();
                     self.try_take(out);
-                    let running = d.step(Some(Instant::now()));
-                    d.take_direct(out);
-                    if !running {
-                        *guard = None;
-                    }
+                    step_inline(&mut guard, Some(Instant::now()), out);
                     return out.len() - before + self.try_take(out);
                 }
             }
@@ -803,6 +792,25 @@ impl Watcher {
             }
         }
     }
+}
+
+/// One step of the inline driver in `slot` (until `deadline`), its direct completions
+/// appended to `out`. A driver that shut down is dropped, and its mailbox sender with it,
+/// like a finished poller thread. `false` if there was no driver (closed).
+fn step_inline(
+    slot: &mut Option<Driver>,
+    deadline: Option<Instant>,
+    out: &mut Vec<Completion>,
+) -> bool {
+    let Some(d) = slot.as_mut() else {
+        return false;
+    };
+    let running = d.step(deadline);
+    d.take_direct(out);
+    if !running {
+        *slot = None;
+    }
+    true
 }
 
 impl Drop for Watcher {
