@@ -1,4 +1,4 @@
-//! Scaling with the number of connections: what a proactor is for. Four measurements, each
+//! Scaling with the number of connections: what a proactor is for. Five measurements, each
 //! against the same baselines as `echo.rs` (tokio task per connection, hand-written mio,
 //! std thread per connection), with the server and the clients in separate processes:
 //!
@@ -15,6 +15,10 @@
 //! - **syscalls**: `strace -c -f` on the server process for N echoed 128-byte messages on 1 and
 //!   100 connections, minus a run with no messages (setup and teardown cancel out): system
 //!   calls per echoed message, the cost the proactor's batching and wake-up avoidance target.
+//! - **cpu**: the server's CPU time per echoed message while a client runs ping-pong rounds
+//!   as fast as it answers (1 x 128 B, 100 x 128 B, 1,000 x 4 KiB), minus a one-round run:
+//!   on loopback the client costs as much as the server, so a better server shows as less CPU
+//!   for the same work more than as more throughput.
 //!
 //! Each server runs in a child process (this binary re-executed with
 //! `PROACTOR_BENCH_ROLE=server`, pinned to CPU 0), the load generator in another
@@ -23,12 +27,12 @@
 //! orchestrates. Clients close with `SO_LINGER` 0 so 16K-connection runs leave no `TIME_WAIT`.
 //!
 //! ```text
-//! cargo bench --bench scale -- [--quick] [--phases burst,memory,latency,syscalls]
+//! cargo bench --bench scale -- [--quick] [--phases burst,memory,latency,syscalls,cpu]
 //!                              [--servers proactor,tokio,mio,std] [--reps 3] [--out DIR]
 //! ```
 //!
 //! Prints Markdown tables and writes `scale.csv`, `scale_raw.csv`, `memory.csv`, `latency.csv`
-//! and `syscalls.csv` under `target/bench/` (or `--out`). `scripts/bench.sh` runs it.
+//! `syscalls.csv` and `cpu.csv` under `target/bench/` (or `--out`). `scripts/bench.sh` runs it.
 
 #[allow(dead_code)]
 #[path = "servers/mod.rs"]
@@ -94,6 +98,10 @@ fn server_main() {
                 server.counters.live.load(Relaxed),
                 servers::rss_kib()
             ),
+            "cpu" => {
+                let (user, sys) = servers::cpu_us();
+                format!("CPU {user} {sys}")
+            }
             "idle" => {
                 let ok = server.wait_idle(Duration::from_secs(30));
                 format!("IDLE {}", if ok { "ok" } else { "timeout" })
@@ -173,14 +181,18 @@ fn client_pingpong(addr: SocketAddr, n: usize, size: usize, rounds: usize) -> io
     let msg = client::message(size);
     let mut buf = vec![0u8; size];
     let mut conns = client::connect_n(addr, n)?;
+    let mut rest = Duration::ZERO;
     if rounds > 0 {
         client::checked_round(&mut conns, &msg)?;
+        let t = Instant::now();
         for _ in 1..rounds {
             client::round(&mut conns, &msg, &mut buf)?;
         }
+        rest = t.elapsed();
     }
     client::close_all(conns);
-    Ok(format!("{}", n * rounds))
+    // Messages echoed, and the seconds the rounds after the first (checked) one took.
+    Ok(format!("{} {:.6}", n * rounds, rest.as_secs_f64()))
 }
 
 fn client_latency(
@@ -366,6 +378,20 @@ impl ServerProc {
         }
     }
 
+    /// The server process's CPU time so far, user + system, in microseconds.
+    fn cpu_us(&mut self) -> io::Result<u64> {
+        self.proc.send("cpu")?;
+        let line = self.proc.expect("CPU", Duration::from_secs(10))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        match v[..] {
+            [user, sys] => Ok(user + sys),
+            _ => Err(io::Error::other(format!("bad CPU line {line:?}"))),
+        }
+    }
+
     /// Waits until the server has closed every connection (the client closed them).
     fn idle(&mut self) -> io::Result<()> {
         self.proc.send("idle")?;
@@ -448,6 +474,8 @@ struct Opts {
     out: PathBuf,
 }
 
+const PHASES: [&str; 5] = ["burst", "memory", "latency", "syscalls", "cpu"];
+
 fn parse_args() -> Result<Opts, String> {
     let quick_env = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
     let default_out = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -456,9 +484,7 @@ fn parse_args() -> Result<Opts, String> {
         .join("bench");
     let mut o = Opts {
         quick: quick_env,
-        phases: ["burst", "memory", "latency", "syscalls"]
-            .map(String::from)
-            .to_vec(),
+        phases: PHASES.map(String::from).to_vec(),
         servers: Kind::selected(),
         reps: 0,
         out: default_out,
@@ -484,7 +510,7 @@ fn parse_args() -> Result<Opts, String> {
         o.reps = if o.quick { 1 } else { 3 };
     }
     for p in &o.phases {
-        if !["burst", "memory", "latency", "syscalls"].contains(&p.as_str()) {
+        if !PHASES.contains(&p.as_str()) {
             return Err(format!("unknown phase {p:?}"));
         }
     }
@@ -510,6 +536,7 @@ fn orchestrate() -> io::Result<()> {
             "memory" => memory(&o)?,
             "latency" => latency(&o)?,
             "syscalls" => syscalls(&o)?,
+            "cpu" => cpu(&o)?,
             _ => unreachable!(),
         }
         println!("({phase}: {:.1} s)\n", t.elapsed().as_secs_f64());
@@ -945,4 +972,104 @@ fn syscalls(o: &Opts) -> io::Result<()> {
     println!("{table}");
     println!("(`read`/`write` include the eventfd wake-ups; `futex` is the mailbox and command-queue hand-off between threads; errors, e.g. EAGAIN, are in syscalls.csv. strace slows every call, which changes batching: treat these as counts under load, not timings.)\n");
     write_file(o, "syscalls.csv", &csv)
+}
+
+/// Server CPU time per echoed message at saturation: the client runs ping-pong rounds as fast
+/// as the server answers them, and the server process's CPU time (user + system, every
+/// thread) over the run, minus that of a run of one round (connects, accepts and closes
+/// cancel out), is divided by the messages of the other rounds. On loopback the client costs
+/// as much as the server, so throughput alone hides how much of its core a server needs.
+fn cpu(o: &Opts) -> io::Result<()> {
+    // (connections, message size, rounds)
+    let cases: &[(usize, usize, usize)] = if o.quick {
+        &[(1, 128, 500), (10, 128, 100), (100, 4096, 20)]
+    } else {
+        &[(1, 128, 10_000), (100, 128, 2_000), (1_000, 4096, 200)]
+    };
+    println!(
+        "## Server CPU per echoed message at saturation (median of {} runs)\n",
+        o.reps
+    );
+    let mut csv = String::from("server,conns,size,messages,per_s,cpu_us_per_msg,cpu_busy\n");
+    // (server, case) -> (messages/s, CPU µs per message, CPU busy share), medians.
+    let mut rows: Vec<(Kind, usize, [f64; 3])> = Vec::new();
+    for &kind in &o.servers {
+        let mut srv = ServerProc::start(kind, &[])?;
+        for (case, &(conns, size, rounds)) in cases.iter().enumerate() {
+            let mut runs: [Vec<f64>; 3] = Default::default();
+            for _ in 0..o.reps {
+                match cpu_run(&mut srv, conns, size, rounds) {
+                    Ok(r) => {
+                        for (v, x) in runs.iter_mut().zip(r) {
+                            v.push(x);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("cpu, {} x{conns}: {e}", kind.name());
+                        srv = srv.settle()?;
+                    }
+                }
+            }
+            if runs[0].is_empty() {
+                continue;
+            }
+            let m = runs.map(|mut v| median(&mut v));
+            let _ = writeln!(
+                csv,
+                "{},{conns},{size},{},{:.0},{:.3},{:.3}",
+                kind.name(),
+                (rounds - 1) * conns,
+                m[0],
+                m[1],
+                m[2]
+            );
+            rows.push((kind, case, m));
+        }
+        if let Err(e) = srv.quit() {
+            eprintln!("{}: {e}", kind.name());
+        }
+    }
+    let mut table = String::from(
+        "| server | conns x size | messages/s | server CPU µs per message | server CPU busy | CPU per message / mio's |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    for (case, &(conns, size, _)) in cases.iter().enumerate() {
+        let mio = rows
+            .iter()
+            .find(|r| r.1 == case && r.0.name() == "mio")
+            .map(|r| r.2[1]);
+        for (kind, _, m) in rows.iter().filter(|r| r.1 == case) {
+            let ratio = mio.map_or("-".into(), |b| format!("{:.2}x", m[1] / b));
+            let _ = writeln!(
+                table,
+                "| {} | {conns} x {size} B | {:.0} | {:.2} | {:.0}% | {ratio} |",
+                kind.name(),
+                m[0],
+                m[1],
+                m[2] * 100.0
+            );
+        }
+    }
+    println!("{table}");
+    println!("(CPU busy: the server's CPU seconds over the run's wall seconds; every server thread is pinned to one CPU, so 100% is that CPU saturated.)\n");
+    write_file(o, "cpu.csv", &csv)
+}
+
+/// One measurement: messages per second, server CPU µs per message, CPU busy share.
+fn cpu_run(srv: &mut ServerProc, conns: usize, size: usize, rounds: usize) -> io::Result<[f64; 3]> {
+    let timeout = Duration::from_secs(120);
+    let a = srv.cpu_us()?;
+    run_client(srv.addr, "pingpong", conns, size, 1, timeout)?;
+    srv.idle()?;
+    let b = srv.cpu_us()?;
+    let r = run_client(srv.addr, "pingpong", conns, size, rounds, timeout)?;
+    srv.idle()?;
+    let c = srv.cpu_us()?;
+    let secs: f64 = r
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .filter(|&s: &f64| s > 0.0)
+        .ok_or_else(|| io::Error::other(format!("bad pingpong result {r:?}")))?;
+    let msgs = ((rounds - 1) * conns) as f64;
+    let cpu_us = (c - b) as f64 - (b - a) as f64;
+    Ok([msgs / secs, cpu_us / msgs, cpu_us / 1e6 / secs])
 }

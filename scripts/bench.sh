@@ -7,7 +7,7 @@
 #
 # Steps: release build -> benches/echo.rs (criterion, four servers per case) -> benches/scale.rs
 # (burst scaling 1K..16K, memory per idle connection, latency percentiles, syscalls per message
-# under strace) -> summary with ratios against the targets -> docs/scaling.svg.
+# under strace, server CPU per message) -> summary with ratios against the targets -> docs/scaling.svg.
 # Everything lands in target/bench/ (criterion's own reports in target/criterion/).
 #
 # Environment, passed through to the benches:
@@ -77,7 +77,7 @@ fi
 ECHO_START=$(date +%s)
 cargo bench --bench echo -- "${CRIT_ARGS[@]}" 2>&1 | tee "$OUT/echo.txt"
 
-step "scaling, memory, latency, syscalls"
+step "scaling, memory, latency, syscalls, server CPU"
 cargo bench --bench scale -- --out "$OUT" "${SCALE_ARGS[@]}" 2>&1 | tee "$OUT/scale.txt"
 
 step "summary"
@@ -123,29 +123,43 @@ TARGETS = {
 
 ORDER = ["stream_", "pingpong_1x", "pingpong_100x128B", "x4KiB", "burst_"]
 groups = sorted({g for g, _ in res}, key=lambda g: next((i for i, o in enumerate(ORDER) if o in g), 99))
+# Both proactor modes are judged: inline is what a dedicated server loop should use, the
+# threaded default what select/game-loop/async users get.
+MODES = ["proactor-inline", "proactor"]
+ALL = MODES + SERVERS[1:]
+groups = [g for g in groups if any((g, s) in res for s in ALL)]  # not the pool's groups
 print("### Echo (criterion medians; time per iteration, throughput)\n")
-print("| case | " + " | ".join(SERVERS) + " | proactor/mio | proactor/tokio | proactor/std | target |")
-print("|---|" + "---:|" * (len(SERVERS) + 3) + "---|")
-verdicts = []
+print("| case | " + " | ".join(ALL) + " |")
+print("|---|" + "---:|" * len(ALL))
 for g in groups:
     cells = []
-    for s in SERVERS:
+    for s in ALL:
         r = res.get((g, s))
         cells.append(f"{dur(r[0])}, {rate(*r)}" if r else "-")
-    ratios = []
-    for base in ("mio", "tokio", "std"):
-        p, b = res.get((g, "proactor")), res.get((g, base))
-        # Throughput ratio = baseline time / proactor time (> 1: proactor faster).
-        ratios.append(f"{b[0] / p[0]:.2f}x" if p and b else "-")
-    target = []
-    for base, need in TARGETS.get(g, []):
-        p, b = res.get((g, "proactor")), res.get((g, base))
-        if p and b:
-            got = b[0] / p[0]
-            ok = got >= need
-            target.append(f"≥{need}x {base}: {'PASS' if ok else 'FAIL'}")
-            verdicts.append((f"{g} vs {base}", f"{got:.2f}x", f">= {need}x", ok))
-    print(f"| {g} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " | " + "; ".join(target) + " |")
+    print(f"| {g} | " + " | ".join(cells) + " |")
+print("\n### Ratios (throughput of the proactor mode / the baseline's; > 1: proactor faster)\n")
+print("| case | mode | vs mio | vs tokio | vs std | targets |")
+print("|---|---|---:|---:|---:|---|")
+verdicts = []
+for g in groups:
+    for mode in MODES:
+        p = res.get((g, mode))
+        if not p:
+            continue
+        ratios = []
+        for base in ("mio", "tokio", "std"):
+            b = res.get((g, base))
+            # Throughput ratio = baseline time / proactor time.
+            ratios.append(f"{b[0] / p[0]:.2f}x" if b else "-")
+        target = []
+        for base, need in TARGETS.get(g, []):
+            b = res.get((g, base))
+            if b:
+                got = b[0] / p[0]
+                ok = got >= need
+                target.append(f"≥{need}x {base}: {'PASS' if ok else 'FAIL'}")
+                verdicts.append((f"{g} vs {base} ({mode})", f"{got:.2f}x", f">= {need}x", ok))
+        print(f"| {g} | {mode} | " + " | ".join(ratios) + " | " + "; ".join(target) + " |")
 
 def read_csv(name):
     try:
@@ -161,24 +175,37 @@ def num(x):
         return float("nan")
 
 lat = {(r["server"], r["conns"]): r for r in read_csv("latency.csv")}
-for conns in ("100", "1000"):
-    p, m = lat.get(("proactor", conns)), lat.get(("mio", conns))
-    if p and m:
-        got = num(p["p99_us"]) / num(m["p99_us"])
-        verdicts.append((f"p99 latency at {conns} conns vs mio", f"{got:.2f}x", "<= 1.5x", got <= 1.5))
-
 mem = {r["server"]: r for r in read_csv("memory.csv")}
-if "proactor" in mem:
-    got = num(mem["proactor"]["bytes_per_conn"])
-    verdicts.append(("idle memory per connection", f"{got:.0f} B", "<= 128 B", got <= 128))
-
 sc = {}
 for r in read_csv("syscalls.csv"):
     sc[(r["server"], r["conns"])] = sc.get((r["server"], r["conns"]), 0.0) + num(r["calls_per_msg"])
-for conns, need in (("1", 3.0), ("100", 2.1)):
-    if ("proactor", conns) in sc:
-        got = sc[("proactor", conns)]
-        verdicts.append((f"syscalls per message, {conns} conn(s)", f"{got:.2f}", f"<= {need}", got <= need))
+for mode in MODES:
+    for conns in ("100", "1000"):
+        p, m = lat.get((mode, conns)), lat.get(("mio", conns))
+        if p and m:
+            got = num(p["p99_us"]) / num(m["p99_us"])
+            verdicts.append((f"p99 latency at {conns} conns vs mio ({mode})", f"{got:.2f}x", "<= 1.5x", got <= 1.5))
+    if mode in mem:
+        got = num(mem[mode]["bytes_per_conn"])
+        verdicts.append((f"idle memory per connection ({mode})", f"{got:.0f} B", "<= 128 B", got <= 128))
+    for conns, need in (("1", 3.0), ("100", 2.1)):
+        if (mode, conns) in sc:
+            got = sc[(mode, conns)]
+            verdicts.append((f"syscalls per message, {conns} conn(s) ({mode})", f"{got:.2f}", f"<= {need}", got <= need))
+
+cpu = read_csv("cpu.csv")
+if cpu:
+    print("\n### Server CPU per echoed message at saturation (µs; lower is better)\n")
+    cases = sorted({(int(r["conns"]), int(r["size"])) for r in cpu})
+    by = {(r["server"], int(r["conns"]), int(r["size"])): num(r["cpu_us_per_msg"]) for r in cpu}
+    names = [s for s in ALL if any(k[0] == s for k in by)]
+    print("| case | " + " | ".join(names) + " | inline / mio |")
+    print("|---|" + "---:|" * (len(names) + 1))
+    for c, size in cases:
+        cells = [f"{by[(s, c, size)]:.2f}" if (s, c, size) in by else "-" for s in names]
+        i, m = by.get(("proactor-inline", c, size)), by.get(("mio", c, size))
+        ratio = f"{i / m:.2f}x" if i and m else "-"
+        print(f"| {c} x {size} B | " + " | ".join(cells) + f" | {ratio} |")
 
 scale = {}
 for r in read_csv("scale.csv"):
@@ -192,16 +219,17 @@ def slope(pts):
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else float("nan")
 if scale:
     print("\n### Burst scaling fit (seconds per 1,000 connections, connects included)\n")
-    print("| " + " | ".join(s for s in SERVERS if s in scale) + " |")
-    print("|" + "---:|" * len([s for s in SERVERS if s in scale]))
-    print("| " + " | ".join(f"{slope(scale[s]):.4f}" for s in SERVERS if s in scale) + " |")
+    names = [s for s in ALL if s in scale]
+    print("| " + " | ".join(names) + " |")
+    print("|" + "---:|" * len(names))
+    print("| " + " | ".join(f"{slope(scale[s]):.4f}" for s in names) + " |")
 
 print("\n### Targets\n")
 print("| target | measured | required | |")
 print("|---|---:|---:|---|")
 for name, got, need, ok in verdicts:
     print(f"| {name} | {got} | {need} | {'PASS' if ok else 'FAIL'} |")
-print(f"\n(Scale, memory, latency and syscall tables: {out}/scale.txt; CSV files beside it.)")
+print(f"\n(Scale, memory, latency, syscall and CPU tables: {out}/scale.txt; CSV files beside it.)")
 PY
 
 step "chart"

@@ -231,6 +231,19 @@ pub fn set_linger_zero(fd: &impl AsRawFd) {
     }
 }
 
+/// CPU time this process has used so far, threads that ended included: (user, system) in
+/// microseconds (`getrusage(RUSAGE_SELF)`).
+pub fn cpu_us() -> (u64, u64) {
+    // SAFETY: rusage is a plain C struct; all-zero is a valid value for getrusage to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a live rusage; RUSAGE_SELF is a valid `who`.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return (0, 0);
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(ru.ru_utime), us(ru.ru_stime))
+}
+
 /// The resident set size of this process in KiB (`VmRSS` in /proc/self/status), 0 if unknown.
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
