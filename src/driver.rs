@@ -338,6 +338,8 @@ pub(crate) struct Driver {
     /// An inline watcher with its own mailbox: completions for the mailbox are kept here
     /// for the thread driving the watcher to take (`take_direct`), with no channel between.
     direct: Option<Vec<Completion>>,
+    /// An inline step returned without collecting events (its round posted completions).
+    skipped_wait: bool,
     conns: SecondaryMap<Key, ConnState>,
     /// Every connection's pending operations.
     ops: Slab<Pending>,
@@ -367,6 +369,7 @@ impl Driver {
             mailbox,
             backlog: VecDeque::new(),
             direct: None,
+            skipped_wait: false,
             conns: SecondaryMap::new(),
             ops: Slab::new(),
             ready: Vec::new(),
@@ -414,21 +417,33 @@ impl Driver {
     }
 
     /// One step of an inline watcher, on the caller's thread: a round, and if it posted
-    /// nothing, a wait for events (at most until `deadline`) and another round. Returns
-    /// `false` once the watcher is closed and shut down.
+    /// nothing, a wait for events (at most until `deadline`) and another round. A round that
+    /// posted returns at once (its completions are what the caller waits for), but never
+    /// twice in a row: the next one collects events without blocking first, or a connection
+    /// whose operations complete every round would keep the others' readiness unseen.
+    /// Returns `false` once the watcher is closed and shut down.
     pub(crate) fn step(&mut self, deadline: Option<Instant>) -> bool {
         let posted = self.sink.stats.completions;
         if !self.process() {
             return false;
         }
-        if self.sink.stats.completions != posted || !self.backlog.is_empty() {
-            return true;
-        }
-        let mut timeout = self.next_timeout();
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            timeout = Some(timeout.map_or(left, |t| t.min(left)));
-        }
+        let timeout = if self.sink.stats.completions != posted || !self.backlog.is_empty() {
+            if !self.skipped_wait {
+                self.skipped_wait = true;
+                return true;
+            }
+            Some(Duration::ZERO)
+        } else {
+            let timeout = self.next_timeout();
+            match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    Some(timeout.map_or(left, |t| t.min(left)))
+                }
+                None => timeout,
+            }
+        };
+        self.skipped_wait = false;
         self.wait(timeout);
         self.process()
     }

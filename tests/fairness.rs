@@ -1,5 +1,7 @@
 //! Fairness: one peer floods as fast as it can (with many reads queued for it) while 50 others
-//! each play ping-pong; the others all finish while the flood is still going.
+//! each play ping-pong; the others all finish while the flood is still going. And a
+//! connection whose writes complete every round does not hide another's readiness, in both
+//! watcher modes.
 
 mod util;
 
@@ -285,4 +287,67 @@ fn flooding_conn_gets_a_bounded_share_of_each_round() {
     ledger.record(&collect_one(&watcher, TIMEOUT));
     ledger.assert_all_done();
     drop(client);
+}
+
+/// A connection whose every write completes at once posts something each round, so the
+/// poller always has completions to hand over; the readiness of the other connections must
+/// still be collected, or their reads starve for as long as the writer keeps going. (An
+/// inline watcher returned from each such round without polling: fixed, see
+/// `Driver::step`.)
+fn writer_completing_every_round(watcher: Watcher) {
+    let (mut writer_peer, writer_server) = tcp_pair();
+    let (mut reader_peer, reader_server) = tcp_pair();
+    let writer = watcher.register(writer_server).unwrap();
+    let reader = watcher.register(reader_server).unwrap();
+    reader.send(Cmd::Read(vec![0; 16]).tag(7)).unwrap();
+    // The writer's peer drains everything, so its writes never wait for buffer space.
+    let drain = thread::spawn(move || {
+        let mut buf = vec![0; 64 * 1024];
+        let mut total = 0;
+        while let Ok(n @ 1..) = writer_peer.read(&mut buf) {
+            total += n;
+        }
+        total
+    });
+    writer.send(Cmd::Write(vec![0x5A; 64])).unwrap();
+    // Let the writer's completions flow before the reader's data arrives.
+    let mut batch = Vec::new();
+    let mut writes = 0;
+    let mut read = None;
+    while read.is_none() {
+        assert!(
+            writes < 2_000,
+            "the reader's data never reached its read while the writer ran ({writes} writes)"
+        );
+        if writes == 10 {
+            reader_peer.write_all(b"not starved").unwrap();
+        }
+        assert!(watcher.wait_io_timeout(&mut batch, TIMEOUT).unwrap() > 0);
+        for c in batch.drain(..) {
+            assert!(c.is_ok(), "{}", describe(&c));
+            match c.op {
+                Op::Write => {
+                    writes += 1;
+                    c.conn.send(Cmd::Write(vec![0x5A; 64])).unwrap();
+                }
+                Op::Read => read = Some(c),
+                op => panic!("{op:?}"),
+            }
+        }
+    }
+    let c = read.unwrap();
+    assert_eq!((c.tag, c.data()), (7, &b"not starved"[..]));
+    watcher.close();
+    drop(writer);
+    assert_eq!(drain.join().unwrap() % 64, 0);
+}
+
+#[test]
+fn a_writer_completing_every_round_does_not_starve_readiness_inline() {
+    writer_completing_every_round(Watcher::builder().inline(true).build().unwrap());
+}
+
+#[test]
+fn a_writer_completing_every_round_does_not_starve_readiness_threaded() {
+    writer_completing_every_round(Watcher::new().unwrap());
 }
