@@ -339,7 +339,9 @@ fn writer_completing_every_round(watcher: Watcher) {
     assert_eq!((c.tag, c.data()), (7, &b"not starved"[..]));
     watcher.close();
     drop(writer);
-    assert_eq!(drain.join().unwrap() % 64, 0);
+    // Every completed write was in the kernel before the close: the peer read it all.
+    let drained = drain.join().unwrap();
+    assert!(drained >= writes * 64, "{drained} bytes < {writes} writes");
 }
 
 #[test]
