@@ -422,12 +422,24 @@ impl Driver {
     /// twice in a row: the next one collects events without blocking first, or a connection
     /// whose operations complete every round would keep the others' readiness unseen.
     /// Returns `false` once the watcher is closed and shut down.
+    ///
+    /// The caller may have been away since the last step, so the step starts from the time
+    /// now (progress stamps, idle periods), and if a timer fell due meanwhile it first
+    /// collects the readiness that arrived meanwhile: data that came before a read's deadline
+    /// completes the read, as it would have on a poller thread.
     pub(crate) fn step(&mut self, deadline: Option<Instant>) -> bool {
+        self.now = Instant::now();
+        if self.timers.peek().is_some_and(|t| t.when <= self.now) {
+            self.wait(Some(Duration::ZERO));
+            self.skipped_wait = false;
+        }
         let posted = self.sink.stats.completions;
         if !self.process() {
             return false;
         }
-        let timeout = if self.sink.stats.completions != posted || !self.backlog.is_empty() {
+        // (An inline watcher has no backlog: its own mailbox is unbounded and it refuses
+        // bounded routes.)
+        let timeout = if self.sink.stats.completions != posted {
             if !self.skipped_wait {
                 self.skipped_wait = true;
                 return true;

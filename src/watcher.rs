@@ -7,7 +7,7 @@ use std::sync::atomic::{
     fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Acquire,
     Ordering::Relaxed, Ordering::SeqCst,
 };
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -377,10 +377,11 @@ impl WatcherBuilder {
     /// no eventfd write and no context switch per batch. Completions are produced only while
     /// some thread is inside `wait_io`, `wait_io_timeout`, `wait_io_deadline` or
     /// `try_wait_io` (one at a time: they take turns driving), and they go straight into the
-    /// vector of the call that produced them, not through the mailbox channel (unless the
-    /// watcher was given a shared [`mailbox`](Self::mailbox)). So an inline watcher does not
-    /// suit `flume::Selector` or `recv_async` on its mailbox; keep the threaded default for
-    /// those. Commands may still be sent from any thread: they wake the driving thread.
+    /// vector of the call that produced them, not through the mailbox channel. So an inline
+    /// watcher does not suit `flume::Selector` or `recv_async` on its mailbox, nor a mailbox
+    /// shared with other watchers (their completions would wait for this one's next event);
+    /// keep the threaded default for those. Commands may still be sent from any thread: they
+    /// wake the driving thread.
     pub fn inline(mut self, inline: bool) -> Self {
         self.inline = inline;
         self
@@ -405,16 +406,15 @@ impl WatcherBuilder {
     /// # Errors
     ///
     /// Creating the epoll/kqueue instance, the waker or the thread failed (for example EMFILE),
-    /// CPU pinning is not supported here, or an inline watcher was given a CPU or a bounded
-    /// mailbox ([`io::ErrorKind::InvalidInput`]: the thread that drives it is the one that
-    /// must drain its mailbox, so it could never wait for room).
+    /// CPU pinning is not supported here, or an inline watcher was given a CPU or a mailbox
+    /// ([`io::ErrorKind::InvalidInput`]: its completions go to the thread driving it, and a
+    /// shared mailbox would leave other watchers' completions waiting while that thread
+    /// sleeps in its own `epoll_wait`; for a [`Pool`](crate::Pool) of inline watchers use
+    /// [`per_watcher_mailboxes`](crate::PoolBuilder::per_watcher_mailboxes)).
     pub fn build(self) -> io::Result<Watcher> {
-        let bounded = self
-            .mailbox
-            .as_ref()
-            .is_some_and(|(tx, _)| tx.capacity().is_some());
-        if self.inline && (self.cpu.is_some() || bounded) {
-            let msg = "an inline watcher takes neither a poller CPU nor a bounded mailbox";
+        if self.inline && (self.cpu.is_some() || self.mailbox.is_some()) {
+            let msg = "an inline watcher takes neither a poller CPU nor a mailbox of its own \
+                       (in a pool: per_watcher_mailboxes)";
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
         }
         let selector = sys::Selector::new()?;
@@ -441,10 +441,8 @@ impl WatcherBuilder {
             self.buffer_size,
             self.events_capacity,
         );
-        if self.inline && own_mailbox {
-            driver.deliver_direct();
-        }
         if self.inline {
+            driver.deliver_direct();
             return Ok(Watcher {
                 shared,
                 mailbox: mail_rx,
@@ -537,12 +535,19 @@ impl Watcher {
     ///
     /// # Errors
     ///
-    /// As [`register`](Watcher::register).
+    /// As [`register`](Watcher::register); also a bounded `mailbox` on an
+    /// [`inline`](WatcherBuilder::inline) watcher ([`io::ErrorKind::InvalidInput`]): when it
+    /// is full, only the thread driving the watcher could make room, and at `close` that
+    /// thread would wait for itself. The socket is closed.
     pub fn register_with(
         &self,
         socket: impl Into<OwnedFd>,
         mailbox: flume::Sender<Completion>,
     ) -> Result<Conn, Error> {
+        if self.inline.is_some() && mailbox.capacity().is_some() {
+            let msg = "an inline watcher cannot route completions to a bounded mailbox";
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());
+        }
         let route = Route {
             mailbox: Some(mailbox),
             spread: None,
@@ -641,6 +646,10 @@ impl Watcher {
     }
 
     /// Inline mode: run the poller on this thread until a completion is ready or `deadline`.
+    /// It always runs at least one step (a deadline already past polls once, as
+    /// `try_wait_io` does). While another thread drives, a call with a deadline waits for that
+    /// thread to stop driving, at most until its deadline, instead of blocking on the lock
+    /// for as long as the other thread sleeps in `epoll_wait`.
     fn drive(
         &self,
         driver: &Mutex<Option<Driver>>,
@@ -648,23 +657,53 @@ impl Watcher {
         deadline: Option<Instant>,
     ) -> Result<usize, Error> {
         let before = out.len();
+        let mut stepped = false;
         loop {
             self.try_take(out);
             if out.len() > before {
                 return Ok(out.len() - before);
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let due = deadline.is_some_and(|d| Instant::now() >= d);
+            if due && stepped {
                 return Ok(0);
             }
-            let mut guard = driver.lock().unwrap_or_else(|p| p.into_inner());
-            // Another thread may have driven while we waited for the lock.
+            let mut guard = match (deadline, driver.try_lock()) {
+                (_, Ok(guard)) => guard,
+                (_, Err(TryLockError::Poisoned(p))) => p.into_inner(),
+                (None, Err(TryLockError::WouldBlock)) => {
+                    driver.lock().unwrap_or_else(|p| p.into_inner())
+                }
+                (Some(_), Err(TryLockError::WouldBlock)) if due => return Ok(0),
+                (Some(d), Err(TryLockError::WouldBlock)) => {
+                    // Woken by `release_driver` (or a mailbox post at close).
+                    let free = || {
+                        !matches!(driver.try_lock(), Err(TryLockError::WouldBlock))
+                            || !self.mailbox.is_empty()
+                    };
+                    self.shared.rounds.wait(free, Some(d));
+                    continue;
+                }
+            };
+            // Another thread may have driven while we waited for the lock (its shutdown
+            // posts to the mailbox).
             if !self.mailbox.is_empty() {
+                self.release_driver(guard);
                 continue;
             }
-            if !step_inline(&mut guard, deadline, out) {
+            let open = step_inline(&mut guard, deadline, out);
+            stepped = true;
+            self.release_driver(guard);
+            if !open {
                 return Err(Error::WatcherClosed);
             }
         }
+    }
+
+    /// Unlocks an inline watcher's driver and wakes the threads waiting for it with a
+    /// deadline (`drive`); same handshake as a threaded poller's end of round.
+    fn release_driver(&self, guard: MutexGuard<'_, Option<Driver>>) {
+        drop(guard);
+        self.shared.rounds.ended();
     }
 
     /// A threaded watcher with its own mailbox: take what is there, else sleep until the
@@ -743,6 +782,7 @@ impl Watcher {
                     let before = out.len();
                     self.try_take(out);
                     step_inline(&mut guard, Some(Instant::now()), out);
+                    self.release_driver(guard);
                     return out.len() - before + self.try_take(out);
                 }
             }
@@ -783,6 +823,7 @@ impl Watcher {
             if let Some(mut d) = guard.take() {
                 d.shutdown();
             }
+            self.release_driver(guard);
         }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {

@@ -3,6 +3,7 @@
 mod util;
 
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use proactor::{Cmd, Error, Op, Watcher};
@@ -193,18 +194,175 @@ fn close_from_another_thread_wakes_a_blocked_wait() {
 }
 
 #[test]
-fn inline_refuses_a_cpu_or_a_bounded_mailbox() {
+fn inline_refuses_a_cpu_a_mailbox_or_a_bounded_route() {
+    let refused = |r: std::io::Result<Watcher>| {
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+    };
+    // A shared mailbox, bounded or not: other watchers' completions would wait in it while
+    // the driving thread sleeps in this watcher's epoll_wait.
     let (tx, rx) = proactor::flume::bounded(4);
-    let e = Watcher::builder()
-        .inline(true)
-        .mailbox(tx, rx)
-        .build()
-        .unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
-    let e = Watcher::builder()
-        .inline(true)
-        .poller_cpu(0)
-        .build()
-        .unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    refused(Watcher::builder().inline(true).mailbox(tx, rx).build());
+    let (tx, rx) = proactor::flume::unbounded();
+    refused(Watcher::builder().inline(true).mailbox(tx, rx).build());
+    refused(Watcher::builder().inline(true).poller_cpu(0).build());
+    // A pool of inline watchers needs a mailbox each.
+    let pool = proactor::Pool::builder()
+        .watchers(2)
+        .watcher_options(Watcher::builder().inline(true));
+    assert_eq!(
+        pool.build().unwrap_err().kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    // A bounded route: only the driving thread could make room, and `close` would wait for
+    // it. An unbounded one is fine.
+    let watcher = inline();
+    let (tx, _rx) = proactor::flume::bounded(4);
+    let (_client, server) = tcp_pair();
+    match watcher.register_with(server, tx) {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(watcher.stats().connections, 0);
+    let (tx, _rx) = proactor::flume::unbounded();
+    let (_client, server) = tcp_pair();
+    watcher.register_with(server, tx).unwrap();
+}
+
+/// Blocks until `n` bytes wait in `s`'s receive queue.
+fn until_buffered(s: &TcpStream, n: usize) {
+    let mut buf = vec![0; n];
+    let deadline = Instant::now() + TIMEOUT;
+    while s.peek(&mut buf).unwrap() < n {
+        assert!(Instant::now() < deadline, "the data never arrived");
+        std::thread::yield_now();
+    }
+}
+
+/// A frame loop polling with a zero timeout (or a deadline already past) still drives the
+/// watcher: each call runs one step, as `try_wait_io` does.
+#[test]
+fn a_zero_timeout_wait_still_runs_a_step() {
+    let watcher = inline();
+    let (mut client, server) = tcp_pair();
+    client.write_all(b"ping").unwrap();
+    until_buffered(&server, 4);
+    let conn = watcher.register(server).unwrap();
+    conn.send(Cmd::Read(vec![0; 16]).tag(3)).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while watcher.wait_io_timeout(&mut got, Duration::ZERO).unwrap() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no step ran in any zero-timeout wait"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!((got[0].tag, got[0].data()), (3, &b"ping"[..]));
+    conn.send(Cmd::Read(vec![0; 16]).tag(4)).unwrap();
+    client.write_all(b"past").unwrap();
+    let past = Instant::now() - Duration::from_millis(1);
+    got.clear();
+    while watcher.wait_io_deadline(&mut got, past).unwrap() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no step ran with a deadline already past"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!((got[0].tag, got[0].data()), (4, &b"past"[..]));
+}
+
+/// While one thread drives (blocked in `epoll_wait` with nothing to do), another thread's
+/// timed wait returns at its deadline; it used to block on the driver's lock until the
+/// first thread woke.
+#[test]
+fn a_timed_wait_is_not_held_past_its_deadline_by_another_driving_thread() {
+    let watcher = inline();
+    let (_client, server) = tcp_pair();
+    let _conn = watcher.register(server).unwrap();
+    std::thread::scope(|s| {
+        let driver = s.spawn(|| watcher.wait_io(&mut Vec::new()));
+        // Setup, not synchronisation: nothing completes to say the other thread is inside
+        // epoll_wait. If it is not there yet, this thread drives and the check passes anyway.
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = &watcher;
+        let timed = s.spawn(move || {
+            let start = Instant::now();
+            let r = w.wait_io_timeout(&mut Vec::new(), Duration::from_millis(100));
+            tx.send((start.elapsed(), r)).unwrap();
+        });
+        let got = rx.recv_timeout(Duration::from_secs(2));
+        let driving = !driver.is_finished();
+        watcher.close(); // frees both threads whatever happened
+        timed.join().unwrap();
+        assert!(matches!(driver.join().unwrap(), Err(Error::WatcherClosed)));
+        let (took, r) = got.expect("the timed wait was held past its deadline");
+        assert!(matches!(r, Ok(0)), "{r:?}");
+        assert!(took >= Duration::from_millis(100), "early: {took:?}");
+        assert!(driving, "the driving thread returned with nothing to do");
+    });
+}
+
+/// The caller is away (busy with a batch) while data arrives before a read's deadline and
+/// the deadline then passes: on return, the data completes the read, as on a poller thread
+/// that saw it arrive. The step used to fire the timer before collecting the readiness.
+#[test]
+fn data_that_arrived_before_the_deadline_wins_after_the_caller_was_away() {
+    let watcher = inline();
+    let (mut client, server) = tcp_pair();
+    let conn = watcher.register(server).unwrap();
+    conn.send(
+        Cmd::Read(vec![0; 16])
+            .timeout(Duration::from_millis(200))
+            .tag(1),
+    )
+    .unwrap();
+    // One round: the read finds nothing and waits for readiness.
+    assert_eq!(watcher.try_wait_io(&mut Vec::new()), 0);
+    client.write_all(b"early").unwrap();
+    // The scenario: the caller does other work past the deadline.
+    std::thread::sleep(Duration::from_millis(400));
+    let c = collect_one(&watcher, TIMEOUT);
+    assert!(c.is_ok(), "{}", describe(&c));
+    assert_eq!((c.tag, c.data()), (1, &b"early"[..]));
+}
+
+/// Bytes that move in a step after the caller was away are stamped with the time they
+/// moved: an idle timeout does not fire in the very step whose reads made progress. (The
+/// step used to run with the time of the last wait, long past.)
+#[test]
+fn an_idle_timeout_sees_the_progress_of_a_step_after_the_caller_was_away() {
+    let watcher = inline();
+    let (mut client, server) = tcp_pair();
+    client.write_all(&[1; 100]).unwrap();
+    until_buffered(&server, 100);
+    let conn = watcher.register(server).unwrap();
+    // More one-byte reads than a round's read budget, then one with an idle timeout.
+    for tag in 1..=40 {
+        conn.send(Cmd::Read(vec![0; 1]).tag(tag)).unwrap();
+    }
+    conn.send(
+        Cmd::Read(vec![0; 1])
+            .idle_timeout(Duration::from_millis(100))
+            .tag(999),
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    watcher.wait_io_timeout(&mut all, TIMEOUT).unwrap();
+    assert!(
+        all.len() < 40,
+        "the budget should leave reads for later steps"
+    );
+    // The scenario: the caller handles the batch for longer than the idle timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + TIMEOUT;
+    while !all.iter().any(|c| c.tag == 999) {
+        assert!(Instant::now() < deadline, "tag 999 never completed");
+        watcher.wait_io_timeout(&mut all, TIMEOUT).unwrap();
+    }
+    let last = all.iter().find(|c| c.tag == 999).unwrap();
+    assert!(last.is_ok(), "{}", describe(last));
+    let tags: Vec<u64> = all.iter().map(|c| c.tag).collect();
+    assert_eq!(tags, (1..=40).chain([999]).collect::<Vec<u64>>());
 }
