@@ -106,10 +106,12 @@
 //! [inline](WatcherBuilder::inline) watcher does not, and makes 3 syscalls per echoed message
 //! on one connection and 2.03 at 100 (read, write, an amortised `epoll_wait`). Against a
 //! hand-written single-threaded mio server on the same 2-core machine the inline mode matches
-//! one-connection ping-pong, the 1,000-connection round and the 8,192-connection burst, and
-//! runs at 0.96x-0.98x of it with 100 busy connections (the threaded default: 0.92x at 100,
-//! 0.96x-1.02x at 1,000). An idle connection waiting in a read costs about 122 bytes. The
-//! figures, the commands and the profile are in `docs/benchmarks.md`.
+//! one-connection ping-pong and the 8,192-connection burst, is level within the noise on the
+//! 1,000-connection round (median 1.02x over five passes, 0.94x-1.20x), runs at 0.97x of it
+//! with 100 busy connections, and spends as much server CPU per message (0.98x-1.04x). The
+//! threaded default runs at 0.91x and 0.96x (100 and 1,000 connections). An idle connection
+//! waiting in a read costs about 122 bytes. The figures, the commands and the profile are in
+//! `docs/benchmarks.md`.
 //!
 //! # Platform notes
 //!

@@ -26,7 +26,9 @@ impl PoolBuilder {
 
     /// Give every watcher its own mailbox (default: one mailbox shared by all, so any number
     /// of worker threads can take completions from it; flume is MPMC). Per-watcher mailboxes
-    /// suit thread affinity: one game shard or one loop thread per watcher.
+    /// suit thread affinity: one game shard or one loop thread per watcher, and a pool of
+    /// [`inline`](WatcherBuilder::inline) watchers needs them (its `build` refuses a shared
+    /// mailbox).
     pub fn per_watcher_mailboxes(mut self) -> Self {
         self.shared_mailbox = false;
         self
