@@ -333,8 +333,9 @@ pub(crate) struct Driver {
     ops_in: Vec<(Conn, Cmd)>,
     ctl_in: Vec<Ctl>,
     mailbox: flume::Sender<Completion>,
-    /// Completions the (bounded, full) mailbox did not take yet, in order.
-    backlog: VecDeque<Outgoing>,
+    /// Completions that full bounded channels did not take yet: one queue per channel, in
+    /// order, so a receiver that stops draining holds back its own completions only.
+    backlog: Vec<Stalled>,
     /// An inline watcher with its own mailbox: completions for the mailbox are kept here
     /// for the thread driving the watcher to take (`take_direct`), with no channel between.
     direct: Option<Vec<Completion>>,
@@ -367,7 +368,7 @@ impl Driver {
             ops_in: Vec::new(),
             ctl_in: Vec::new(),
             mailbox,
-            backlog: VecDeque::new(),
+            backlog: Vec::new(),
             direct: None,
             skipped_wait: false,
             conns: SecondaryMap::new(),
@@ -793,24 +794,36 @@ impl Driver {
             stats.batches += 1;
             stats.completions += self.sink.out.len() as u64;
         }
-        while let Some(c) = self.backlog.pop_front() {
-            if let Err(c) = deliver(&self.mailbox, c) {
-                self.backlog.push_front(c);
-                break;
+        // Whether anything reached a channel: a waiter must then be woken, also when all of
+        // it came from the backlog (room was made) and this round completed nothing.
+        let mut posted = false;
+        let mailbox = &self.mailbox;
+        // The stalled channels first: what waits there is older.
+        self.backlog.retain_mut(|s| {
+            while let Some(c) = s.queue.pop_front() {
+                if let Err(c) = deliver(s.to.as_ref().unwrap_or(mailbox), c) {
+                    s.queue.push_front(c);
+                    return true;
+                }
+                posted = true;
             }
-        }
-        let posted = !self.sink.out.is_empty() || !self.backlog.is_empty();
-        for c in self.sink.out.drain(..) {
-            if let (Some(direct), None) = (&mut self.direct, &c.1) {
-                direct.push(c.0);
+            false
+        });
+        for (c, to) in self.sink.out.drain(..) {
+            if let (Some(direct), None) = (&mut self.direct, &to) {
+                direct.push(c);
                 continue;
             }
-            if !self.backlog.is_empty() {
-                self.backlog.push_back(c);
+            if let Some(s) = self.backlog.iter_mut().find(|s| s.is(&to)) {
+                s.queue.push_back(c);
                 continue;
             }
-            if let Err(c) = deliver(&self.mailbox, c) {
-                self.backlog.push_back(c);
+            match deliver(to.as_ref().unwrap_or(mailbox), c) {
+                Ok(()) => posted = true,
+                Err(c) => self.backlog.push(Stalled {
+                    to,
+                    queue: VecDeque::from([c]),
+                }),
             }
         }
         self.sink.stats.timer_entries = self.timers.len() as u64;
@@ -901,11 +914,47 @@ impl Driver {
             self.sink.reject(conn, cmd, Error::WatcherClosed);
         }
         self.flush();
-        // A bounded, full mailbox: the last completions wait for room, for as long as someone
-        // can still receive them.
-        while let Some((c, to)) = self.backlog.pop_front() {
-            // Blocking is fine now: the poller has nothing else left to do.
-            let _ = to.as_ref().unwrap_or(&self.mailbox).send(c);
+        self.drain_backlog();
+    }
+
+    /// A bounded, full channel: its last completions wait for room, for as long as someone
+    /// can still receive them, in a thread of their own, so `close` (which joins the poller)
+    /// never waits for a receiver, perhaps its own caller. The thread holds a mailbox sender
+    /// until it is done and then ends a round, so waiters see the mailbox closed after the
+    /// last completion. Only if no thread can be started does the poller wait itself.
+    fn drain_backlog(&mut self) {
+        if self.backlog.is_empty() {
+            return;
+        }
+        let stalled = Arc::new(std::sync::Mutex::new(std::mem::take(&mut self.backlog)));
+        let drain = {
+            let (stalled, mailbox, shared) =
+                (stalled.clone(), self.mailbox.clone(), self.shared.clone());
+            move || {
+                let stalled =
+                    std::mem::take(&mut *stalled.lock().unwrap_or_else(|p| p.into_inner()));
+                for s in stalled {
+                    let to = s.to.as_ref().unwrap_or(&mailbox);
+                    for c in s.queue {
+                        if to.send(c).is_err() {
+                            break; // nobody can receive any more
+                        }
+                    }
+                }
+                drop(mailbox);
+                shared.rounds.ended();
+            }
+        };
+        let spawned = thread::Builder::new()
+            .name("proactor-drain".into())
+            .spawn(drain);
+        if spawned.is_err() {
+            let left = std::mem::take(&mut *stalled.lock().unwrap_or_else(|p| p.into_inner()));
+            for s in left {
+                for c in s.queue {
+                    let _ = s.to.as_ref().unwrap_or(&self.mailbox).send(c);
+                }
+            }
         }
     }
 }
@@ -917,12 +966,28 @@ fn stamp(epoch: Instant, t: Instant) -> u32 {
     (t.saturating_duration_since(epoch).as_millis() as u32).wrapping_add(1)
 }
 
-/// Posts `c` to its connection's route, or the watcher's mailbox; gives it back when that
-/// (bounded) channel is full. With no receiver left, the completion is dropped.
-fn deliver(mailbox: &flume::Sender<Completion>, (c, to): Outgoing) -> Result<(), Outgoing> {
-    let r = to.as_ref().unwrap_or(mailbox).try_send(c);
-    match r {
-        Err(flume::TrySendError::Full(c)) => Err((c, to)),
+/// The completions waiting for room in one full bounded channel (`None`: the watcher's
+/// mailbox).
+struct Stalled {
+    to: Option<flume::Sender<Completion>>,
+    queue: VecDeque<Completion>,
+}
+
+impl Stalled {
+    fn is(&self, to: &Option<flume::Sender<Completion>>) -> bool {
+        match (&self.to, to) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same_channel(b),
+            _ => false,
+        }
+    }
+}
+
+/// Posts `c` to `to`; gives it back when that (bounded) channel is full. With no receiver
+/// left, the completion is dropped.
+fn deliver(to: &flume::Sender<Completion>, c: Completion) -> Result<(), Completion> {
+    match to.try_send(c) {
+        Err(flume::TrySendError::Full(c)) => Err(c),
         Ok(()) | Err(flume::TrySendError::Disconnected(_)) => Ok(()),
     }
 }

@@ -61,7 +61,7 @@ impl PoolBuilder {
         let shared = self.shared_mailbox.then(flume::unbounded::<Completion>);
         let mut watchers = Vec::with_capacity(self.watchers);
         for i in 0..self.watchers {
-            let mut options = self.options.clone();
+            let mut options = self.options.clone().without_mailbox_or_cpu();
             if let Some((tx, rx)) = &shared {
                 options = options.mailbox(tx.clone(), rx.clone());
             }

@@ -99,11 +99,23 @@ impl Rounds {
     }
 }
 
-/// Ends the last round when the poller thread exits.
+/// When the poller thread exits (after `close`, or a panic, a bug of this crate): the
+/// watcher counts as closed and its queues are sealed, so later sends fail with `Closed`
+/// instead of queueing commands nothing will complete, and the last round is ended.
 struct EndRounds(Arc<Shared>);
 
 impl Drop for EndRounds {
     fn drop(&mut self) {
+        self.0.closed.store(true, SeqCst);
+        let left = {
+            let mut inbox = self.0.inbox();
+            inbox.sealed = true;
+            (
+                std::mem::take(&mut inbox.ops),
+                std::mem::take(&mut inbox.ctl),
+            )
+        };
+        drop(left); // outside the lock: a dropped handle may queue its release
         self.0.rounds.ended();
     }
 }
@@ -160,14 +172,18 @@ impl Spread {
         }
     }
 
-    /// The index of the watcher with the fewest connections; ties go round-robin, so a burst
-    /// of accepts does not pile onto the first.
+    /// The index of the open watcher with the fewest connections (a closed one has none,
+    /// and would refuse them all); ties go round-robin, so a burst of accepts does not pile
+    /// onto the first.
     pub(crate) fn pick(&self) -> usize {
         let n = self.targets.len();
         let start = self.next.fetch_add(1, Relaxed);
         (0..n)
             .map(|i| (start + i) % n)
-            .min_by_key(|&i| self.targets[i].live.load(Relaxed))
+            .min_by_key(|&i| {
+                let t = &self.targets[i];
+                (t.closed.load(Relaxed), t.live.load(Relaxed))
+            })
             .unwrap_or(0)
     }
 }
@@ -369,6 +385,13 @@ impl WatcherBuilder {
         self
     }
 
+    /// These options without a mailbox or a CPU: a pool chooses those itself.
+    pub(crate) fn without_mailbox_or_cpu(mut self) -> Self {
+        self.mailbox = None;
+        self.cpu = None;
+        self
+    }
+
     /// Runs the poller on the thread that calls [`Watcher::wait_io`] instead of a thread of
     /// its own (default: `false`, a poller thread).
     ///
@@ -390,8 +413,11 @@ impl WatcherBuilder {
     /// Posts completions into this channel instead of a new unbounded one, so several watchers
     /// can share one mailbox (flume is MPMC). [`Watcher::mailbox`] returns `receiver`.
     ///
-    /// A bounded channel is allowed: when it is full the poller keeps the completions in order
-    /// and retries every millisecond; it never blocks on the mailbox.
+    /// A bounded channel is allowed: when it is full the poller keeps its completions in order
+    /// and retries every millisecond; it never blocks on the mailbox, and a full channel
+    /// holds back its own completions only (not those of routes to other channels). What
+    /// still waits for room at [`close`](Watcher::close) is delivered by a thread of its
+    /// own, so `close` does not wait for a receiver either.
     pub fn mailbox(
         mut self,
         sender: flume::Sender<Completion>,
@@ -812,8 +838,11 @@ impl Watcher {
     }
 
     /// Stops the poller: every pending operation and every command still queued completes
-    /// with [`Error::WatcherClosed`], every socket is closed, and the poller thread is joined.
-    /// Later sends fail with [`SendError::Closed`](crate::SendError::Closed). Idempotent.
+    /// with [`Error::WatcherClosed`], every socket is closed, and the poller thread is joined
+    /// (by every thread that calls `close`, when several do at once). Later sends fail with
+    /// [`SendError::Closed`](crate::SendError::Closed). Idempotent. Completions still waiting
+    /// for room in a full bounded channel are handed to a thread that delivers them as room
+    /// is made (or drops them once no receiver is left); the mailbox disconnects after them.
     pub fn close(&self) {
         self.shared.closed.store(true, SeqCst);
         let _ = self.shared.waker.wake();
@@ -825,10 +854,13 @@ impl Watcher {
             }
             self.release_driver(guard);
         }
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(handle) = handle {
+        // Held across the join: a second `close` racing this one returns only once the
+        // poller has exited too.
+        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = thread.take() {
             // A panic in the poller is a bug in this crate; surface it here rather than hide it.
             if let Err(panic) = handle.join() {
+                drop(thread);
                 std::panic::resume_unwind(panic);
             }
         }

@@ -254,3 +254,40 @@ fn close_racing_senders() {
         "every accepted command completes once"
     );
 }
+
+/// Two threads close one watcher at once: both return only after the poller has exited
+/// (its last completions posted, the mailbox disconnected), as `close` promises. The one
+/// that lost the race for the poller's handle used to return at once.
+#[test]
+fn concurrent_closes_both_wait_for_the_poller() {
+    let pairs = Pairs::new();
+    for round in 0..20 {
+        let watcher = Watcher::new().unwrap();
+        let mut peers = Vec::new();
+        // Pending reads make the shutdown, and so the window, longer.
+        for i in 0..64 {
+            let (client, server) = pairs.pair();
+            let conn = watcher.register(server).unwrap();
+            conn.send(Cmd::ReadInternal.tag(i)).unwrap();
+            peers.push(client);
+        }
+        let mailbox = watcher.mailbox();
+        let early = thread::scope(|s| {
+            let closers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        watcher.close();
+                        !mailbox.is_disconnected()
+                    })
+                })
+                .collect();
+            let early: Vec<bool> = closers.into_iter().map(|h| h.join().unwrap()).collect();
+            early.contains(&true)
+        });
+        assert!(
+            !early,
+            "round {round}: a close() returned before the poller exited"
+        );
+        assert_eq!(mailbox.len(), 64);
+    }
+}

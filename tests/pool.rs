@@ -258,3 +258,61 @@ fn an_inline_watcher_posts_routed_completions_to_the_route() {
     assert!(matches!(got[0].result, Err(proactor::Error::Freed)));
     assert_eq!((got[1].tag, got[1].op), (2, Op::Free));
 }
+
+/// A watcher of a pool closed on its own has no connections left, which made it the least
+/// loaded: every accept and every `pool.register` went to it and failed, though the other
+/// watcher ran.
+#[test]
+fn a_pool_skips_a_closed_watcher() {
+    let pool = Pool::builder().watchers(2).build().unwrap();
+    let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let listener = pool.listen(std_listener).unwrap();
+    pool.watchers()[1].close();
+    let mut clients = Vec::new();
+    for tag in 0..4 {
+        listener.send(Cmd::Accept.tag(tag)).unwrap();
+        clients.push(TcpStream::connect(addr).unwrap());
+    }
+    let mut conns = Vec::new();
+    for c in take(&pool.mailbox(), 4) {
+        assert_eq!(c.op, Op::Accept);
+        assert!(c.is_ok(), "{:?}", c.result);
+        conns.push(c.buf.into_accepted().unwrap().0);
+    }
+    for _ in 0..4 {
+        let (client, server) = pair();
+        conns.push(pool.register(server).unwrap());
+        clients.push(client);
+    }
+    // The listener and the eight, all on the open watcher.
+    eventually("nine connections on watcher 0", || {
+        pool.watchers()[0].stats().connections == 9
+    });
+}
+
+/// `watcher_options` may carry a mailbox or a CPU; the pool's own choices replace them.
+#[test]
+fn a_pool_replaces_the_mailbox_and_cpu_of_its_watcher_options() {
+    let (tx, rx) = proactor::flume::unbounded();
+    let pool = Pool::builder()
+        .watchers(2)
+        .per_watcher_mailboxes()
+        .watcher_options(Watcher::builder().mailbox(tx, rx.clone()))
+        .build()
+        .unwrap();
+    let (m0, m1) = (pool.watchers()[0].mailbox(), pool.watchers()[1].mailbox());
+    assert!(
+        !m0.same_channel(&m1),
+        "the watchers share the options' mailbox"
+    );
+    assert!(!m0.same_channel(&rx));
+    // An inline pool with per-watcher mailboxes builds even if the options named a mailbox.
+    let (tx, rx) = proactor::flume::unbounded();
+    Pool::builder()
+        .watchers(2)
+        .per_watcher_mailboxes()
+        .watcher_options(Watcher::builder().inline(true).mailbox(tx, rx))
+        .build()
+        .unwrap();
+}
