@@ -343,11 +343,18 @@ impl Default for WatcherBuilder {
     }
 }
 
+/// The largest [`WatcherBuilder::buffer_size`].
+const MAX_BUFFER_SIZE: usize = 1 << 30;
+/// The largest [`WatcherBuilder::events_capacity`].
+const MAX_EVENTS: usize = 1 << 16;
+
 impl WatcherBuilder {
     /// Size of each internal read-buffer chunk, the most one
-    /// [`Cmd::ReadInternal`](crate::Cmd::ReadInternal) returns (default: 64 KiB; minimum 1).
+    /// [`Cmd::ReadInternal`](crate::Cmd::ReadInternal) returns (default: 64 KiB; from 1 byte
+    /// to 1 GiB, values outside are clamped).
     pub fn buffer_size(mut self, bytes: usize) -> Self {
-        self.buffer_size = bytes.max(1);
+        // A chunk is one allocation: beyond this it would fail or overflow in the poller.
+        self.buffer_size = bytes.clamp(1, MAX_BUFFER_SIZE);
         self
     }
 
@@ -368,9 +375,11 @@ impl WatcherBuilder {
         self
     }
 
-    /// Most readiness events taken per `epoll_wait`/`kevent` call (default: 1,024).
+    /// Most readiness events taken per `epoll_wait`/`kevent` call (default: 1,024; from 1
+    /// to 65,536, values outside are clamped).
     pub fn events_capacity(mut self, n: usize) -> Self {
-        self.events_capacity = n.max(1);
+        // epoll_wait refuses more than INT_MAX / sizeof(struct epoll_event) with EINVAL.
+        self.events_capacity = n.clamp(1, MAX_EVENTS);
         self
     }
 

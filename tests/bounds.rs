@@ -196,3 +196,27 @@ fn send_error_debug_does_not_dump_the_buffer() {
     assert_eq!(format!("{err:?}"), "EmptyBuffer(..)");
     assert!(!err.is_full());
 }
+
+/// Builder values past what the OS or the allocator can take are clamped, not handed to the
+/// poller: `buffer_size(usize::MAX)` made the first internal read panic the poller
+/// ("capacity overflow"), and an `events_capacity` past epoll's limit made every
+/// `epoll_wait` fail with EINVAL, so no readiness was ever seen.
+#[test]
+fn out_of_range_builder_values_are_clamped() {
+    for inline in [false, true] {
+        let options = Watcher::builder()
+            .inline(inline)
+            .buffer_size(usize::MAX)
+            .events_capacity(usize::MAX);
+        let (watcher, conn, mut client) = watcher_pair_with(options);
+        conn.send(Cmd::ReadInternal.tag(1)).unwrap();
+        conn.send(Cmd::Read(vec![0; 8]).tag(2)).unwrap();
+        client.write_all(b"hello").unwrap();
+        let c = collect_one(&watcher, TIMEOUT);
+        assert!(c.is_ok(), "inline {inline}: {}", describe(&c));
+        assert_eq!((c.tag, c.data()), (1, &b"hello"[..]));
+        client.write_all(b"again").unwrap();
+        let c = collect_one(&watcher, TIMEOUT);
+        assert_eq!((c.tag, c.data()), (2, &b"again"[..]), "inline {inline}");
+    }
+}
