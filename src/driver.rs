@@ -747,16 +747,12 @@ impl Driver {
             if let Some(idle) = t.idle {
                 // The timer fired no earlier than `idle` after the command was taken (or
                 // after the progress that last re-armed it); it is over unless bytes moved in
-                // this direction within the last `idle`. Stamps are rounded up, so `since`
-                // is never longer than the truth; one from the future (same millisecond)
-                // counts as zero.
+                // this direction within the last `idle`.
                 let progress = match t.dir {
                     Dir::Read => st.read_progress,
                     Dir::Write => st.write_progress,
                 };
-                let now_ms = stamp(self.epoch, now).wrapping_sub(1);
-                let since = (now_ms.wrapping_sub(progress) as i32).max(0);
-                let since = Duration::from_millis(since as u64);
+                let since = since_progress(stamp(self.epoch, now).wrapping_sub(1), progress);
                 if since < idle {
                     self.timers.push(Timer {
                         when: now + (idle - since),
@@ -956,6 +952,19 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+/// How long before `now_ms` (a stamp rounded down) the `progress` stamp was. Stamps are
+/// rounded up, so the result is never longer than the truth, and one from the same
+/// millisecond (a difference of -1) counts as zero. A difference further below zero can only
+/// be a stamp more than 24.8 days old whose distance wrapped: it counts as long ago
+/// (`Duration::MAX`), or a short idle timeout would be re-armed for another 24.8 days.
+fn since_progress(now_ms: u32, progress: u32) -> Duration {
+    match now_ms.wrapping_sub(progress) as i32 {
+        d if d >= 0 => Duration::from_millis(d as u64),
+        -2..=-1 => Duration::ZERO,
+        _ => Duration::MAX,
     }
 }
 
@@ -1183,5 +1192,26 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: 
                 sink.complete(st, p, Err(Error::Io(e)), None);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::since_progress;
+    use std::time::Duration;
+
+    #[test]
+    fn since_progress_across_the_stamp_range() {
+        let ms = Duration::from_millis;
+        assert_eq!(since_progress(1_000, 400), ms(600));
+        // The same millisecond, stamped rounded up: now.
+        assert_eq!(since_progress(1_000, 1_001), Duration::ZERO);
+        // Across the u32 wrap (49.7 days after the poller started).
+        assert_eq!(since_progress(5, u32::MAX - 4), ms(10));
+        // 24.8 days and more without progress: long ago, so a 100 ms idle timeout fires.
+        let day = 86_400_000u32;
+        assert_eq!(since_progress(20 * day, 1), ms(20 * day as u64 - 1));
+        assert_eq!(since_progress(25 * day, 1), Duration::MAX);
+        assert!(since_progress(25 * day, 1) >= ms(100));
     }
 }
