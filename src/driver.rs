@@ -212,9 +212,10 @@ type Outgoing = (Completion, Option<flume::Sender<Completion>>);
 struct Sink {
     out: Vec<Outgoing>,
     stats: Stats,
-    /// Sockets accepted this round (with the listener's handle), registered once the
-    /// listener's state is not borrowed.
-    accepted: Vec<(Pending, Conn, OwnedFd, Option<SocketAddr>)>,
+    /// Accepts done this round (with the listener's handle): the sockets, registered once
+    /// the listener's state is not borrowed, and the errors, completed with them so that
+    /// accepts complete in the order they were sent.
+    accepted: Vec<(Pending, Conn, io::Result<(OwnedFd, Option<SocketAddr>)>)>,
     /// The routes of connections registered with one (rare: `register_with`, pools), kept
     /// until the connection is released so that even commands refused after a `Free` reach
     /// the right mailbox.
@@ -689,8 +690,11 @@ impl Driver {
             }
             if !self.sink.accepted.is_empty() {
                 let mut accepted = std::mem::take(&mut self.sink.accepted);
-                for (p, listener, fd, peer) in accepted.drain(..) {
-                    self.adopt_accepted(p, listener, fd, peer);
+                for (p, listener, result) in accepted.drain(..) {
+                    match result {
+                        Ok((fd, peer)) => self.adopt_accepted(p, listener, fd, peer),
+                        Err(e) => self.sink.finish(p, listener, Err(Error::Io(e)), None),
+                    }
                 }
                 self.sink.accepted = accepted; // keep the allocation
             }
@@ -1030,22 +1034,18 @@ fn do_reads(
                 (sys::recv_spare(fd, &mut arena.buf, max), max)
             }
             _ => {
-                match sys::accept(fd) {
-                    Ok((fd, peer)) => {
-                        let p = ops.pop_front(&mut st.reads).expect("front exists");
-                        let listener = st.handle();
-                        sink.accepted.push((p, listener, fd, peer));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.readable = false,
-                    Err(e) => {
-                        let pause = is_resource_error(&e);
-                        let p = ops.pop_front(&mut st.reads).expect("front exists");
-                        sink.complete(st, p, Err(Error::Io(e)), None);
-                        if pause {
-                            st.readable = false;
-                            return true;
-                        }
-                    }
+                let result = sys::accept(fd);
+                if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                    st.readable = false;
+                    continue;
+                }
+                let pause = matches!(&result, Err(e) if is_resource_error(e));
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                let listener = st.handle();
+                sink.accepted.push((p, listener, result));
+                if pause {
+                    st.readable = false;
+                    return true;
                 }
                 continue;
             }
