@@ -204,6 +204,9 @@ impl PartialOrd for Timer {
     }
 }
 
+/// What one accept gave: the new socket and the peer's address, or the error.
+type AcceptResult = io::Result<(OwnedFd, Option<SocketAddr>)>;
+
 /// A completion and, for a routed connection, the channel it goes to.
 type Outgoing = (Completion, Option<flume::Sender<Completion>>);
 
@@ -215,7 +218,7 @@ struct Sink {
     /// Accepts done this round (with the listener's handle): the sockets, registered once
     /// the listener's state is not borrowed, and the errors, completed with them so that
     /// accepts complete in the order they were sent.
-    accepted: Vec<(Pending, Conn, io::Result<(OwnedFd, Option<SocketAddr>)>)>,
+    accepted: Vec<(Pending, Conn, AcceptResult)>,
     /// The routes of connections registered with one (rare: `register_with`, pools), kept
     /// until the connection is released so that even commands refused after a `Free` reach
     /// the right mailbox.
@@ -654,7 +657,7 @@ impl Driver {
             };
             self.ops.push_back(st.queue(dir), p);
         }
-        if st.has_work() && !st.queued {
+        if !st.queued && runnable(st, &self.ops) {
             st.queued = true;
             self.ready.push(id);
         }
@@ -674,7 +677,7 @@ impl Driver {
             let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
             st.park(&mut self.ops);
             do_writes(st, &mut self.ops, &mut self.sink, now);
-            st.queued = st.has_work();
+            st.queued = runnable(st, &self.ops);
             if st.queued {
                 self.ready.push(id);
             }
@@ -775,6 +778,12 @@ impl Driver {
                 Error::Deadline
             };
             self.sink.complete(st, p, Err(err), None);
+            // What was behind it may run now without a new event (a `Shutdown` after a
+            // write cut short by its deadline, against a peer that reads nothing).
+            if !st.queued && runnable(st, &self.ops) {
+                st.queued = true;
+                self.ready.push(t.id);
+            }
         }
         // Compact when completed operations' timers dominate the heap.
         let armed = self.sink.stats.deadlines_armed as usize;
@@ -1130,9 +1139,20 @@ fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result
     (sys::send_vectored(fd, &iov[..k]), asked)
 }
 
+/// Whether `st` can make progress now: `has_work`, or a `Shutdown` at the head of its write
+/// FIFO, which needs no buffer space and so runs whether or not the socket is writable.
+fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    st.has_work() || shutdown_at_head(st, ops)
+}
+
+fn shutdown_at_head(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    ops.front(&st.writes)
+        .is_some_and(|p| matches!(p.kind, Kind::Shutdown))
+}
+
 fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: u32) {
     let mut budget = BUDGET;
-    while st.writable && budget > 0 {
+    while budget > 0 && (st.writable || shutdown_at_head(st, ops)) {
         let Some(head) = ops.front(&st.writes) else {
             break;
         };

@@ -3,6 +3,7 @@
 mod util;
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use proactor::{Cmd, Error, Op, SendError, Watcher};
 use util::*;
@@ -105,4 +106,33 @@ fn free_is_accepted_even_when_the_command_queue_is_full() {
         .iter()
         .filter(|c| c.op == Op::Read)
         .all(|c| matches!(c.result, Err(Error::Freed))));
+}
+
+/// A write cut short by its deadline (the peer reads nothing, the socket buffer is full)
+/// leaves a `Shutdown` at the head of the write queue: it needs no buffer space, so it runs
+/// at once instead of waiting for a writable edge that a peer that never reads never
+/// sends. Both modes. (It used to wait forever: the documented graceful close hung.)
+#[test]
+fn shutdown_behind_a_write_cut_by_its_deadline_runs_at_once() {
+    for inline in [false, true] {
+        let (watcher, conn, mut client) = watcher_pair_with(Watcher::builder().inline(inline));
+        let big = vec![7u8; 32 << 20];
+        conn.send(Cmd::Write(big).timeout(Duration::from_millis(100)).tag(1))
+            .unwrap();
+        conn.send(Cmd::Shutdown.tag(2)).unwrap();
+        // Both in the same round, in order.
+        let cs = collect(&watcher, 2, TIMEOUT);
+        assert_eq!(
+            (cs[0].op, cs[0].tag),
+            (Op::Write, 1),
+            "{}",
+            describe(&cs[0])
+        );
+        assert!(matches!(cs[0].result, Err(Error::Deadline)));
+        let written = cs[0].n;
+        assert_eq!((cs[1].op, cs[1].tag), (Op::Shutdown, 2), "inline {inline}");
+        assert!(cs[1].is_ok(), "{}", describe(&cs[1]));
+        // The peer gets exactly the bytes written, then end of stream.
+        assert_eq!(read_to_eof(&mut client).len(), written, "inline {inline}");
+    }
 }
