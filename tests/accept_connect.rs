@@ -329,18 +329,37 @@ fn in_child(name: &str, body: impl FnOnce()) {
     assert!(text.contains("1 passed"), "child ran no test:\n{text}");
 }
 
+/// Lowers this (child) process's descriptor limit to 64.
+fn limit_fds_to_64() {
+    let limit = libc::rlimit {
+        rlim_cur: 64,
+        rlim_max: 64,
+    };
+    // SAFETY: a valid rlimit; lowering our own soft and hard limit is always allowed.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+}
+
+/// Takes every descriptor left (duplicates of stdin), so the next accept gets EMFILE.
+fn hog_every_fd() -> Vec<OwnedFd> {
+    let mut hog = Vec::new();
+    loop {
+        // SAFETY: plain dup of stdin; the result is owned below.
+        let fd = unsafe { libc::dup(0) };
+        if fd < 0 {
+            return hog;
+        }
+        // SAFETY: `fd` was just returned by dup and is owned by nothing else.
+        hog.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
 /// Two accepts in one round, the first taking the last free descriptor and the second
 /// failing with EMFILE: they complete in the order they were sent. (A failed accept used
 /// to complete at once, ahead of the successful one registered after the round's reads.)
 #[test]
 fn accepts_complete_in_order_when_one_fails() {
     in_child("accepts_complete_in_order_when_one_fails", || {
-        let limit = libc::rlimit {
-            rlim_cur: 64,
-            rlim_max: 64,
-        };
-        // SAFETY: a valid rlimit; lowering our own soft and hard limit is always allowed.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        limit_fds_to_64();
         // Inline, so both accepts run in the same round, after both clients connected.
         let w = Watcher::builder().inline(true).build().unwrap();
         let std_listener = TcpListener::bind(localhost()).unwrap();
@@ -350,16 +369,7 @@ fn accepts_complete_in_order_when_one_fails() {
             TcpStream::connect(addr).unwrap(),
             TcpStream::connect(addr).unwrap(),
         ];
-        let mut hog = Vec::new();
-        loop {
-            // SAFETY: plain dup of stdin; the result is owned below.
-            let fd = unsafe { libc::dup(0) };
-            if fd < 0 {
-                break;
-            }
-            // SAFETY: `fd` was just returned by dup and is owned by nothing else.
-            hog.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+        let mut hog = hog_every_fd();
         hog.pop(); // one descriptor left: for the first accept
         listener.send(Cmd::Accept.tag(1)).unwrap();
         listener.send(Cmd::Accept.tag(2)).unwrap();
@@ -377,28 +387,14 @@ fn accepts_complete_in_order_when_one_fails() {
 #[test]
 fn emfile_completes_the_accept_pauses_and_recovers() {
     in_child("emfile_completes_the_accept_pauses_and_recovers", || {
-        let limit = libc::rlimit {
-            rlim_cur: 64,
-            rlim_max: 64,
-        };
-        // SAFETY: a valid rlimit; lowering our own soft and hard limit is always allowed.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        limit_fds_to_64();
         let w = Watcher::new().unwrap();
         let std_listener = TcpListener::bind(localhost()).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let listener = w.listen(std_listener).unwrap();
         // The client socket, then use up every descriptor left.
         let client = TcpStream::connect(addr).unwrap();
-        let mut hog = Vec::new();
-        loop {
-            // SAFETY: plain dup of stdin; the result is owned below.
-            let fd = unsafe { libc::dup(0) };
-            if fd < 0 {
-                break;
-            }
-            // SAFETY: `fd` was just returned by dup and is owned by nothing else.
-            hog.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+        let hog = hog_every_fd();
         listener.send(Cmd::Accept.tag(1)).unwrap();
         let c = &take(&w, 1)[0];
         match &c.result {
