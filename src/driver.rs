@@ -942,14 +942,7 @@ impl Driver {
             move || {
                 let stalled =
                     std::mem::take(&mut *stalled.lock().unwrap_or_else(|p| p.into_inner()));
-                for s in stalled {
-                    let to = s.to.as_ref().unwrap_or(&mailbox);
-                    for c in s.queue {
-                        if to.send(c).is_err() {
-                            break; // nobody can receive any more
-                        }
-                    }
-                }
+                deliver_blocking(stalled, &mailbox);
                 drop(mailbox);
                 shared.rounds.ended();
             }
@@ -959,11 +952,7 @@ impl Driver {
             .spawn(drain);
         if spawned.is_err() {
             let left = std::mem::take(&mut *stalled.lock().unwrap_or_else(|p| p.into_inner()));
-            for s in left {
-                for c in s.queue {
-                    let _ = s.to.as_ref().unwrap_or(&self.mailbox).send(c);
-                }
-            }
+            deliver_blocking(left, &self.mailbox);
         }
     }
 }
@@ -1001,6 +990,19 @@ impl Stalled {
             (None, None) => true,
             (Some(a), Some(b)) => a.same_channel(b),
             _ => false,
+        }
+    }
+}
+
+/// Delivers what waited for room, channel by channel and in order, blocking for room; a
+/// channel with no receiver left gets nothing more.
+fn deliver_blocking(stalled: Vec<Stalled>, mailbox: &flume::Sender<Completion>) {
+    for s in stalled {
+        let to = s.to.as_ref().unwrap_or(mailbox);
+        for c in s.queue {
+            if to.send(c).is_err() {
+                break;
+            }
         }
     }
 }
