@@ -132,11 +132,6 @@ impl ConnState {
         }
     }
 
-    fn has_work(&self) -> bool {
-        ((!self.reads.is_empty() || self.parked) && (self.readable || self.eof))
-            || (!self.writes.is_empty() && self.writable)
-    }
-
     fn idle(&self) -> bool {
         self.reads.is_empty() && self.writes.is_empty() && !self.parked
     }
@@ -741,7 +736,7 @@ impl Driver {
             };
             if t.seq == RESUME {
                 st.readable = true;
-                if !st.queued && st.has_work() {
+                if !st.queued && runnable(st, &self.ops) {
                     st.queued = true;
                     self.ready.push(t.id);
                 }
@@ -896,7 +891,7 @@ impl Driver {
             st.readable |= ev.readable;
             st.writable |= ev.writable;
             st.hup |= ev.hup;
-            if !st.queued && st.has_work() {
+            if !st.queued && runnable(st, &self.ops) {
                 st.queued = true;
                 self.ready.push(id);
             }
@@ -1025,6 +1020,10 @@ fn do_reads(
     arena: &mut Arena,
     now: u32,
 ) -> bool {
+    // Not before the connect is settled (see `runnable`).
+    if matches!(write_head(st, ops), Some(Kind::Connect)) {
+        return false;
+    }
     let mut budget = BUDGET;
     while let Some(p) = ops.front_mut(&st.reads) {
         if st.eof {
@@ -1141,15 +1140,25 @@ fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result
     (sys::send_vectored(fd, &iov[..k]), asked)
 }
 
-/// Whether `st` can make progress now: `has_work`, or a `Shutdown` at the head of its write
-/// FIFO, which needs no buffer space and so runs whether or not the socket is writable.
+/// Whether `st` can make progress now. Reads wait while a `Connect` is at the head of the
+/// write FIFO: a read would take a failed connect's error from the socket, and the connect
+/// would then never learn it. A `Shutdown` at the head needs no buffer space, so it runs
+/// whether or not the socket is writable.
 fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    st.has_work() || shutdown_at_head(st, ops)
+    let head = write_head(st, ops);
+    let reads = (!st.reads.is_empty() || st.parked)
+        && (st.readable || st.eof)
+        && !matches!(head, Some(Kind::Connect));
+    let writes = head.is_some() && (st.writable || matches!(head, Some(Kind::Shutdown)));
+    reads || writes
+}
+
+fn write_head<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {
+    ops.front(&st.writes).map(|p| &p.kind)
 }
 
 fn shutdown_at_head(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    ops.front(&st.writes)
-        .is_some_and(|p| matches!(p.kind, Kind::Shutdown))
+    matches!(write_head(st, ops), Some(Kind::Shutdown))
 }
 
 fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: u32) {

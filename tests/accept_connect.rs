@@ -110,6 +110,45 @@ fn connect_refused_is_a_clear_error() {
     }
 }
 
+/// A refused connect with a read and a write sent right away, as `connect` allows: the
+/// connect learns the refusal, and the read and the write complete after it. (The read
+/// used to run first, take the socket's error, and leave the connect and the write pending
+/// for good.) Both modes, internal and caller-buffer reads.
+#[test]
+fn a_refused_connect_with_io_queued_completes_everything() {
+    for (inline, internal) in [(false, false), (false, true), (true, false), (true, true)] {
+        let w = Watcher::builder().inline(inline).build().unwrap();
+        let addr = TcpListener::bind(localhost())
+            .unwrap()
+            .local_addr()
+            .unwrap(); // closed again
+        let Ok(conn) = w.connect(Connect::new(addr).tag(1)) else {
+            continue; // refused on the spot: nothing was queued
+        };
+        let read = if internal {
+            Cmd::ReadInternal
+        } else {
+            Cmd::Read(vec![0; 16])
+        };
+        conn.send(read.tag(2)).unwrap();
+        conn.send(Cmd::Write("x").tag(3)).unwrap();
+        let got = take(&w, 3);
+        let seen: Vec<_> = got.iter().map(|c| (c.op, c.tag)).collect();
+        let what = format!("inline {inline}, internal {internal}: {seen:?}");
+        assert_eq!(seen[0], (Op::Connect, 1), "{what}");
+        match &got[0].result {
+            Err(Error::Io(e)) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}"),
+            other => panic!("{what}: expected ECONNREFUSED, got {other:?}"),
+        }
+        assert!(got[1..].iter().all(|c| c.result.is_err()), "{what}");
+        assert_eq!(
+            w.stats().reads_in_flight + w.stats().writes_in_flight,
+            0,
+            "{what}"
+        );
+    }
+}
+
 /// A listener with backlog 0 whose accept queue is already full: Linux drops further SYNs,
 /// so a connect to it hangs, retransmitting, until its deadline.
 fn blackhole() -> (OwnedFd, SocketAddr, Vec<TcpStream>) {
