@@ -103,6 +103,9 @@ struct ConnState {
     eof: bool,
     /// In the runnable list.
     queued: bool,
+    /// A listening socket: only `Accept` can succeed on it, and only `Accept` fails on a
+    /// stream (see `misdirected_read`).
+    listener: bool,
 }
 
 impl ConnState {
@@ -122,6 +125,7 @@ impl ConnState {
             hup: true,
             eof: false,
             queued: false,
+            listener: false,
         }
     }
 
@@ -497,9 +501,11 @@ impl Driver {
                     fd,
                     connect,
                     route,
+                    listener,
                 } => {
-                    self.conns
-                        .insert(id, ConnState::new(fd, stamp(self.epoch, self.now)));
+                    let mut st = ConnState::new(fd, stamp(self.epoch, self.now));
+                    st.listener = listener;
+                    self.conns.insert(id, st);
                     self.sink.stats.connections += 1;
                     if let Some(route) = route {
                         self.sink.routes.insert(id, route);
@@ -666,7 +672,7 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            if st.readable || st.eof {
+            if st.readable || st.eof || st.listener {
                 st.unpark(&mut self.ops);
             }
             let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
@@ -719,7 +725,7 @@ impl Driver {
         let target = spread
             .as_ref()
             .map_or(&self.shared, |s| &s.targets[s.pick()]);
-        match target.adopt(fd, None, route) {
+        match target.adopt(fd, None, route, false) {
             Ok(conn) => self
                 .sink
                 .finish(p, listener, Ok(()), Some(Buf::Accepted(conn, peer))),
@@ -1031,7 +1037,8 @@ fn do_reads(
             sink.complete(st, p, Err(Error::Eof), None);
             continue;
         }
-        if !st.readable || budget == 0 {
+        let misdirected = matches!(p.kind, Kind::Accept) != st.listener;
+        if (!st.readable && !misdirected) || budget == 0 {
             break;
         }
         budget -= 1;
@@ -1147,10 +1154,21 @@ fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result
 fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
     let head = write_head(st, ops);
     let reads = (!st.reads.is_empty() || st.parked)
-        && (st.readable || st.eof)
+        && (st.readable || st.eof || misdirected_read(st, ops))
         && !matches!(head, Some(Kind::Connect));
     let writes = head.is_some() && (st.writable || matches!(head, Some(Kind::Shutdown)));
     reads || writes
+}
+
+/// The next read cannot succeed on this socket: an `Accept` on a stream, a read on a
+/// listener. It fails at once with the OS's error (`EINVAL`, `ENOTCONN`), so it runs without
+/// waiting for readiness that may never come.
+fn misdirected_read(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    match ops.front(&st.reads) {
+        Some(p) => matches!(p.kind, Kind::Accept) != st.listener,
+        // A parked read is a `ReadInternal`.
+        None => st.parked && st.listener,
+    }
 }
 
 fn write_head<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {

@@ -31,6 +31,8 @@ pub(crate) enum Ctl {
         connect: Option<(Conn, Connect)>,
         /// `None` for the common case: the watcher's mailbox, no pool.
         route: Option<Box<Route>>,
+        /// A listening socket (only `Accept` can succeed on it).
+        listener: bool,
     },
     Release(Key),
     /// A `Free` or `Detach` that found the command queue full (`Shared::submit`).
@@ -271,6 +273,7 @@ impl Shared {
         fd: OwnedFd,
         connect: Option<Connect>,
         route: Route,
+        listener: bool,
     ) -> Result<Conn, Error> {
         let id = self.ids().insert(());
         let forget = |id| {
@@ -295,6 +298,7 @@ impl Shared {
             fd,
             connect,
             route,
+            listener,
         }) {
             Ok(()) => {
                 self.live.fetch_add(1, SeqCst);
@@ -615,17 +619,20 @@ impl Watcher {
         self.register_routed(fd, route, true)
     }
 
-    /// The checks every registration makes, then `adopt`.
-    fn register_routed(&self, fd: OwnedFd, route: Route, listener: bool) -> Result<Conn, Error> {
+    /// The checks every registration makes, then `adopt`. `listen`: the socket must be a
+    /// listener. Either way the poller learns which it is, so that an operation that cannot
+    /// succeed on it (an accept on a stream, a read on a listener) fails at once.
+    fn register_routed(&self, fd: OwnedFd, route: Route, listen: bool) -> Result<Conn, Error> {
         if self.is_closed() {
             return Err(Error::WatcherClosed);
         }
         sys::prepare_stream(fd.as_fd())?;
-        if listener && !sys::is_listener(fd.as_fd())? {
+        let listener = sys::is_listener(fd.as_fd())?;
+        if listen && !listener {
             let msg = "not a listening socket (call listen() first, or use register)";
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());
         }
-        self.shared.adopt(fd, None, route)
+        self.shared.adopt(fd, None, route, listener)
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -652,7 +659,7 @@ impl Watcher {
             return Err(Error::WatcherClosed);
         }
         let fd = sys::start_connect(&to.addr)?;
-        self.shared.adopt(fd, Some(to), Route::default())
+        self.shared.adopt(fd, Some(to), Route::default(), false)
     }
 
     /// The mailbox: a `flume::Receiver` of completions. Clone it freely: use it with

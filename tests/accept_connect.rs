@@ -2,7 +2,7 @@
 //! policy, freeing and closing with accepts pending, 8,000 outgoing connections, SO_REUSEPORT.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -146,6 +146,54 @@ fn a_refused_connect_with_io_queued_completes_everything() {
             0,
             "{what}"
         );
+    }
+}
+
+/// An operation that cannot succeed on its socket fails at once with the OS's error, even
+/// when the socket is not readable: an `Accept` on a stream whose reads drained it, a read
+/// on a listener whose last accept saw `EAGAIN`. Both used to wait for readiness that a
+/// silent peer (or no new client) never brings.
+#[test]
+fn misdirected_operations_fail_at_once() {
+    for inline in [false, true] {
+        let w = Watcher::builder().inline(inline).build().unwrap();
+        // A stream: a short read clears its readiness, then an Accept.
+        let std_listener = TcpListener::bind(localhost()).unwrap();
+        let mut peer = TcpStream::connect(std_listener.local_addr().unwrap()).unwrap();
+        let stream = w.register(std_listener.accept().unwrap().0).unwrap();
+        // The read finds nothing at first (EAGAIN: the socket proved drained; the stats say
+        // the poller has tried it), then takes what arrives with a short read, which
+        // leaves the stream not readable.
+        stream.send(Cmd::Read(vec![0; 64]).tag(1)).unwrap();
+        let deadline = Instant::now() + LONG;
+        while w.stats().reads_in_flight != 1 {
+            assert!(w.try_wait_io(&mut Vec::new()) == 0 && Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        peer.write_all(b"hi").unwrap();
+        let c = take(&w, 1).pop().unwrap();
+        assert_eq!((c.tag, c.data()), (1, &b"hi"[..]));
+        stream.send(Cmd::Accept.tag(2)).unwrap();
+        let c = take(&w, 1).pop().unwrap();
+        assert_eq!((c.op, c.tag), (Op::Accept, 2), "inline {inline}");
+        match &c.result {
+            Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL)),
+            other => panic!("inline {inline}: expected EINVAL, got {other:?}"),
+        }
+        // A listener: an accept that waits in vain, then a read.
+        let listener = w.listen(TcpListener::bind(localhost()).unwrap()).unwrap();
+        listener
+            .send(Cmd::Accept.timeout(Duration::from_millis(20)).tag(3))
+            .unwrap();
+        let c = take(&w, 1).pop().unwrap();
+        assert!(matches!(c.result, Err(Error::Deadline)), "{:?}", c.result);
+        listener.send(Cmd::Read(vec![0; 8]).tag(4)).unwrap();
+        let c = take(&w, 1).pop().unwrap();
+        assert_eq!((c.op, c.tag), (Op::Read, 4), "inline {inline}");
+        match &c.result {
+            Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN)),
+            other => panic!("inline {inline}: expected ENOTCONN, got {other:?}"),
+        }
     }
 }
 
