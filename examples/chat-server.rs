@@ -275,7 +275,7 @@ impl Chat {
                 self.send_to(id, msg.into());
             }
             b"/quit" => self.leave(id, Some("* bye\n")),
-            b"/nick" => self.nick(id, b""),
+            // A bare `/nick` has no `/nick ` in it: an unknown command, by the contract.
             _ if line.starts_with(b"/nick ") => self.nick(id, &line[6..]),
             _ if line.starts_with(b"/") => {
                 self.send_to(id, Bytes::from_static(b"! unknown command\n"))
