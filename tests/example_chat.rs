@@ -165,7 +165,15 @@ fn nick_validation_uniqueness_and_case() {
 fn unknown_commands() {
     let server = chat(&[]);
     let [mut a, mut b]: [Client; 2] = join(&server, 2).try_into().ok().unwrap();
-    for cmd in ["/", "/foo", "/WHO", "/who am i", "/nickname x", "/nick", "/quit now"] {
+    for cmd in [
+        "/",
+        "/foo",
+        "/WHO",
+        "/who am i",
+        "/nickname x",
+        "/nick",
+        "/quit now",
+    ] {
         a.send(format!("{cmd}\n"));
         a.expect("! unknown command");
     }
