@@ -106,6 +106,9 @@ struct ConnState {
     /// A listening socket: only `Accept` can succeed on it, and only `Accept` fails on a
     /// stream (see `misdirected_read`).
     listener: bool,
+    /// Accepts failed for lack of descriptors or memory: no read runs until the `RESUME`
+    /// timer ends the pause, whatever readiness events say meanwhile.
+    paused: bool,
 }
 
 impl ConnState {
@@ -126,6 +129,7 @@ impl ConnState {
             eof: false,
             queued: false,
             listener: false,
+            paused: false,
         }
     }
 
@@ -683,7 +687,9 @@ impl Driver {
                 self.ready.push(id);
             }
             if paused {
-                let when = self.now + ACCEPT_PAUSE;
+                // From the failure itself: `now` is the round's start, which a preempted
+                // poller may have left long ago (a pause is rare; the clock read is cheap).
+                let when = Instant::now() + ACCEPT_PAUSE;
                 self.timers.push(Timer {
                     when,
                     seq: RESUME,
@@ -741,6 +747,7 @@ impl Driver {
                 continue;
             };
             if t.seq == RESUME {
+                st.paused = false;
                 st.readable = true;
                 if !st.queued && runnable(st, &self.ops) {
                     st.queued = true;
@@ -1026,8 +1033,8 @@ fn do_reads(
     arena: &mut Arena,
     now: u32,
 ) -> bool {
-    // Not before the connect is settled (see `runnable`).
-    if matches!(write_head(st, ops), Some(Kind::Connect)) {
+    // Not before the connect is settled, nor during an accept pause (see `runnable`).
+    if st.paused || matches!(write_head(st, ops), Some(Kind::Connect)) {
         return false;
     }
     let mut budget = BUDGET;
@@ -1061,6 +1068,10 @@ fn do_reads(
                 let listener = st.handle();
                 sink.accepted.push((p, listener, result));
                 if pause {
+                    // Until the pause ends: a readiness event collected after this failure
+                    // (the connection that made the listener readable arrived before it)
+                    // must not start a second round of attempts.
+                    st.paused = true;
                     st.readable = false;
                     return true;
                 }
@@ -1155,6 +1166,7 @@ fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
     let head = write_head(st, ops);
     let reads = (!st.reads.is_empty() || st.parked)
         && (st.readable || st.eof || misdirected_read(st, ops))
+        && !st.paused
         && !matches!(head, Some(Kind::Connect));
     let writes = head.is_some() && (st.writable || matches!(head, Some(Kind::Shutdown)));
     reads || writes

@@ -471,6 +471,48 @@ fn accepts_complete_in_order_when_one_fails() {
     });
 }
 
+/// The readiness event of the connection that made a listener readable can be collected
+/// after an accept already failed for lack of descriptors: it must not end the pause.
+/// (It did, and started a second chain of attempts: the failures came in pairs, 1 to 3 ms
+/// apart, every 100 ms, which `emfile_completes_the_accept_pauses_and_recovers` caught now
+/// and then under load.) An inline watcher makes the order certain: the first step tries
+/// the accept before it ever polls.
+#[test]
+fn a_late_readiness_event_does_not_end_an_accept_pause() {
+    in_child(
+        "a_late_readiness_event_does_not_end_an_accept_pause",
+        || {
+            limit_fds_to_64();
+            let w = Watcher::builder().inline(true).build().unwrap();
+            let std_listener = TcpListener::bind(localhost()).unwrap();
+            let addr = std_listener.local_addr().unwrap();
+            let listener = w.listen(std_listener).unwrap();
+            let _client = TcpStream::connect(addr).unwrap(); // its event waits in epoll
+            let hog = hog_every_fd();
+            listener.send(Cmd::Accept.tag(1)).unwrap();
+            let mut got = Vec::new();
+            assert_eq!(
+                w.try_wait_io(&mut got),
+                1,
+                "the first step tries the accept"
+            );
+            match &got[0].result {
+                Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::EMFILE)),
+                other => panic!("expected EMFILE, got {other:?}"),
+            }
+            // The next step collects the event; the pause (100 ms) must hold.
+            listener.send(Cmd::Accept.tag(2)).unwrap();
+            got.clear();
+            let n = w
+                .wait_io_timeout(&mut got, Duration::from_millis(60))
+                .unwrap();
+            let seen: Vec<_> = got.iter().map(|c| (c.tag, c.result.is_ok())).collect();
+            assert_eq!(n, 0, "an accept ran during the pause: {seen:?}");
+            drop(hog);
+        },
+    );
+}
+
 #[test]
 fn emfile_completes_the_accept_pauses_and_recovers() {
     in_child("emfile_completes_the_accept_pauses_and_recovers", || {
