@@ -104,7 +104,7 @@ struct ConnState {
     /// In the runnable list.
     queued: bool,
     /// A listening socket: only `Accept` can succeed on it, and only `Accept` fails on a
-    /// stream (see `misdirected_read`).
+    /// stream (see `ConnState::misdirected`).
     listener: bool,
     /// Accepts failed for lack of descriptors or memory: no read runs until the `RESUME`
     /// timer ends the pause, whatever readiness events say meanwhile.
@@ -138,6 +138,13 @@ impl ConnState {
             Dir::Read => &mut self.reads,
             Dir::Write => &mut self.writes,
         }
+    }
+
+    /// `kind` cannot succeed on this socket: an `Accept` on a stream, a read on a listener.
+    /// It fails at once with the OS's error (`EINVAL`, `ENOTCONN`), so it runs without
+    /// waiting for readiness that may never come.
+    fn misdirected(&self, kind: &Kind) -> bool {
+        matches!(kind, Kind::Accept) != self.listener
     }
 
     fn idle(&self) -> bool {
@@ -676,7 +683,8 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            if st.readable || st.eof || st.listener {
+            // (A parked read is a `ReadInternal`, which fails at once on a listener.)
+            if st.readable || st.eof || st.misdirected(&Kind::ReadInternal) {
                 st.unpark(&mut self.ops);
             }
             let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
@@ -1033,8 +1041,7 @@ fn do_reads(
     arena: &mut Arena,
     now: u32,
 ) -> bool {
-    // Not before the connect is settled, nor during an accept pause (see `runnable`).
-    if st.paused || matches!(write_head(st, ops), Some(Kind::Connect)) {
+    if reads_held(st, ops) {
         return false;
     }
     let mut budget = BUDGET;
@@ -1044,8 +1051,7 @@ fn do_reads(
             sink.complete(st, p, Err(Error::Eof), None);
             continue;
         }
-        let misdirected = matches!(p.kind, Kind::Accept) != st.listener;
-        if (!st.readable && !misdirected) || budget == 0 {
+        if (!st.readable && !st.misdirected(&p.kind)) || budget == 0 {
             break;
         }
         budget -= 1;
@@ -1158,29 +1164,28 @@ fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result
     (sys::send_vectored(fd, &iov[..k]), asked)
 }
 
-/// Whether `st` can make progress now. Reads wait while a `Connect` is at the head of the
-/// write FIFO: a read would take a failed connect's error from the socket, and the connect
-/// would then never learn it. A `Shutdown` at the head needs no buffer space, so it runs
-/// whether or not the socket is writable.
+/// Whether `st` can make progress now: reads that are not held and either have readiness
+/// or cannot succeed anyway (`ConnState::misdirected`), or writes on a writable socket; a
+/// `Shutdown` at the head needs no buffer space, so it runs whether or not the socket is
+/// writable.
 fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    let next_read = match ops.front(&st.reads) {
+        Some(p) => Some(&p.kind),
+        None if st.parked => Some(&Kind::ReadInternal),
+        None => None,
+    };
+    let reads = next_read.is_some_and(|k| st.readable || st.eof || st.misdirected(k))
+        && !reads_held(st, ops);
     let head = write_head(st, ops);
-    let reads = (!st.reads.is_empty() || st.parked)
-        && (st.readable || st.eof || misdirected_read(st, ops))
-        && !st.paused
-        && !matches!(head, Some(Kind::Connect));
     let writes = head.is_some() && (st.writable || matches!(head, Some(Kind::Shutdown)));
     reads || writes
 }
 
-/// The next read cannot succeed on this socket: an `Accept` on a stream, a read on a
-/// listener. It fails at once with the OS's error (`EINVAL`, `ENOTCONN`), so it runs without
-/// waiting for readiness that may never come.
-fn misdirected_read(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    match ops.front(&st.reads) {
-        Some(p) => matches!(p.kind, Kind::Accept) != st.listener,
-        // A parked read is a `ReadInternal`.
-        None => st.parked && st.listener,
-    }
+/// Reads wait during an accept pause, and while a `Connect` heads the write FIFO: a read
+/// would take a failed connect's error from the socket, and the connect would then never
+/// learn it.
+fn reads_held(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    st.paused || matches!(write_head(st, ops), Some(Kind::Connect))
 }
 
 fn write_head<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {
