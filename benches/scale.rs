@@ -361,35 +361,31 @@ impl ServerProc {
         Ok(ServerProc { kind, proc, addr })
     }
 
-    fn stat(&mut self) -> io::Result<Stat> {
-        self.proc.send("stat")?;
-        let line = self.proc.expect("STAT", Duration::from_secs(10))?;
+    /// Sends `cmd` and returns the `N` numbers of the reply line starting with `prefix`.
+    fn ask<const N: usize>(&mut self, cmd: &str, prefix: &str) -> io::Result<[u64; N]> {
+        self.proc.send(cmd)?;
+        let line = self.proc.expect(prefix, Duration::from_secs(10))?;
         let v: Vec<u64> = line
             .split_whitespace()
             .filter_map(|x| x.parse().ok())
             .collect();
-        match v[..] {
-            [ready, live, rss_kib] => Ok(Stat {
-                ready: ready as usize,
-                live: live as usize,
-                rss_kib,
-            }),
-            _ => Err(io::Error::other(format!("bad STAT line {line:?}"))),
-        }
+        v.try_into()
+            .map_err(|_| io::Error::other(format!("bad {prefix} line {line:?}")))
+    }
+
+    fn stat(&mut self) -> io::Result<Stat> {
+        let [ready, live, rss_kib] = self.ask("stat", "STAT")?;
+        Ok(Stat {
+            ready: ready as usize,
+            live: live as usize,
+            rss_kib,
+        })
     }
 
     /// The server process's CPU time so far, user + system, in microseconds.
     fn cpu_us(&mut self) -> io::Result<u64> {
-        self.proc.send("cpu")?;
-        let line = self.proc.expect("CPU", Duration::from_secs(10))?;
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        match v[..] {
-            [user, sys] => Ok(user + sys),
-            _ => Err(io::Error::other(format!("bad CPU line {line:?}"))),
-        }
+        let [user, sys] = self.ask("cpu", "CPU")?;
+        Ok(user + sys)
     }
 
     /// Waits until the server has closed every connection (the client closed them).
