@@ -13,6 +13,15 @@ fn inline() -> Watcher {
     Watcher::builder().inline(true).build().unwrap()
 }
 
+/// Calls `f` (a non-blocking poll) until it reports something, for at most `TIMEOUT`.
+fn poll(what: &str, mut f: impl FnMut() -> usize) {
+    let deadline = Instant::now() + TIMEOUT;
+    while f() == 0 {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn echo_on_many_connections_byte_exact() {
     let watcher = inline();
@@ -110,15 +119,10 @@ fn try_wait_io_drives_one_round() {
     conn.send(Cmd::Read(vec![0; 16]).tag(3)).unwrap();
     client.write_all(b"poll").unwrap();
     let mut got = Vec::new();
-    let deadline = Instant::now() + TIMEOUT;
     // A game loop: poll between frames, never block.
-    while watcher.try_wait_io(&mut got) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "try_wait_io never produced the read"
-        );
-        std::thread::yield_now();
-    }
+    poll("try_wait_io never produced the read", || {
+        watcher.try_wait_io(&mut got)
+    });
     assert_eq!((got[0].tag, got[0].data()), (3, &b"poll"[..]));
 }
 
@@ -231,11 +235,9 @@ fn inline_refuses_a_cpu_a_mailbox_or_a_bounded_route() {
 /// Blocks until `n` bytes wait in `s`'s receive queue.
 fn until_buffered(s: &TcpStream, n: usize) {
     let mut buf = vec![0; n];
-    let deadline = Instant::now() + TIMEOUT;
-    while s.peek(&mut buf).unwrap() < n {
-        assert!(Instant::now() < deadline, "the data never arrived");
-        std::thread::yield_now();
-    }
+    poll("the data never arrived", || {
+        usize::from(s.peek(&mut buf).unwrap() >= n)
+    });
 }
 
 /// A frame loop polling with a zero timeout (or a deadline already past) still drives the
@@ -249,26 +251,17 @@ fn a_zero_timeout_wait_still_runs_a_step() {
     let conn = watcher.register(server).unwrap();
     conn.send(Cmd::Read(vec![0; 16]).tag(3)).unwrap();
     let mut got = Vec::new();
-    let deadline = Instant::now() + TIMEOUT;
-    while watcher.wait_io_timeout(&mut got, Duration::ZERO).unwrap() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no step ran in any zero-timeout wait"
-        );
-        std::thread::yield_now();
-    }
+    poll("no step ran in any zero-timeout wait", || {
+        watcher.wait_io_timeout(&mut got, Duration::ZERO).unwrap()
+    });
     assert_eq!((got[0].tag, got[0].data()), (3, &b"ping"[..]));
     conn.send(Cmd::Read(vec![0; 16]).tag(4)).unwrap();
     client.write_all(b"past").unwrap();
     let past = Instant::now() - Duration::from_millis(1);
     got.clear();
-    while watcher.wait_io_deadline(&mut got, past).unwrap() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no step ran with a deadline already past"
-        );
-        std::thread::yield_now();
-    }
+    poll("no step ran with a deadline already past", || {
+        watcher.wait_io_deadline(&mut got, past).unwrap()
+    });
     assert_eq!((got[0].tag, got[0].data()), (4, &b"past"[..]));
 }
 
