@@ -10,7 +10,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::thread;
 use std::time::Duration;
 
@@ -47,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let listener = TcpListener::bind(&opts.addr)?;
+    let listener = proactor::tcp_listener(&opts.addr)?;
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 

@@ -5,7 +5,6 @@
 //!     cargo run --release --example echo-server -- --addr 127.0.0.1:7000 --watchers 2
 
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::thread;
 
@@ -20,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let listener = TcpListener::bind(&addr)?;
+    let listener = proactor::tcp_listener(&addr)?;
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 

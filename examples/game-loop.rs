@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let listener = TcpListener::bind(addr)?;
+    let listener = proactor::tcp_listener(addr)?;
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let listener = TcpListener::bind(&opts.addr)?;
+    let listener = proactor::tcp_listener(&opts.addr)?;
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 

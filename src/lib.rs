@@ -21,7 +21,8 @@
 //! polls in a game loop (`try_recv`), `flume::Selector` over it and your own channels, or
 //! `recv_async` in async code. The crate itself depends on no async runtime.
 //!
-//! Beyond one watcher: [`Watcher::listen`] and [`Cmd::Accept`] accept connections and
+//! Beyond one watcher: [`Watcher::listen`] (with a [`tcp_listener`], whose backlog holds a
+//! burst of connects) and [`Cmd::Accept`] accept connections and
 //! [`Watcher::connect`] makes them, so a server or a 10,000-connection client needs no other
 //! thread; a [`Pool`] spreads connections over several watchers (one per core) with one
 //! shared mailbox or one each; [`Watcher::register_with`] gives a connection a mailbox of its
@@ -147,7 +148,7 @@ pub use completion::{Buf, Completion, Op};
 pub use conn::{Conn, ConnId};
 pub use error::{Error, SendError};
 pub use flume;
-pub use net::{reuseport_listener, Connect};
+pub use net::{reuseport_listener, tcp_listener, Connect};
 pub use pool::{Pool, PoolBuilder};
 pub use stats::Stats;
 pub use watcher::{Watcher, WatcherBuilder};

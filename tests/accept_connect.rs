@@ -566,3 +566,57 @@ fn emfile_completes_the_accept_pauses_and_recovers() {
         assert_eq!(&buf, b"ok");
     });
 }
+
+/// The backlog a listening socket was given, capped by the kernel: Linux reports it for a
+/// listener as `tcpi_sacked` of `TCP_INFO` (`sk_max_ack_backlog`).
+fn listen_backlog(listener: &TcpListener) -> u32 {
+    // SAFETY: all-zero is a valid tcp_info (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a live tcp_info of `len` bytes; the fd is borrowed for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_sacked
+}
+
+#[test]
+fn tcp_listener_listens_with_a_backlog_fit_for_bursts() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The control: std listens with 128, which a burst of connects overflows.
+    let std_listener = TcpListener::bind(localhost()).unwrap();
+    assert_eq!(listen_backlog(&std_listener), somaxconn.min(128));
+    let ours = proactor::tcp_listener("127.0.0.1:0").unwrap();
+    assert_eq!(listen_backlog(&ours), somaxconn.min(4096));
+    let shared = proactor::reuseport_listener(localhost()).unwrap();
+    assert_eq!(listen_backlog(&shared), somaxconn.min(4096));
+
+    // Without SO_REUSEPORT the port is its own; a name resolves as for std.
+    let addr = ours.local_addr().unwrap();
+    let again = proactor::tcp_listener(addr).unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::AddrInUse, "{again}");
+    let named = proactor::tcp_listener("localhost:0").unwrap();
+    assert!(named.local_addr().unwrap().ip().is_loopback());
+    let none: &[SocketAddr] = &[];
+    let nowhere = proactor::tcp_listener(none).unwrap_err();
+    assert_eq!(nowhere.kind(), ErrorKind::InvalidInput, "{nowhere}");
+
+    // And it serves like any listener.
+    let w = Watcher::new().unwrap();
+    let l = w.listen(ours).unwrap();
+    l.send(Cmd::Accept).unwrap();
+    let _client = TcpStream::connect(addr).unwrap();
+    let c = take(&w, 1).pop().unwrap();
+    assert!(c.op == Op::Accept && c.is_ok(), "{:?}", c.result);
+}

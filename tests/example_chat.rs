@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use example_util::{reset, small_rcvbuf, Client, Server};
+use example_util::{burst_room, connect_while_stopped, reset, small_rcvbuf, Client, Server};
 
 fn chat(args: &[&str]) -> Server {
     Server::start("chat-server", args)
@@ -457,5 +457,21 @@ fn two_watchers_one_chat_every_line_relayed_in_order() {
     quitter.send("/quit\n");
     for c in &mut cs {
         c.expect("* guest4 left");
+    }
+}
+
+/// A burst of connects faster than the server accepts (here: while it is stopped) waits in
+/// the listener's queue instead of losing SYNs beyond std's backlog of 128, and the welcomes
+/// still number the clients in the order they connected.
+#[test]
+fn a_burst_of_connections_waits_in_the_accept_queue_and_is_welcomed_in_order() {
+    let server = Server::start("chat-server", &[]);
+    let n = burst_room().min(300);
+    let clients = connect_while_stopped(&server, n);
+    for (i, stream) in clients.into_iter().enumerate() {
+        let mut c = Client {
+            reader: std::io::BufReader::new(stream),
+        };
+        c.expect(&format!("* welcome guest{}", i + 1));
     }
 }

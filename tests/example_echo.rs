@@ -8,7 +8,9 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use example_util::{connect, pattern, reset, wait_writable, Server};
+use example_util::{
+    burst_room, connect, connect_while_stopped, pattern, reset, wait_writable, Server,
+};
 
 /// Sends `data` from a second thread in uneven pieces, half-closes, and returns everything
 /// echoed up to end of stream.
@@ -217,4 +219,23 @@ fn ten_thousand_idle_clients_cost_well_under_1_kib_each() {
     );
     // Still served after all that.
     ping(&mut clients[N / 2], b"still here");
+}
+
+/// A burst of connects faster than the server accepts (here: while it is stopped) waits in
+/// the listener's queue: std's `TcpListener::bind` listens with a backlog of 128, beyond which
+/// the kernel drops SYNs and each client waits a second or more for its retransmission.
+#[test]
+fn a_burst_of_connections_waits_in_the_accept_queue_instead_of_being_dropped() {
+    let server = Server::start("echo-server", &[]);
+    let n = burst_room().min(1000);
+    let mut clients = connect_while_stopped(&server, n);
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.write_all(&(i as u64).to_le_bytes()).unwrap();
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut back = [0u8; 8];
+        c.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("client {i} of {n}: {e}"));
+        assert_eq!(u64::from_le_bytes(back), i as u64, "client {i}");
+    }
 }

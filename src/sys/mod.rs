@@ -14,8 +14,8 @@ use std::io;
 
 mod socket;
 pub(crate) use socket::{
-    accept, connect_finished, is_listener, prepare_stream, recv, recv_spare, reuseport_listener,
-    send, send_vectored, shutdown_write, start_connect,
+    accept, connect_finished, is_listener, listener, prepare_stream, recv, recv_spare, send,
+    send_vectored, shutdown_write, start_connect,
 };
 
 #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -286,17 +286,20 @@ pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAd
     }
 }
 
-/// A listening TCP socket with SO_REUSEADDR and SO_REUSEPORT (SO_REUSEPORT_LB on FreeBSD,
-/// where plain SO_REUSEPORT does not balance), so several can share one port and the kernel
-/// spreads incoming connections over them. Blocking, like any new std listener.
-pub(crate) fn reuseport_listener(addr: &SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+/// A listening TCP socket with SO_REUSEADDR, and with `reuseport` also SO_REUSEPORT
+/// (SO_REUSEPORT_LB on FreeBSD, where plain SO_REUSEPORT does not balance), so several can
+/// share one port and the kernel spreads incoming connections over them. Blocking, like any
+/// new std listener.
+pub(crate) fn listener(addr: &SocketAddr, reuseport: bool, backlog: i32) -> io::Result<OwnedFd> {
     let fd = tcp_socket(addr, false)?;
     let raw = fd.as_raw_fd();
     set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    #[cfg(target_os = "freebsd")]
-    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT_LB, 1)?;
-    #[cfg(not(target_os = "freebsd"))]
-    set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    if reuseport {
+        #[cfg(target_os = "freebsd")]
+        set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT_LB, 1)?;
+        #[cfg(not(target_os = "freebsd"))]
+        set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
     let (storage, len) = to_raw(addr);
     // SAFETY: `storage` holds a sockaddr of `len` bytes for this family.
     cvt(unsafe { libc::bind(raw, (&storage as *const libc::sockaddr_storage).cast(), len) })?;

@@ -164,6 +164,44 @@ impl Drop for Server {
     }
 }
 
+/// Connects `n` clients while the server process is stopped (SIGSTOP), so it accepts none of
+/// them meanwhile: each handshake must wait in the listener's accept queue, and a connect
+/// beyond the queue's room would have its SYN dropped (and time out here after [`REPLY`]).
+/// The server is continued before the clients are returned, in connection order.
+pub fn connect_while_stopped(server: &Server, n: usize) -> Vec<TcpStream> {
+    server.signal(libc::SIGSTOP);
+    let mut clients = Vec::with_capacity(n);
+    let mut failed = None;
+    for i in 0..n {
+        match TcpStream::connect_timeout(&server.addr, REPLY) {
+            Ok(c) => clients.push(c),
+            Err(e) => {
+                failed = Some((i, e));
+                break;
+            }
+        }
+    }
+    server.signal(libc::SIGCONT);
+    if let Some((i, e)) = failed {
+        panic!("connect {i} of {n} with the server stopped: {e}");
+    }
+    for c in &clients {
+        c.set_read_timeout(Some(REPLY)).unwrap();
+        c.set_write_timeout(Some(REPLY)).unwrap();
+    }
+    clients
+}
+
+/// How many connects a listener with the examples' backlog (4,096) can hold before the
+/// server accepts: the kernel caps the backlog at `net.core.somaxconn`.
+pub fn burst_room() -> usize {
+    let max: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(128);
+    max.min(4096)
+}
+
 /// A client socket with read and write timeouts of [`REPLY`].
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
