@@ -892,8 +892,8 @@ impl Driver {
             .select(&mut self.events, timeout)
             .is_err()
         {
-            // Only EBADF/EFAULT/EINVAL remain, impossible with our own fd and buffer; do not
-            // spin if the impossible happens.
+            // Only EBADF/EFAULT/EINVAL remain, not expected with our own fd and buffer and a
+            // timeout the selector caps; do not spin if one happens all the same.
             thread::sleep(Duration::from_millis(1));
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);

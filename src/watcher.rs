@@ -627,7 +627,7 @@ impl Watcher {
             return Err(Error::WatcherClosed);
         }
         sys::prepare_stream(fd.as_fd())?;
-        let listener = sys::is_listener(fd.as_fd())?;
+        let listener = sys::is_listener(fd.as_fd(), listen)?;
         if listen && !listener {
             let msg = "not a listening socket (call listen() first, or use register)";
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());

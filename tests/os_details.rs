@@ -1,9 +1,11 @@
 //! OS details the issue names: descriptors the library creates or accepts are close-on-exec,
 //! and EINTR (a signal landing while the poller sits in `epoll_wait`) is retried, not an error.
+//! Also two ways a socket could block the poller thread: a lingering close, and a `dup` of
+//! it switched back to blocking mode.
 
 mod util;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -143,5 +145,75 @@ fn signals_interrupting_the_poller_are_retried() {
     assert!(
         SIGNALS.load(Ordering::Relaxed) > 50,
         "too few signals landed to mean anything"
+    );
+}
+
+fn set_linger(fd: &impl AsRawFd, secs: libc::c_int) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: secs,
+    };
+    set_opt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+}
+
+fn refused_as_invalid(r: Result<proactor::Conn, Error>) -> bool {
+    matches!(r, Err(Error::Io(e)) if e.kind() == ErrorKind::InvalidInput)
+}
+
+/// With SO_LINGER and a timeout, close(2) blocks until the unsent data is acknowledged or the
+/// timeout passes (socket(7)); sockets are closed on the poller thread, where that would stall
+/// every connection of the watcher, so they are refused (listeners too: accepted sockets
+/// inherit the option). A zero timeout, a close with a reset, never blocks and is kept.
+#[test]
+fn sockets_that_would_linger_on_close_are_refused() {
+    let watcher = Watcher::new().unwrap();
+    let (_client, server) = tcp_pair();
+    set_linger(&server, 2);
+    assert!(refused_as_invalid(watcher.register(server)));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    set_linger(&listener, 2);
+    assert!(refused_as_invalid(watcher.listen(listener)));
+
+    // A zero timeout: registered, and Free resets the connection at once.
+    let (mut client, server) = tcp_pair();
+    set_linger(&server, 0);
+    let conn = watcher.register(server).unwrap();
+    conn.send(Cmd::Free).unwrap();
+    assert_eq!(collect_one(&watcher, TIMEOUT).op, Op::Free);
+    let err = client.read(&mut [0u8; 1]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}
+
+/// O_NONBLOCK belongs to the open file description, which every `dup` of the fd shares: a
+/// holder of a duplicate (a forked child, a library) can switch it off again. Each recv and
+/// send also says MSG_DONTWAIT, so the poller still never blocks in one.
+#[test]
+fn a_duplicate_switched_to_blocking_cannot_block_the_poller() {
+    let watcher = Watcher::new().unwrap();
+    let (mut quiet_peer, quiet) = tcp_pair();
+    let dup = quiet.try_clone().unwrap();
+    let quiet = watcher.register(quiet).unwrap();
+    dup.set_nonblocking(false).unwrap(); // the registered socket is blocking again
+    let (mut other_peer, other) = tcp_pair();
+    let other = watcher.register(other).unwrap();
+    // Nothing to read: a blocking recv would hold the poller thread here.
+    quiet.send(Cmd::ReadInternal.tag(1)).unwrap();
+    other.send(Cmd::ReadInternal.tag(2)).unwrap();
+    other_peer.write_all(b"x").unwrap();
+    let mut got = Vec::new();
+    let _ = watcher.wait_io_timeout(&mut got, TIMEOUT);
+    // Whatever happened, unblock a poller stuck in recv, so that the watcher can close.
+    quiet_peer.write_all(b"y").unwrap();
+    assert!(
+        got.iter().any(|c| c.tag == 2 && c.is_ok()),
+        "the other connection's read did not complete: {}",
+        util::describe_all(&got)
+    );
+    let rest = collect(&watcher, 1, TIMEOUT);
+    assert_eq!(
+        (rest[0].tag, rest[0].n),
+        (1, 1),
+        "{}",
+        util::describe(&rest[0])
     );
 }

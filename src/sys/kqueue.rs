@@ -19,6 +19,9 @@ type Filter = i16;
 type Flags = u16;
 type UData = *mut libc::c_void;
 
+/// The longest single wait, in seconds (see `Selector::select`).
+const MAX_WAIT_SECS: u64 = 100_000_000;
+
 /// The ident of our EVFILT_USER event; any value works, it lives in its own namespace.
 const WAKER_IDENT: usize = 0;
 
@@ -56,17 +59,17 @@ impl Selector {
             ev.flags |= libc::EV_RECEIPT as Flags;
         }
         let n = changes.len() as libc::c_int;
+        // One pointer for both lists: a second borrow of the slice would invalidate the first.
+        let list = changes.as_mut_ptr();
         // SAFETY: the change list and the receipt list are the same live slice of `n` events.
-        cvt(unsafe {
-            libc::kevent(
-                self.kq.as_raw_fd(),
-                changes.as_ptr(),
-                n,
-                changes.as_mut_ptr(),
-                n,
-                std::ptr::null(),
-            )
-        })?;
+        let r =
+            cvt(unsafe { libc::kevent(self.kq.as_raw_fd(), list, n, list, n, std::ptr::null()) });
+        match r {
+            // FreeBSD's kevent(2): on EINTR the changes were applied (mio's kqueue.rs agrees),
+            // and with EV_RECEIPT no event was being waited for; the receipts are then unset.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            r => r?,
+        };
         for ev in changes.iter() {
             // With EV_RECEIPT every entry comes back with EV_ERROR set; `data` is 0 on success.
             let err = ev.data as i32;
@@ -99,8 +102,12 @@ impl Selector {
     }
 
     pub(crate) fn select(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        // macOS refuses a timeout over INT32_MAX seconds (older releases over 10^8) with
+        // EINVAL before collecting any event, which would leave the poller blind while a far
+        // timer is the nearest; waking up after ~3 years instead is harmless (the driver
+        // recomputes its timeout). swift-nio caps at the same 10^8 s.
         let ts = timeout.map(|d| libc::timespec {
-            tv_sec: d.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_sec: d.as_secs().min(MAX_WAIT_SECS) as libc::time_t,
             tv_nsec: d.subsec_nanos() as _,
         });
         let ts_ptr = ts

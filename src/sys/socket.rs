@@ -71,21 +71,58 @@ pub(crate) fn prepare_stream(fd: BorrowedFd<'_>) -> io::Result<()> {
             "not a stream socket (only SOCK_STREAM sockets can be registered)",
         ));
     }
+    // SO_LINGER with a timeout makes close(2) block until the unsent data is acknowledged or
+    // the timeout passes (socket(7)), non-blocking or not: on the poller thread that would
+    // stall every connection of the watcher. Accepted sockets inherit it from the listener,
+    // which comes through here too. A zero timeout (close with a reset) does not block.
+    let mut linger = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    let mut len = size_of::<libc::linger>() as libc::socklen_t;
+    // SAFETY: `linger` and `len` are live locals of the sizes getsockopt is told.
+    cvt(unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&mut linger as *mut libc::linger).cast(),
+            &mut len,
+        )
+    })?;
+    if linger.l_onoff != 0 && linger.l_linger != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "SO_LINGER with a timeout would block the poller thread when the socket is closed \
+             (turn it off, or use a zero timeout to close with a reset)",
+        ));
+    }
     set_nonblocking(raw)?;
     no_sigpipe(raw)
 }
 
-/// Whether `fd` is a listening socket.
-pub(crate) fn is_listener(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(get_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0)
+/// Whether `fd` is a listening socket. macOS has no `SO_ACCEPTCONN` (ENOPROTOOPT): there the
+/// answer is `assume`, what the caller says the socket is.
+pub(crate) fn is_listener(fd: BorrowedFd<'_>, assume: bool) -> io::Result<bool> {
+    match get_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN) {
+        Ok(v) => Ok(v != 0),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(assume),
+        Err(e) => Err(e),
+    }
 }
 
 /// `recv(2)` into `buf`, retrying EINTR. `Ok(0)` is end of stream.
 pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is a live `&mut [u8]`; the kernel writes at most `buf.len()` bytes to it.
-        let r =
-            cvt_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) });
+        let r = cvt_size(unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                RECV_FLAGS,
+            )
+        });
         match r {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             r => return r,
@@ -109,7 +146,12 @@ pub(crate) fn recv_spare(
         // SAFETY: `spare` is live, writable memory of `spare.len()` bytes that `buf` owns; the
         // kernel writes at most that many bytes into it and never reads it.
         let r = cvt_size(unsafe {
-            libc::recv(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), 0)
+            libc::recv(
+                fd.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                RECV_FLAGS,
+            )
         });
         match r {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -122,11 +164,17 @@ pub(crate) fn recv_spare(
     Ok(n)
 }
 
+/// Every recv and send is non-blocking by its own flag too: the socket's O_NONBLOCK lives in
+/// the open file description, which a `dup` of the fd held elsewhere (a forked child, a
+/// library) can switch off again, and a blocking call would stall the poller thread.
+const RECV_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
+
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
-// Apple: SO_NOSIGPIPE was set when the socket was registered, accepted or created.
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+// Apple: SO_NOSIGPIPE was set when the socket was registered or created (accepted ones
+// inherit it).
 #[cfg(any(target_os = "macos", target_os = "ios"))]
-const SEND_FLAGS: libc::c_int = 0;
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
 /// `send(2)` of one buffer, without SIGPIPE, retrying EINTR. The common case of one queued
 /// write: the kernel's `send` takes the buffer as it is, where `sendmsg` first copies and
@@ -275,10 +323,12 @@ pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAd
                 let new = unsafe { OwnedFd::from_raw_fd(raw) };
                 #[cfg(any(target_os = "macos", target_os = "ios"))]
                 {
+                    // No SO_NOSIGPIPE here: the new socket inherits it from the listener
+                    // (set when that was registered), and XNU refuses any setsockopt with
+                    // EINVAL on a connection reset while it was queued, losing it.
                     // SAFETY: F_SETFD takes an integer argument.
                     cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) })?;
                     set_nonblocking(raw)?;
-                    no_sigpipe(raw)?;
                 }
                 return Ok((new, from_raw(&storage)));
             }
