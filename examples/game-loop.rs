@@ -1,6 +1,7 @@
 //! Game loop: a fixed 20 Hz tick. One thread owns the game state and waits on a `flume::Selector`
 //! over the mailbox and a tick channel; `move DX DY` lines apply at once, and each tick sends all
 //! positions to every player as one shared `Bytes` (skipping one still writing the previous).
+//! A bad line is answered with an error line, at most 64 of them in flight per player.
 //!
 //!     cargo run --release --example game-loop -- --addr 127.0.0.1:7000
 //!     nc 127.0.0.1 7000     (gets "welcome 1", then "tick 40 1:0,0" 20 times a second;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use proactor::bytes::Bytes;
 use proactor::flume::{self, Receiver, Selector, TrySendError};
-use proactor::{Cmd, Completion, Conn, ConnId, Error, Op, Watcher};
+use proactor::{Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -24,6 +25,8 @@ const TICK: Duration = Duration::from_millis(50);
 const WORLD: i32 = 1000;
 /// Longest input line; a player sending a longer one is dropped.
 const MAX_LINE: usize = 64;
+/// Error replies a player may have in flight; bad lines beyond them get none.
+const MAX_REPLIES: usize = 64;
 /// A write that cannot finish in this long means a stuck player: it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -194,7 +197,12 @@ impl Game {
                     p.y = p.y.saturating_add(dy).clamp(-WORLD, WORLD);
                 }
                 None if line.iter().all(u8::is_ascii_whitespace) => {}
-                None => self.write(id, Bytes::from_static(b"error: expected move DX DY\n")),
+                // At most MAX_REPLIES error lines in flight: a flood of bad lines gets the
+                // rest unanswered, so its replies cannot take the room its read needs.
+                None if p.writing < MAX_REPLIES => {
+                    self.write(id, Bytes::from_static(b"error: expected move DX DY\n"))
+                }
+                None => {}
             }
         }
     }
@@ -214,6 +222,10 @@ impl Game {
         };
         match p.conn.send(Cmd::Write(msg).timeout(WRITE_TIMEOUT)) {
             Ok(()) => p.writing += 1,
+            // The player has the most writes in flight a connection may have (a flood of
+            // bad lines, each answered): this reply is dropped; the queued ones go out, or
+            // their timeout drops a player who does not read.
+            Err(SendError::Full(_)) => {}
             Err(_) => self.remove(id),
         }
     }

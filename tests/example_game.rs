@@ -132,6 +132,52 @@ fn bad_input_gets_an_error_line() {
     tick_where(&mut a, "1 at 1,1", |t| position(t, 1) == Some((1, 1)));
 }
 
+/// A flood of bad lines from a player who reads the replies only later. Answering each one
+/// would back the replies up until the player had more operations in flight than a
+/// connection may have (1,024), and its next read would be refused: the player would be
+/// dropped. At most 64 replies are in flight; the other bad lines get none; the player stays.
+#[test]
+fn a_flood_of_bad_lines_does_not_drop_a_player_who_reads_later() {
+    let server = Server::start("game-loop", &[]);
+    let mut a = Client::connect(server.addr);
+    assert_eq!(welcome(&mut a), 1);
+    let mut b = Client::connect(server.addr);
+    assert_eq!(welcome(&mut b), 2);
+    a.send("x\n".repeat(FLOOD));
+    a.send("move 2 3\n");
+    // The server handles lines in order: once b sees the move, every error reply to a was
+    // sent or refused, and 8 MB of them is more than the socket buffers hold (the kernel
+    // grows a send buffer to 4 MiB at most, tcp_wmem).
+    let start = Instant::now();
+    loop {
+        let line = b.line();
+        let tick = parse_tick(&line).unwrap_or_else(|| panic!("not a tick: {line:?}"));
+        if position(&tick, 1) == Some((2, 3)) {
+            break;
+        }
+        assert!(position(&tick, 1).is_some(), "player 1 was dropped");
+        assert!(start.elapsed() < Duration::from_secs(60), "no move seen");
+    }
+    let (mut errors, start) = (0, Instant::now());
+    for _ in 0..FLOOD + 100 {
+        let line = a.line();
+        if line.starts_with("error") {
+            errors += 1;
+            continue;
+        }
+        let tick = parse_tick(&line).unwrap_or_else(|| panic!("unexpected {line:?}"));
+        if position(&tick, 1) == Some((2, 3)) {
+            assert!((1..FLOOD).contains(&errors), "{errors} error lines");
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no move seen");
+    }
+    panic!("the move never showed ({errors} error lines)");
+}
+
+/// Lines in the flood above.
+const FLOOD: usize = 300_000;
+
 #[test]
 fn players_that_leave_disappear_and_an_over_long_line_drops_its_sender() {
     let server = Server::start("game-loop", &[]);
