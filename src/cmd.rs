@@ -7,8 +7,9 @@ use bytes::Bytes;
 
 use crate::completion::{Buf, Op};
 
-/// A command for one connection: read, read-full, write, free or detach, with an optional
-/// deadline, idle timeout and user tag.
+/// A command for one connection: read, read-full, write, accept, shutdown, free or detach,
+/// with an optional deadline, idle timeout and user tag. (A connect is no command: it is
+/// started by [`Watcher::connect`](crate::Watcher::connect).)
 ///
 /// The constructors are named like enum variants so a submission reads as what it does:
 ///
@@ -59,7 +60,8 @@ const fn plain(kind: Kind) -> Cmd {
 #[allow(non_snake_case, non_upper_case_globals)]
 impl Cmd {
     /// Reads at least one byte into `buf[..]` (its length, not its capacity). The completion
-    /// gives `buf` back with the bytes in `buf[..n]`; end of stream is [`Error::Eof`] with `n == 0`.
+    /// gives `buf` back with the bytes in `buf[..n]`; end of stream is [`Error::Eof`] with
+    /// `n == 0`.
     ///
     /// [`Error::Eof`]: crate::Error::Eof
     pub fn Read(buf: Vec<u8>) -> Cmd {
@@ -71,8 +73,10 @@ impl Cmd {
     /// as long as it is held. A connection waiting this way holds no buffer of its own.
     pub const ReadInternal: Cmd = plain(Kind::ReadInternal);
 
-    /// Fills all of `buf[..]`; completes early only on end of stream, deadline or error (with
-    /// the bytes read so far in [`Completion::n`](crate::Completion::n)).
+    /// Fills all of `buf[..]`. It completes early on end of stream, deadline, idle timeout,
+    /// error, `Free` or `Detach` ([`Error::Freed`](crate::Error::Freed)) or a closed watcher
+    /// ([`Error::WatcherClosed`](crate::Error::WatcherClosed)), with the bytes read so far in
+    /// `buf[..n]` ([`Completion::n`](crate::Completion::n)).
     pub fn ReadFull(buf: Vec<u8>) -> Cmd {
         plain(Kind::ReadFull(buf))
     }
@@ -85,8 +89,11 @@ impl Cmd {
 
     /// Closes the connection now: pending operations complete with
     /// [`Error::Freed`](crate::Error::Freed), then this command completes, and the peer sees
-    /// end of stream (unless another process holds the socket too). Later sends on any handle
-    /// of the connection fail with [`SendError::Freed`](crate::SendError::Freed).
+    /// end of stream (unless another process holds the socket too). But if input the peer
+    /// sent is still unread, closing sends a reset instead: the peer gets `ECONNRESET`, and
+    /// bytes still on their way to it may be lost. For a graceful close, see
+    /// [`Cmd::Shutdown`]. Later sends on any handle of the connection fail with
+    /// [`SendError::Freed`](crate::SendError::Freed).
     pub const Free: Cmd = plain(Kind::Free);
 
     /// Like [`Cmd::Free`] but hands the socket back instead of closing it: the completion's
@@ -96,16 +103,20 @@ impl Cmd {
     pub const Detach: Cmd = plain(Kind::Detach);
 
     /// Accepts one connection on a listener registered with
-    /// [`Watcher::listen`](crate::Watcher::listen). The completion's buffer is
-    /// [`Buf::Accepted`]: the new connection, already registered on the same watcher, and the
-    /// peer's address. Several accepts may be outstanding; each completes once, in order.
+    /// [`Watcher::listen`](crate::Watcher::listen) (or [`register`](crate::Watcher::register)).
+    /// The completion's buffer is [`Buf::Accepted`]: the new connection, already registered
+    /// (on the same watcher; for [`Pool::listen`](crate::Pool::listen), on the pool's
+    /// least-loaded one), and the peer's address. Several accepts may be outstanding; each
+    /// completes once, in order.
     /// Sent to a connection that is not listening, it completes with the OS's `EINVAL`.
     pub const Accept: Cmd = plain(Kind::Accept);
 
     /// Shuts down the sending side (`shutdown(SHUT_WR)`) once every write queued before it
-    /// is written: the peer reads end of stream, and reads on this side go on. The graceful
-    /// close: write the last bytes, `Shutdown`, read until [`Error::Eof`](crate::Error::Eof),
-    /// then [`Cmd::Free`], so unread input does not make the kernel reset the connection.
+    /// has completed (written, or ended early by its deadline, idle timeout or an error): the
+    /// peer reads end of stream, and reads on this side go on. After a write that ended early
+    /// the peer sees a truncated stream, then end of stream. The graceful close: write the
+    /// last bytes, `Shutdown`, read until [`Error::Eof`](crate::Error::Eof), then
+    /// [`Cmd::Free`], so unread input does not make the kernel reset the connection.
     pub const Shutdown: Cmd = plain(Kind::Shutdown);
 
     /// Completes the operation with [`Error::Deadline`](crate::Error::Deadline) if it has not
@@ -140,7 +151,8 @@ impl Cmd {
         self.kind.op()
     }
 
-    /// The buffer this command carries ([`Buf::None`] for internal reads, free and detach).
+    /// The buffer this command carries ([`Buf::None`] for internal reads, accept, shutdown,
+    /// free and detach).
     pub fn into_buf(self) -> Buf {
         self.kind.into_buf()
     }

@@ -33,7 +33,8 @@ pub enum Op {
 #[derive(Debug, Default)]
 #[non_exhaustive]
 pub enum Buf {
-    /// No buffer: free, or an internal read that ended before any byte arrived.
+    /// No buffer: a free, a shutdown, a connect, an accept or detach that failed, or an
+    /// internal read that ended before any byte arrived.
     #[default]
     None,
     /// The caller's buffer of a `Read` or `ReadFull`, at its original length.

@@ -77,7 +77,10 @@
 //!   write when every byte is written. A deadline or error completes it early, with the bytes
 //!   done in [`Completion::n`].
 //! - Per connection, reads complete in the order submitted, and so do writes; the two
-//!   directions are independent.
+//!   directions are independent. Two exceptions: an operation ended by its deadline or idle
+//!   timeout completes at once, ahead of earlier ones still pending in its direction; and a
+//!   `Free` or `Detach` that found the command queue full completes before the operations
+//!   still queued, which then complete with [`Error::Freed`] (see [`Conn::send`]).
 //! - A deadline completes only its own operation; the connection stays usable.
 //! - A [`ConnId`] is generational: a freed connection's key never aliases a new one, even when
 //!   the OS reuses the fd number.
@@ -105,7 +108,7 @@
 //! A threaded watcher pays a hand-off between the poller and your thread per round (a futex
 //! wake each way; `wait_io` sleeps until the poller's round is over, not per completion); an
 //! [inline](WatcherBuilder::inline) watcher does not, and makes 3 syscalls per echoed message
-//! on one connection and 2.03 at 100 (read, write, an amortised `epoll_wait`). Against a
+//! on one connection and 2.02 at 100 (read, write, an amortised `epoll_wait`). Against a
 //! hand-written single-threaded mio server on the same 2-core machine the inline mode matches
 //! one-connection ping-pong and the 8,192-connection burst, is level within the noise on the
 //! 1,000-connection round (median 1.02x over five passes, 0.94x-1.20x), runs at 0.97x of it

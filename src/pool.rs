@@ -34,7 +34,12 @@ impl PoolBuilder {
         self
     }
 
-    /// Pin watcher `i`'s poller to CPU `i % available CPUs` (default: not pinned).
+    /// Pin watcher `i`'s poller to CPU `i % n` (default: not pinned), where `n` is
+    /// [`std::thread::available_parallelism`].
+    ///
+    /// The CPU numbers are `0..n`, not the CPUs the process may run on: under a restricted
+    /// CPU set (a cgroup cpuset, `taskset`) a number may fall outside the allowed set, and
+    /// [`build`](Self::build) then fails (the kernel refuses the affinity, `EINVAL`).
     ///
     /// # Platform-specific behavior
     ///
@@ -169,6 +174,11 @@ impl Pool {
     }
 
     /// Closes every watcher (see [`Watcher::close`]).
+    ///
+    /// # Panics
+    ///
+    /// As [`Watcher::close`]: if a poller thread panicked (a bug in this crate), that panic is
+    /// re-raised, and the watchers after it are not closed by this call.
     pub fn close(&self) {
         for w in &self.watchers {
             w.close();

@@ -34,9 +34,9 @@ macro_rules! stats {
 stats! {
     /// Connections registered and not yet freed, detached or released.
     connections,
-    /// Read and read-full operations waiting for data.
+    /// Read-direction operations pending: reads, read-fulls and accepts.
     reads_in_flight,
-    /// Write operations waiting for socket buffer space.
+    /// Write-direction operations pending: writes, shutdowns and connects.
     writes_in_flight,
     /// Operations waiting with a deadline or idle timeout.
     deadlines_armed,

@@ -387,7 +387,9 @@ impl WatcherBuilder {
         self
     }
 
-    /// Pins the poller thread to this CPU (default: not pinned).
+    /// Pins the poller thread to this CPU (default: not pinned). [`build`](Self::build) fails
+    /// if the kernel refuses it, for example a CPU outside the set the process may run on
+    /// (a cgroup cpuset, `taskset`).
     ///
     /// # Platform-specific behavior
     ///
@@ -445,7 +447,8 @@ impl WatcherBuilder {
     /// # Errors
     ///
     /// Creating the epoll/kqueue instance, the waker or the thread failed (for example EMFILE),
-    /// CPU pinning is not supported here, or an inline watcher was given a CPU or a mailbox
+    /// CPU pinning is not supported here or the kernel refused the CPU (see
+    /// [`poller_cpu`](Self::poller_cpu)), or an inline watcher was given a CPU or a mailbox
     /// ([`io::ErrorKind::InvalidInput`]: its completions go to the thread driving it, and a
     /// shared mailbox would leave other watchers' completions waiting while that thread
     /// sleeps in its own `epoll_wait`; for a [`Pool`](crate::Pool) of inline watchers use
@@ -556,13 +559,18 @@ impl Watcher {
     /// Takes ownership of a stream socket ([`TcpStream`](std::net::TcpStream),
     /// [`UnixStream`](std::os::unix::net::UnixStream), or any `SOCK_STREAM` socket as an
     /// [`OwnedFd`]), makes it non-blocking and watches it. Options set before (nodelay,
-    /// buffer sizes, keepalive) are kept.
+    /// buffer sizes, keepalive) are kept. A listening socket is taken too: the watcher asks
+    /// the kernel whether the socket listens, and a listener then works as with
+    /// [`listen`](Watcher::listen).
     ///
     /// # Errors
     ///
     /// [`Error::WatcherClosed`] after [`close`](Watcher::close); [`Error::Io`] for something
     /// that cannot be watched: not a socket (`ENOTSOCK`), not a stream socket
-    /// ([`io::ErrorKind::InvalidInput`]), or refused by epoll/kqueue. The socket is closed.
+    /// ([`io::ErrorKind::InvalidInput`]), a socket with `SO_LINGER` on and a non-zero
+    /// timeout (`InvalidInput`: its close would block the poller thread until the peer
+    /// acknowledged everything or the timeout passed; a zero timeout, close with a reset, is
+    /// fine), or refused by epoll/kqueue. The socket is closed.
     pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, Error> {
         self.register_routed(socket.into(), Route::default(), false)
     }
@@ -601,16 +609,22 @@ impl Watcher {
     ///
     /// # Accept errors
     ///
-    /// `EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM` and `ECONNABORTED` complete that one accept
-    /// with the error ([`Error::Io`]); the listener stays registered. After a resource error
-    /// (the first four) the listener pauses for 100 ms before it tries again, so a server out
-    /// of file descriptors neither spins nor stops: pending accepts wait, and accepting
-    /// resumes once descriptors are free.
+    /// A failed accept completes that one [`Cmd::Accept`] with the error ([`Error::Io`]), and
+    /// the listener stays usable: send another `Accept`. Any error is reported this way:
+    /// `ECONNABORTED`, `EPROTO`, `EPERM` from a firewall rule, the network errors accept(2)
+    /// lists, and running out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`,
+    /// `ENOMEM`). After one of those last four the listener also pauses for 100 ms before it
+    /// tries again, so a server out of file descriptors neither spins nor stops: pending
+    /// accepts wait, and accepting resumes once descriptors are free. An accepted socket that
+    /// cannot be registered (refused by epoll/kqueue, or its watcher closed) is closed, and
+    /// its `Accept` completes with that error.
     ///
     /// # Errors
     ///
-    /// As [`register`](Watcher::register), and [`io::ErrorKind::InvalidInput`] if the socket
-    /// is not listening.
+    /// As [`register`](Watcher::register) (accepted sockets inherit `SO_LINGER` from the
+    /// listener, so a lingering listener is refused too), and [`io::ErrorKind::InvalidInput`]
+    /// if the socket is not listening (on macOS, which cannot tell, a socket that does not
+    /// listen is taken and its accepts fail with `EINVAL`).
     pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
         self.listen_routed(listener.into(), Route::default())
     }
@@ -644,9 +658,11 @@ impl Watcher {
     /// or the error (`ECONNREFUSED`, `ETIMEDOUT`, `EHOSTUNREACH`, ... as [`Error::Io`];
     /// [`Error::Deadline`] if the [`Connect`] deadline passed first).
     ///
-    /// Reads and writes may be sent right away: writes wait for the connection, and both
-    /// fail with the OS's error if it fails. Free the connection after a failed connect (or
-    /// just drop its handles).
+    /// Reads and writes may be sent right away: they wait for the connection. If it fails,
+    /// the `Connect` completion carries the cause, and the operations queued behind it
+    /// complete with an error too, but not that one (reading the socket's error clears it):
+    /// typically writes with `EPIPE` and reads with [`Error::Eof`]. Free the connection after
+    /// a failed connect (or just drop its handles).
     ///
     /// # Errors
     ///
@@ -665,12 +681,22 @@ impl Watcher {
     /// The mailbox: a `flume::Receiver` of completions. Clone it freely: use it with
     /// `recv`, `try_recv` in a game loop, `flume::Selector` over other channels, or
     /// `recv_async` in async code.
+    ///
+    /// An [`inline`](WatcherBuilder::inline) watcher's completions do not pass through the
+    /// mailbox until it closes: they go straight to the [`wait_io`](Watcher::wait_io) or
+    /// [`try_wait_io`](Watcher::try_wait_io) call that drives it. `mailbox().recv()` on an
+    /// inline watcher would wait until the watcher is closed; use `wait_io` there.
     pub fn mailbox(&self) -> flume::Receiver<Completion> {
         self.mailbox.clone()
     }
 
     /// Blocks until at least one completion is ready, then appends every ready one to `out`
     /// (gaio's `WaitIO`, without allocating once `out` has grown). Returns how many.
+    ///
+    /// It takes whatever is in the mailbox: on a mailbox shared with other watchers (a
+    /// [`Pool`](crate::Pool) with one mailbox, or [`WatcherBuilder::mailbox`]) that includes
+    /// their completions too. Completions of a connection given its own mailbox
+    /// ([`register_with`](Watcher::register_with)) go there, not here.
     ///
     /// # Errors
     ///
@@ -859,6 +885,12 @@ impl Watcher {
     /// [`SendError::Closed`](crate::SendError::Closed). Idempotent. Completions still waiting
     /// for room in a full bounded channel are handed to a thread that delivers them as room
     /// is made (or drops them once no receiver is left); the mailbox disconnects after them.
+    ///
+    /// # Panics
+    ///
+    /// If the poller thread panicked (a bug in this crate), `close` re-raises that panic
+    /// ([`std::panic::resume_unwind`]). Dropping the watcher does too: it calls `close`,
+    /// unless the thread is already panicking.
     pub fn close(&self) {
         self.shared.closed.store(true, SeqCst);
         let _ = self.shared.waker.wake();
@@ -902,6 +934,13 @@ fn step_inline(
     true
 }
 
+/// Closes the watcher ([`Watcher::close`]). If the thread is already panicking, it only marks
+/// the watcher closed and wakes the poller, without waiting for it.
+///
+/// # Panics
+///
+/// As [`Watcher::close`]: if the poller thread panicked (a bug in this crate), dropping the
+/// watcher re-raises that panic (not while the thread is already panicking).
 impl Drop for Watcher {
     fn drop(&mut self) {
         if !thread::panicking() {
