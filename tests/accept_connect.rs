@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use proactor::{Cmd, Completion, Connect, Error, Op, Watcher};
 
+#[path = "common/limits.rs"]
+mod limits;
+
 const LONG: Duration = Duration::from_secs(10);
 
 /// Waits for exactly `n` completions (or panics, naming what did arrive).
@@ -330,6 +333,7 @@ fn unix_listener_accepts_without_a_peer_address() {
 #[test]
 fn eight_thousand_outgoing_connections_from_one_thread() {
     const N: usize = 8000;
+    limits::raise_fd_limit(); // 16,000 descriptors
     let server = proactor::reuseport_listener(localhost()).unwrap();
     let addr = server.local_addr().unwrap();
     // The peer side: a plain thread that accepts and holds every connection.

@@ -426,6 +426,7 @@ fn cycle(w: &Watcher, listener: &Conn, addr: SocketAddr, n: usize, hold: Duratio
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn scale(n: usize) {
+    raise_fd_limit(); // for the server here and, inherited, the client process
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let fds0 = fds_start();
     let rss0 = rss_kib();

@@ -3,8 +3,12 @@
 //! one-line completion dumps, and the socket options of `sockopt.rs`.
 #![allow(dead_code)]
 
+#[path = "limits.rs"]
+mod limits;
 #[path = "sockopt.rs"]
 mod sockopt;
+#[allow(unused_imports)] // re-exported for the helper modules
+pub use limits::raise_fd_limit;
 #[allow(unused_imports)] // not every helper module sets raw options
 pub use sockopt::{set_linger_zero, set_opt};
 
@@ -22,6 +26,7 @@ pub struct Pairs {
 
 impl Pairs {
     pub fn new() -> Pairs {
+        raise_fd_limit();
         Pairs {
             listener: TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"),
         }

@@ -6,7 +6,7 @@
 mod kit;
 #[allow(unused_imports)] // not every example test sends patterns
 pub use kit::pattern;
-use kit::{set_linger_zero, set_opt};
+use kit::{raise_fd_limit, set_linger_zero, set_opt};
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -74,6 +74,7 @@ impl Server {
     /// Starts `example` with `--addr 127.0.0.1:0` and `args`, and reads its first line,
     /// which must be `listening on HOST:PORT`.
     pub fn start(example_name: &str, args: &[&str]) -> Server {
+        raise_fd_limit(); // for the test's clients, and inherited by the server
         let mut child = Command::new(example(example_name))
             .args(["--addr", "127.0.0.1:0"])
             .args(args)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 #[path = "../common/kit.rs"]
 mod kit;
 #[allow(unused_imports)] // each test crate uses its own subset
-pub use kit::{describe, describe_all, pattern, set_linger_zero, Pairs, Rng};
+pub use kit::{describe, describe_all, pattern, raise_fd_limit, set_linger_zero, Pairs, Rng};
 
 use proactor::{Cmd, Completion, Conn, ConnId, Op, SendError, Stats, Watcher};
 
