@@ -1,6 +1,7 @@
 //! Push server: every second the current time goes to every client as one shared `Bytes`, from a
 //! loop that waits with `wait_io_deadline` until the next push. Each write has a deadline, so a
-//! client that stopped reading cannot pile up work: it misses the deadline and is freed.
+//! client that stopped reading cannot pile up work: it misses the deadline and is freed. A
+//! client that half-closes (shuts down its sending side) goes on getting pushes.
 //!
 //!     cargo run --release --example push-server -- --addr 127.0.0.1:7000
 //!     options: --interval-ms MS (1000), --write-timeout-ms MS (the interval),
@@ -86,6 +87,10 @@ fn run(opts: &Options, watcher: &Watcher) {
                 (Op::Read, Ok(())) => {
                     let _ = c.conn.send(Cmd::ReadInternal);
                 }
+                // The client shut down its sending side (`nc -N`, `shutdown(SHUT_WR)`): it
+                // may still read, so the pushes go on; one that closed altogether fails a
+                // later write (EPIPE, reset) and is freed then.
+                (Op::Read, Err(Error::Eof)) => {}
                 // Writes done; our own Free; completions of a client we already freed, or of
                 // the watcher closing.
                 (_, Ok(())) | (_, Err(Error::Freed | Error::WatcherClosed)) => {}

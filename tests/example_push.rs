@@ -92,6 +92,7 @@ fn clients_that_leave_do_not_disturb_the_others() {
     let server = Server::start("push-server", &["--interval-ms", "100"]);
     let mut stay = Client::connect(server.addr);
     stay.line();
+    let fds = server_fds(&server);
     for i in 0..10 {
         let mut c = Client::connect(server.addr);
         c.line();
@@ -104,6 +105,37 @@ fn clients_that_leave_do_not_disturb_the_others() {
     }
     for _ in 0..5 {
         parse_time(&stay.line());
+    }
+    // Every one that left was freed: a reset one at its read, one that closed (a half-close
+    // is no goodbye) at a push it could not take.
+    let start = Instant::now();
+    while server_fds(&server) != fds {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "server holds {} fds, {fds} before the others came and went",
+            server_fds(&server)
+        );
+        stay.line();
+    }
+}
+
+/// How many descriptors the server process holds.
+fn server_fds(server: &Server) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .expect("read /proc/PID/fd")
+        .count()
+}
+
+/// A client that shuts down its sending side (as `nc -N` does) still reads: it goes on
+/// getting pushes; end of stream from it is not a goodbye.
+#[test]
+fn a_client_that_half_closes_still_gets_pushes() {
+    let server = Server::start("push-server", &["--interval-ms", "50"]);
+    let mut c = Client::connect(server.addr);
+    c.line();
+    c.shutdown_write();
+    for _ in 0..3 {
+        parse_time(&c.line());
     }
 }
 
