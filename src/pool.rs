@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use crate::sys;
 use crate::watcher::{Route, Spread};
 use crate::{Completion, Conn, Error, Watcher, WatcherBuilder};
 
@@ -34,12 +35,9 @@ impl PoolBuilder {
         self
     }
 
-    /// Pin watcher `i`'s poller to CPU `i % n` (default: not pinned), where `n` is
-    /// [`std::thread::available_parallelism`].
-    ///
-    /// The CPU numbers are `0..n`, not the CPUs the process may run on: under a restricted
-    /// CPU set (a cgroup cpuset, `taskset`) a number may fall outside the allowed set, and
-    /// [`build`](Self::build) then fails (the kernel refuses the affinity, `EINVAL`).
+    /// Pin watcher `i`'s poller to the `i % n`-th of the `n` CPUs the building thread may run
+    /// on (its affinity mask, which `taskset` or a cgroup cpuset narrows; default: not
+    /// pinned).
     ///
     /// # Platform-specific behavior
     ///
@@ -62,7 +60,12 @@ impl PoolBuilder {
     ///
     /// As [`WatcherBuilder::build`]; watchers already started are closed.
     pub fn build(self) -> io::Result<Pool> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The CPUs this thread may run on: under a cpuset, CPU `i` may not be one of them.
+        let cpus = if self.pin {
+            sys::allowed_cpus()?
+        } else {
+            Vec::new()
+        };
         let shared = self.shared_mailbox.then(flume::unbounded::<Completion>);
         let mut watchers = Vec::with_capacity(self.watchers);
         for i in 0..self.watchers {
@@ -70,8 +73,8 @@ impl PoolBuilder {
             if let Some((tx, rx)) = &shared {
                 options = options.mailbox(tx.clone(), rx.clone());
             }
-            if self.pin {
-                options = options.poller_cpu(i % cpus);
+            if let Some(&cpu) = cpus.get(i % cpus.len().max(1)) {
+                options = options.poller_cpu(cpu);
             }
             watchers.push(options.build()?);
         }

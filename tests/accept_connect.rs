@@ -403,23 +403,6 @@ fn reuseport_listeners_share_a_port_and_both_accept() {
     drop(clients);
 }
 
-/// Runs `body` in a child process (this test binary, filtered to `name`), so `setrlimit`
-/// does not touch the other tests.
-fn in_child(name: &str, body: impl FnOnce()) {
-    if std::env::var_os("PROACTOR_CHILD").is_some() {
-        return body();
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("PROACTOR_CHILD", "1")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "child failed:\n{text}");
-    assert!(text.contains("1 passed"), "child ran no test:\n{text}");
-}
-
 /// Lowers this (child) process's descriptor limit to 64.
 fn limit_fds_to_64() {
     let limit = libc::rlimit {
@@ -449,7 +432,7 @@ fn hog_every_fd() -> Vec<OwnedFd> {
 /// to complete at once, ahead of the successful one registered after the round's reads.)
 #[test]
 fn accepts_complete_in_order_when_one_fails() {
-    in_child("accepts_complete_in_order_when_one_fails", || {
+    limits::in_child("accepts_complete_in_order_when_one_fails", || {
         limit_fds_to_64();
         // Inline, so both accepts run in the same round, after both clients connected.
         let w = Watcher::builder().inline(true).build().unwrap();
@@ -483,7 +466,7 @@ fn accepts_complete_in_order_when_one_fails() {
 /// the accept before it ever polls.
 #[test]
 fn a_late_readiness_event_does_not_end_an_accept_pause() {
-    in_child(
+    limits::in_child(
         "a_late_readiness_event_does_not_end_an_accept_pause",
         || {
             limit_fds_to_64();
@@ -519,7 +502,7 @@ fn a_late_readiness_event_does_not_end_an_accept_pause() {
 
 #[test]
 fn emfile_completes_the_accept_pauses_and_recovers() {
-    in_child("emfile_completes_the_accept_pauses_and_recovers", || {
+    limits::in_child("emfile_completes_the_accept_pauses_and_recovers", || {
         limit_fds_to_64();
         let w = Watcher::new().unwrap();
         let std_listener = TcpListener::bind(localhost()).unwrap();

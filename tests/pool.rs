@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use proactor::{Cmd, Completion, Op, Pool, Watcher};
 
+#[path = "common/limits.rs"]
+mod limits;
+
 const LONG: Duration = Duration::from_secs(10);
 
 fn pair() -> (TcpStream, TcpStream) {
@@ -229,6 +232,63 @@ fn pinned_pollers_run() {
     conn.send(Cmd::ReadInternal).unwrap();
     client.write_all(b"pinned").unwrap();
     assert_eq!(take(&pool.mailbox(), 1)[0].data(), b"pinned");
+}
+
+/// The CPUs a thread may run on, from `Cpus_allowed_list` in `/proc/<path>/status`.
+#[cfg(target_os = "linux")]
+fn cpus_allowed(path: &str) -> Vec<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{path}/status")).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(lo.parse::<usize>().unwrap()..=hi.parse().unwrap());
+    }
+    cpus
+}
+
+/// Pinned pollers stay on the CPUs the building thread may run on (its affinity mask, as
+/// `taskset` or a cgroup cpuset leaves it), not on CPUs `0..n`: under a cpuset that lacks
+/// CPU 0, pinning there fails. In a child process, which narrows its own affinity to its
+/// last CPU and then reads every poller thread's.
+#[cfg(target_os = "linux")]
+#[test]
+fn pinned_pollers_stay_on_the_cpus_the_builder_may_use() {
+    limits::in_child(
+        "pinned_pollers_stay_on_the_cpus_the_builder_may_use",
+        || {
+            let last = *cpus_allowed("thread-self").last().unwrap();
+            // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `last` is a CPU the kernel listed, below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(last, &mut set) };
+            // SAFETY: a live cpu_set_t of the size passed; 0 is the calling thread.
+            let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+            let pool = Pool::builder()
+                .watchers(3)
+                .pin_pollers(true)
+                .build()
+                .unwrap();
+            let mut pollers = Vec::new();
+            for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap();
+                if comm.trim() == "proactor-poller" {
+                    let tid = task.file_name().into_string().unwrap();
+                    pollers.push(cpus_allowed(&format!("self/task/{tid}")));
+                }
+            }
+            assert_eq!(pollers, vec![vec![last]; 3]);
+            let (mut client, server) = pair();
+            let conn = pool.register(server).unwrap();
+            conn.send(Cmd::ReadInternal).unwrap();
+            client.write_all(b"pinned").unwrap();
+            assert_eq!(take(&pool.mailbox(), 1)[0].data(), b"pinned");
+        },
+    );
 }
 
 #[test]

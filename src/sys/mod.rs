@@ -85,6 +85,27 @@ pub(crate) fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPUs the calling thread may run on, ascending: its affinity mask, which `taskset` and
+/// a cgroup cpuset narrow (pinning to a CPU outside a cpuset fails with EINVAL).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
+    cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
+    let cpus = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: every index is below CPU_SETSIZE, so inside `set`.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect();
+    Ok(cpus)
+}
+
+/// The CPUs the calling thread may run on (pinning is not available on this OS).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
+    pin_to_cpu(0).map(|()| Vec::new())
+}
+
 /// Pins the calling thread to one CPU (not available on this OS).
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(crate) fn pin_to_cpu(_cpu: usize) -> io::Result<()> {

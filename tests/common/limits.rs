@@ -1,5 +1,7 @@
-//! The open-file limit: some tests hold 8,000 to 16,000 descriptors. Included by `kit.rs`
-//! (so by every helper module) and by test files that use no helper module (`#[path]`).
+//! Process-wide settings: the open-file limit (some tests hold 8,000 to 16,000
+//! descriptors), and a child process for a test that changes one (a lower limit, CPU
+//! affinity). Included by `kit.rs` (so by every helper module) and by test files that use
+//! no helper module (`#[path]`).
 #![allow(dead_code)]
 
 use std::sync::Once;
@@ -25,4 +27,21 @@ pub fn raise_fd_limit() {
             unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
         }
     });
+}
+
+/// Runs `body` in a child process (this test binary, filtered to `name`, which must be the
+/// calling test's name), so what it does to the process does not touch the other tests.
+pub fn in_child(name: &str, body: impl FnOnce()) {
+    if std::env::var_os("PROACTOR_CHILD").is_some() {
+        return body();
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("PROACTOR_CHILD", "1")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(text.contains("1 passed"), "child ran no test:\n{text}");
 }
