@@ -1278,6 +1278,5 @@ mod tests {
         let day = 86_400_000u32;
         assert_eq!(since_progress(20 * day, 1), ms(20 * day as u64 - 1));
         assert_eq!(since_progress(25 * day, 1), Duration::MAX);
-        assert!(since_progress(25 * day, 1) >= ms(100));
     }
 }

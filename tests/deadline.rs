@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use proactor::{Cmd, Error, Op};
+use proactor::{Cmd, Error, Op, Watcher};
 use util::*;
 
 /// Timing asserts: strict lower bound, generous upper bound.
@@ -70,8 +70,19 @@ fn absolute_deadline_is_respected() {
     ledger.assert_all_done();
 }
 
+/// A deadline already passed, or a zero timeout, fires though nothing happens on the
+/// connection; on an inline watcher within the very step that takes the commands.
 #[test]
 fn deadline_in_the_past_fires_at_once_on_a_quiet_conn() {
+    let (inline, conn, _client) = watcher_pair_with(Watcher::builder().inline(true));
+    conn.send(Cmd::Read(vec![0; 8]).deadline(Instant::now()))
+        .unwrap();
+    conn.send(Cmd::ReadFull(vec![0; 8]).timeout(Duration::ZERO))
+        .unwrap();
+    let mut got = Vec::new();
+    assert_eq!(inline.try_wait_io(&mut got), 2, "{}", describe_all(&got));
+    assert!(got.iter().all(|c| matches!(c.result, Err(Error::Deadline))));
+
     let (watcher, conn, _client) = watcher_pair();
     let mut ledger = Ledger::new();
     let past = Instant::now();

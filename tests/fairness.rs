@@ -21,6 +21,10 @@ const MSG: usize = 16;
 /// measure how fast this test thread takes completions: the mailbox is one FIFO.
 const FLOOD_READS: usize = 64;
 
+/// End to end: 50 ping-pong connections all finish their rounds while a 64 KiB-write flood
+/// flows on another connection of the same watcher (and the flood really flowed meanwhile).
+/// With only 64 reads queued on the flood, this cannot tell whether the poller bounds one
+/// connection's share of a round: `flooding_conn_gets_a_bounded_share_of_each_round` does.
 #[test]
 fn flood_does_not_starve_ping_pong() {
     // Small arena chunks: reads are always full, so the flood conn never runs dry and only

@@ -176,7 +176,10 @@ fn close_completes_pending_work_and_later_waits_fail() {
         watcher.wait_io(&mut got),
         Err(Error::WatcherClosed)
     ));
-    assert!(conn.send(Cmd::ReadInternal).is_err());
+    assert!(matches!(
+        conn.send(Cmd::ReadInternal),
+        Err(proactor::SendError::Closed(_))
+    ));
 }
 
 #[test]

@@ -134,7 +134,10 @@ fn two_watchers_share_a_small_bounded_mailbox() {
     drop(got);
     drop(expected);
     watchers[0].close();
-    assert!(rx.recv_timeout(Duration::from_millis(20)).is_err());
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_millis(20)),
+        Err(proactor::flume::RecvTimeoutError::Timeout)
+    ));
     drop(conns);
     drop(watchers);
     assert!(matches!(

@@ -81,6 +81,7 @@ fn several_waiters_share_the_completions_exactly_once() {
             })
         })
         .collect();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap(); // a lost write fails, not hangs
     let reader = thread::spawn(move || {
         let mut buf = vec![0; N];
         client.read_exact(&mut buf).unwrap();
@@ -106,8 +107,7 @@ fn several_waiters_share_the_completions_exactly_once() {
     assert!(watcher.mailbox().is_empty());
 }
 
-/// With nothing to deliver, a timed wait sleeps its whole timeout (a round that posts
-/// nothing must not end it) and returns `Ok(0)`.
+/// With nothing to deliver, a timed wait sleeps its whole timeout and returns `Ok(0)`.
 #[test]
 fn a_timed_wait_with_nothing_to_deliver_lasts_its_timeout() {
     let (watcher, conn, _client) = watcher_pair();
@@ -122,4 +122,37 @@ fn a_timed_wait_with_nothing_to_deliver_lasts_its_timeout() {
         assert!(took >= timeout, "returned after {took:?} of {timeout:?}");
     }
     assert!(out.is_empty());
+}
+
+/// Rounds that post only to another channel (a connection's own route) end while a timed
+/// wait on the watcher's mailbox sleeps, and wake it: it must go back to sleep and still
+/// last its whole timeout, returning `Ok(0)`.
+#[test]
+fn rounds_posting_elsewhere_do_not_end_a_timed_wait() {
+    let (watcher, _conn, _client) = watcher_pair();
+    let (tx, rx) = proactor::flume::unbounded();
+    let (_routed_peer, routed_server) = tcp_pair();
+    let routed = watcher.register_with(routed_server, tx).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rounds = AtomicUsize::new(0);
+    thread::scope(|s| {
+        s.spawn(|| {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < TIMEOUT {
+                routed.send(Cmd::Write(&b"x"[..])).unwrap();
+                let c = rx.recv_timeout(TIMEOUT).expect("the routed write");
+                assert!(c.is_ok(), "{}", describe(&c));
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let timeout = Duration::from_millis(200);
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let n = watcher.wait_io_timeout(&mut out, timeout).unwrap();
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(n, 0, "{}", describe_all(&out));
+        assert!(took >= timeout, "returned after {took:?} of {timeout:?}");
+    });
+    assert!(rounds.into_inner() > 0, "no round posted during the wait");
 }

@@ -41,7 +41,8 @@ pub fn watcher_pair_with(options: WatcherBuilder) -> (Watcher, Conn, TcpStream) 
     (watcher, conn, client)
 }
 
-/// Waits for exactly `n` completions; panics, saying what it got, on a timeout or on more.
+/// Waits for `n` completions; panics, saying what it got, on a timeout or on more arriving
+/// in the same batch as the `n`-th (later extras are the caller's to check).
 pub fn collect(watcher: &Watcher, n: usize, timeout: Duration) -> Vec<Completion> {
     let deadline = Instant::now() + timeout;
     let mut got = Vec::with_capacity(n);
