@@ -80,6 +80,8 @@ fn connect_completes_and_queued_writes_wait_for_it() {
         .unwrap();
     // Sent before the connection is up: it waits behind the connect in the write FIFO.
     conn.send(Cmd::Write("early").tag(10)).unwrap();
+    // A read sent as early waits for the connect too, then for data.
+    conn.send(Cmd::Read(vec![0; 8]).tag(11)).unwrap();
     let (mut peer, _) = server.accept().unwrap();
     let done = take(&w, 2);
     assert_eq!((done[0].op, done[0].tag), (Op::Connect, 9));
@@ -88,6 +90,11 @@ fn connect_completes_and_queued_writes_wait_for_it() {
     let mut buf = [0; 5];
     peer.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"early");
+    peer.write_all(b"late").unwrap();
+    let read = take(&w, 1).pop().unwrap();
+    assert_eq!((read.op, read.tag), (Op::Read, 11));
+    assert!(read.is_ok(), "{:?}", read.result);
+    assert_eq!(read.data(), b"late");
 }
 
 #[test]

@@ -337,3 +337,26 @@ fn deadline_racing_the_data() {
     assert_quiet(&watcher, Duration::from_millis(20));
     ledger.assert_all_done();
 }
+
+/// A timeout too far to represent as an `Instant` means no deadline: the operation waits
+/// for its data with no timer armed; `wait_io_timeout(Duration::MAX)` waits like `wait_io`.
+#[test]
+fn a_timeout_of_duration_max_means_no_deadline() {
+    let (watcher, conn, mut client) = watcher_pair();
+    conn.send(Cmd::Read(vec![0; 4]).timeout(Duration::MAX).tag(1))
+        .unwrap();
+    wait_stats(&watcher, "the read pending", |s| s.reads_in_flight == 1);
+    assert_eq!(watcher.stats().deadlines_armed, 0);
+    let writer = thread::spawn(move || {
+        // Most likely the wait below is already blocked when this lands (the scenario, not
+        // synchronisation: should it land first, the wait takes it at once all the same).
+        thread::sleep(Duration::from_millis(20));
+        client.write_all(b"late").unwrap();
+        client
+    });
+    let mut got = Vec::new();
+    assert_eq!(watcher.wait_io_timeout(&mut got, Duration::MAX).unwrap(), 1);
+    assert!(got[0].is_ok(), "{}", describe(&got[0]));
+    assert_eq!((got[0].tag, got[0].data()), (1, &b"late"[..]));
+    drop(writer.join().unwrap());
+}

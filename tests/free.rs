@@ -6,7 +6,7 @@ mod util;
 use std::io::Write;
 use std::net::Shutdown;
 
-use proactor::{Cmd, Error, Op, SendError, Watcher};
+use proactor::{Buf, Cmd, Error, Op, SendError, Watcher};
 use util::*;
 
 #[test]
@@ -177,4 +177,32 @@ fn commands_racing_a_free_complete_exactly_once() {
     }
     assert_quiet(&watcher, std::time::Duration::from_millis(20));
     wait_stats(&watcher, "all conns gone", |s| s.connections == 0);
+}
+
+/// A `Free` or `Detach` that finds the command queue full takes the control queue: it
+/// completes first, and the operations still in the command queue complete after it, with
+/// `Freed` (the order `Conn::send` documents). On an inline watcher nothing takes the queue
+/// until the step, so it is certainly full.
+#[test]
+fn free_and_detach_through_a_full_queue_complete_before_the_queued_operations() {
+    for last in [Cmd::Free, Cmd::Detach] {
+        let options = Watcher::builder().inline(true).command_capacity(2);
+        let (watcher, conn, _client) = watcher_pair_with(options);
+        conn.send(Cmd::Read(vec![0; 4]).tag(1)).unwrap();
+        conn.send(Cmd::ReadInternal.tag(2)).unwrap();
+        assert!(matches!(
+            conn.send(Cmd::Write(&b"x"[..]).tag(3)),
+            Err(SendError::Full(_))
+        ));
+        let op = last.op();
+        conn.send(last.tag(4)).unwrap();
+        let got = collect(&watcher, 3, TIMEOUT);
+        let order: Vec<_> = got.iter().map(|c| (c.op, c.tag)).collect();
+        assert_eq!(order, [(op, 4), (Op::Read, 1), (Op::Read, 2)], "{op:?}");
+        assert!(got[0].is_ok(), "{}", describe(&got[0]));
+        assert_eq!(matches!(got[0].buf, Buf::Fd(_)), op == Op::Detach);
+        for c in &got[1..] {
+            assert!(matches!(c.result, Err(Error::Freed)), "{}", describe(c));
+        }
+    }
 }

@@ -217,3 +217,39 @@ fn a_duplicate_switched_to_blocking_cannot_block_the_poller() {
         util::describe(&rest[0])
     );
 }
+
+/// `register` keeps the options set on the socket before (here `TCP_NODELAY` and the
+/// receive buffer) and only makes it non-blocking: `Detach` hands back the same socket.
+#[test]
+fn register_keeps_the_socket_options_set_before() {
+    let watcher = Watcher::new().unwrap();
+    let (_client, server) = tcp_pair();
+    server.set_nodelay(true).unwrap();
+    let rcvbuf: libc::c_int = 12_345;
+    set_opt(&server, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf);
+    let before = get_int(&server, libc::SOL_SOCKET, libc::SO_RCVBUF);
+    let conn = watcher.register(server).unwrap();
+    let fd = detach(&watcher, &conn);
+    assert_eq!(get_int(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
+    assert_eq!(get_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF), before);
+    // SAFETY: F_GETFL on a live descriptor only reads its flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    assert!(flags >= 0 && flags & libc::O_NONBLOCK != 0);
+}
+
+fn get_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals of the sizes getsockopt is told.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    v
+}

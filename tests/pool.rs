@@ -382,3 +382,38 @@ fn a_pool_replaces_the_mailbox_and_cpu_of_its_watcher_options() {
         .build()
         .unwrap();
 }
+
+/// `WatcherBuilder::poller_cpu` on a threaded watcher: the poller runs pinned to that CPU,
+/// and a CPU the kernel refuses fails `build` instead of leaving the poller unpinned. In a
+/// child process, so that no other test's poller thread is counted.
+#[cfg(target_os = "linux")]
+#[test]
+fn poller_cpu_pins_the_poller_or_fails_the_build() {
+    limits::in_child("poller_cpu_pins_the_poller_or_fails_the_build", || {
+        let last = *cpus_allowed("thread-self").last().unwrap();
+        let w = Watcher::builder().poller_cpu(last).build().unwrap();
+        let mut pollers = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap();
+            if comm.trim() == "proactor-poller" {
+                let tid = task.file_name().into_string().unwrap();
+                pollers.push(cpus_allowed(&format!("self/task/{tid}")));
+            }
+        }
+        assert_eq!(pollers, [vec![last]]);
+        let (mut client, server) = pair();
+        let conn = w.register(server).unwrap();
+        conn.send(Cmd::ReadInternal).unwrap();
+        client.write_all(b"pinned").unwrap();
+        assert_eq!(take(&w.mailbox(), 1)[0].data(), b"pinned");
+        // No such CPU (EINVAL from the kernel), and one past the kernel's CPU set.
+        for cpu in [1000, usize::MAX] {
+            let err = Watcher::builder().poller_cpu(cpu).build().unwrap_err();
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::InvalidInput,
+                "cpu {cpu}: {err}"
+            );
+        }
+    });
+}
