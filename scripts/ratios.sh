@@ -26,8 +26,17 @@ mkdir -p "$OUT"
 cargo bench --no-run --bench echo
 CSV="$OUT/ratios.csv"
 echo "pass,group,server,median_ns" > "$CSV"
+SERVERS="$PROACTOR_BENCH_SERVERS"
+REVERSED=$(echo "$SERVERS" | tr ',' '\n' | tac | paste -sd, -)
 for pass in $(seq 1 "$PASSES"); do
-  echo "pass $pass of $PASSES ($(cut -d' ' -f1-3 /proc/loadavg) load)" >&2
+  # Every other pass runs the servers in reverse order, so drift over a pass does not land
+  # on the same server each time.
+  if [ $((pass % 2)) -eq 0 ]; then
+    export PROACTOR_BENCH_SERVERS="$REVERSED"
+  else
+    export PROACTOR_BENCH_SERVERS="$SERVERS"
+  fi
+  echo "pass $pass of $PASSES: $PROACTOR_BENCH_SERVERS ($(cut -d' ' -f1-3 /proc/loadavg) load)" >&2
   since=$(date +%s)
   cargo bench --bench echo -- --warm-up-time 1 --measurement-time "$MEASURE" --sample-size 15 "$FILTER" >/dev/null 2>&1
   python3 - "$CRIT" "$since" "$pass" >> "$CSV" <<'PY'

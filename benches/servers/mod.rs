@@ -478,8 +478,8 @@ fn start_tokio() -> io::Result<Server> {
     rt.spawn(async move {
         loop {
             match listener.accept().await {
+                // (TCP_NODELAY comes from the listener: see `bind_listener`.)
                 Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
                     tokio::spawn(tokio_conn(stream, k.clone()));
                 }
                 // Out of descriptors and the like: back off instead of spinning.
@@ -625,8 +625,8 @@ fn mio_loop(
             match ev.token() {
                 LISTENER => loop {
                     match listener.accept() {
+                        // (TCP_NODELAY comes from the listener.)
                         Ok((stream, _)) => {
-                            let _ = stream.set_nodelay(true);
                             let i = conns.insert(MioConn {
                                 stream,
                                 unsent: Vec::new(),
@@ -778,7 +778,7 @@ fn std_accept(listener: TcpListener, stop: &AtomicBool, k: &Arc<Counters>, open:
             thread::sleep(Duration::from_millis(10)); // out of descriptors: back off
             continue;
         };
-        let _ = stream.set_nodelay(true);
+        // (TCP_NODELAY comes from the listener, the CPU affinity from this pinned thread.)
         let id = next_id;
         next_id += 1;
         open.lock()
@@ -788,7 +788,6 @@ fn std_accept(listener: TcpListener, stop: &AtomicBool, k: &Arc<Counters>, open:
         let (k2, o2) = (k.clone(), open.clone());
         let spawned = thread::Builder::new().stack_size(STD_STACK).spawn(move || {
             let mut stream = stream;
-            pin_server_thread();
             std_conn(&mut stream, &k2);
             o2.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             drop(stream); // closed only once it is out of `open`
