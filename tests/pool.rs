@@ -256,6 +256,20 @@ fn cpus_allowed(path: &str) -> Vec<usize> {
     cpus
 }
 
+/// The CPUs each poller thread of this process may run on.
+#[cfg(target_os = "linux")]
+fn poller_cpus() -> Vec<Vec<usize>> {
+    let mut pollers = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap();
+        if comm.trim() == "proactor-poller" {
+            let tid = task.file_name().into_string().unwrap();
+            pollers.push(cpus_allowed(&format!("self/task/{tid}")));
+        }
+    }
+    pollers
+}
+
 /// Pinned pollers stay on the CPUs the building thread may run on (its affinity mask, as
 /// `taskset` or a cgroup cpuset leaves it), not on CPUs `0..n`: under a cpuset that lacks
 /// CPU 0, pinning there fails. In a child process, which narrows its own affinity to its
@@ -279,15 +293,7 @@ fn pinned_pollers_stay_on_the_cpus_the_builder_may_use() {
                 .pin_pollers(true)
                 .build()
                 .unwrap();
-            let mut pollers = Vec::new();
-            for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap();
-                if comm.trim() == "proactor-poller" {
-                    let tid = task.file_name().into_string().unwrap();
-                    pollers.push(cpus_allowed(&format!("self/task/{tid}")));
-                }
-            }
-            assert_eq!(pollers, vec![vec![last]; 3]);
+            assert_eq!(poller_cpus(), vec![vec![last]; 3]);
             let (mut client, server) = pair();
             let conn = pool.register(server).unwrap();
             conn.send(Cmd::ReadInternal).unwrap();
@@ -392,15 +398,7 @@ fn poller_cpu_pins_the_poller_or_fails_the_build() {
     limits::in_child("poller_cpu_pins_the_poller_or_fails_the_build", || {
         let last = *cpus_allowed("thread-self").last().unwrap();
         let w = Watcher::builder().poller_cpu(last).build().unwrap();
-        let mut pollers = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap();
-            if comm.trim() == "proactor-poller" {
-                let tid = task.file_name().into_string().unwrap();
-                pollers.push(cpus_allowed(&format!("self/task/{tid}")));
-            }
-        }
-        assert_eq!(pollers, [vec![last]]);
+        assert_eq!(poller_cpus(), [vec![last]]);
         let (mut client, server) = pair();
         let conn = w.register(server).unwrap();
         conn.send(Cmd::ReadInternal).unwrap();
