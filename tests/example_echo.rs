@@ -79,17 +79,37 @@ fn half_close_gets_every_byte_back_then_eof() {
     assert!(back == data, "4 MiB echo differs");
 }
 
+/// Two watchers, one loop thread each, and connections spread over both: interleaved
+/// conversations and byte-exact echoes, and each loop thread does a share of the work (Linux:
+/// the less busy of the server's two busiest threads ran at least a quarter as long as the
+/// busier one; with every connection on one watcher the other thread would not run at all).
 #[test]
 fn two_watchers_serve_connections_spread_over_both() {
     let server = Server::start("echo-server", &["--watchers", "2"]);
-    // Interleaved conversations on connections that alternate between the watchers.
     let mut conns: Vec<TcpStream> = (0..6).map(|_| server.connect()).collect();
-    for round in 0..20u8 {
+    for (i, c) in conns.iter_mut().enumerate() {
+        ping(c, &[b'0', i as u8, b'\n']);
+    }
+    let before = server.thread_cpu_ns();
+    // Interleaved conversations on connections that alternate between the watchers.
+    for round in 1..=20u8 {
         for (i, c) in conns.iter_mut().enumerate() {
             ping(c, &[round, i as u8, b'\n']);
         }
     }
     byte_exact_clients(&server, 6, 256 * 1024);
+    // Run time since `before`, of every thread but the main one (which waits for a signal).
+    let mut ran: Vec<u64> = server
+        .thread_cpu_ns()
+        .into_iter()
+        .filter(|&(tid, _)| tid != server.pid())
+        .map(|(tid, ns)| ns - before.iter().find(|b| b.0 == tid).map_or(0, |b| b.1))
+        .collect();
+    ran.sort_unstable_by(|a, b| b.cmp(a));
+    assert!(
+        ran.len() >= 2 && ran[1] >= ran[0] / 4,
+        "run time of the server's threads in ns, busiest first: {ran:?}"
+    );
 }
 
 #[test]

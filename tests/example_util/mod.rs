@@ -11,15 +11,18 @@ use kit::{raise_fd_limit, set_linger_zero, set_opt};
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 /// How long a client waits for any one reply before the test fails.
 pub const REPLY: Duration = Duration::from_secs(5);
+
+/// How long a started example may take to print its first line.
+const STARTUP: Duration = Duration::from_secs(10);
 
 /// Builds `examples/NAME.rs` (once per test binary) and returns the executable's path.
 pub fn example(name: &str) -> PathBuf {
@@ -84,9 +87,23 @@ impl Server {
             .spawn()
             .expect("start the example");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut first = String::new();
-        // Blocks until the line is there; a server that dies first gives EOF (empty line).
-        stdout.read_line(&mut first).expect("read the first line");
+        // Read on a thread, so that a server that never prints fails the test instead of
+        // hanging it; one that dies first gives EOF (an empty line).
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut first = String::new();
+            let read = stdout.read_line(&mut first);
+            let _ = tx.send((read, first, stdout));
+        });
+        let (read, first, stdout) = match rx.recv_timeout(STARTUP) {
+            Ok(got) => got,
+            Err(_) => {
+                let _ = child.kill(); // which ends the reading thread with EOF
+                let _ = child.wait();
+                panic!("{example_name} printed no line within {STARTUP:?}")
+            }
+        };
+        read.expect("read the first line");
         let addr = first
             .strip_prefix("listening on ")
             .and_then(|a| a.trim_end().parse().ok())
@@ -144,6 +161,28 @@ impl Server {
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Nanoseconds each of the server's threads has run on a CPU so far, by thread id (Linux:
+    /// the first field of /proc/PID/task/TID/schedstat). The main thread's id is [`Server::pid`].
+    pub fn thread_cpu_ns(&self) -> Vec<(i32, u64)> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let mut threads: Vec<(i32, u64)> = std::fs::read_dir(&tasks)
+            .expect("read /proc/PID/task")
+            .map(|t| {
+                let t = t.expect("a /proc/PID/task entry");
+                let tid = t.file_name().to_str().and_then(|n| n.parse().ok());
+                let stat = std::fs::read_to_string(t.path().join("schedstat"))
+                    .expect("read /proc/PID/task/TID/schedstat");
+                let ns = stat.split(' ').next().and_then(|n| n.parse().ok());
+                (
+                    tid.expect("a thread id"),
+                    ns.expect("run time in schedstat"),
+                )
+            })
+            .collect();
+        threads.sort_unstable();
+        threads
     }
 
     /// The server's resident set size in KiB (Linux: `VmRSS` in /proc/PID/status).
@@ -221,6 +260,54 @@ pub fn reset(s: TcpStream) {
 /// Shrinks the socket's receive buffer so that a peer writing to it blocks early.
 pub fn small_rcvbuf(s: &TcpStream, bytes: libc::c_int) {
     set_opt(s, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes);
+}
+
+/// A client socket that takes next to nothing before its peer's writes block: SO_RCVBUF at
+/// its minimum and TCP_MAXSEG at 536, both set before connecting. The server's kernel sizes
+/// the connection's send buffer from the MSS it learns at the handshake: some 100 KiB for
+/// 536, megabytes for loopback's 64 KiB. (A buffer shrunk only after connecting, as by
+/// [`small_rcvbuf`], leaves the window already offered: the server's segments are dropped
+/// rather than held back, and in trials this client's own sends then stalled.) Write
+/// timeout [`REPLY`].
+pub fn connect_tiny_window(addr: SocketAddr) -> TcpStream {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 only: {addr}")
+    };
+    // SAFETY: socket(2) with constant arguments; the fd is owned by the TcpStream at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+    // SAFETY: a fresh fd nobody else owns.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    // Not inherited by the servers other tests start meanwhile.
+    // SAFETY: fcntl(2) on the fd `s` owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    set_opt(&s, libc::SOL_SOCKET, libc::SO_RCVBUF, &(1 as libc::c_int));
+    set_opt(
+        &s,
+        libc::IPPROTO_TCP,
+        libc::TCP_MAXSEG,
+        &(536 as libc::c_int),
+    );
+    // SAFETY: all-zero is a valid sockaddr_in; the fields that matter are set below.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_port = v4.port().to_be();
+    sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    #[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+    {
+        sin.sin_len = std::mem::size_of::<libc::sockaddr_in>() as u8;
+    }
+    // SAFETY: `sin` is a live sockaddr_in of the size passed.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "connect: {}", io::Error::last_os_error());
+    s.set_write_timeout(Some(REPLY)).unwrap();
+    s
 }
 
 /// A line-oriented client: every read waits at most [`REPLY`].
