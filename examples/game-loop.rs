@@ -222,9 +222,9 @@ impl Game {
         };
         match p.conn.send(Cmd::Write(msg).timeout(WRITE_TIMEOUT)) {
             Ok(()) => p.writing += 1,
-            // The player has the most writes in flight a connection may have (a flood of
-            // bad lines, each answered): this reply is dropped; the queued ones go out, or
-            // their timeout drops a player who does not read.
+            // The command queue is full (a burst of commands from this thread; a player's
+            // own writes stay far below the per-connection limit: at most MAX_REPLIES
+            // replies and one tick): this one message is dropped, the player stays.
             Err(SendError::Full(_)) => {}
             Err(_) => self.remove(id),
         }

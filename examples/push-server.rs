@@ -94,8 +94,9 @@ fn run(opts: &Options, watcher: &Watcher) {
                 // Writes done; our own Free; completions of a client we already freed, or of
                 // the watcher closing.
                 (_, Ok(())) | (_, Err(Error::Freed | Error::WatcherClosed)) => {}
-                // A missed write deadline (a stuck client), end of stream, reset, ...: free
-                // it. Its other pending operations then complete with `Freed`.
+                // A missed write deadline (a stuck client), a reset or broken pipe (a client
+                // that closed), ...: free it. Its other pending operations then complete
+                // with `Freed`.
                 (op, Err(e)) => {
                     if clients.remove(&c.conn.id()).is_some() {
                         if e.is_timeout() {

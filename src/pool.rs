@@ -62,7 +62,12 @@ impl PoolBuilder {
     pub fn build(self) -> io::Result<Pool> {
         // The CPUs this thread may run on: under a cpuset, CPU `i` may not be one of them.
         let cpus = if self.pin {
-            sys::allowed_cpus()?
+            let cpus = sys::allowed_cpus()?;
+            if cpus.is_empty() {
+                let msg = "none of the CPUs this thread may run on can be pinned to";
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+            }
+            cpus
         } else {
             Vec::new()
         };

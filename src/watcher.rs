@@ -570,7 +570,11 @@ impl Watcher {
     /// ([`io::ErrorKind::InvalidInput`]), a socket with `SO_LINGER` on and a non-zero
     /// timeout (`InvalidInput`: its close would block the poller thread until the peer
     /// acknowledged everything or the timeout passed; a zero timeout, close with a reset, is
-    /// fine), or refused by epoll/kqueue. The socket is closed.
+    /// fine), or refused by epoll/kqueue. The socket is closed. (The check is made here, once:
+    /// `SO_LINGER` set later through a duplicate of the descriptor, on this socket or on a
+    /// listener whose accepted sockets inherit it, is not seen, and would block the poller
+    /// when such a socket is closed. Linux only: the BSDs do not linger on a non-blocking
+    /// close.)
     pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, Error> {
         self.register_routed(socket.into(), Route::default(), false)
     }
@@ -623,8 +627,9 @@ impl Watcher {
     ///
     /// As [`register`](Watcher::register) (accepted sockets inherit `SO_LINGER` from the
     /// listener, so a lingering listener is refused too), and [`io::ErrorKind::InvalidInput`]
-    /// if the socket is not listening (on macOS, which cannot tell, a socket that does not
-    /// listen is taken and its accepts fail with `EINVAL`).
+    /// if the socket is not listening (on macOS, which has no `SO_ACCEPTCONN`, a socket
+    /// without a peer counts as listening: a stream never connected is taken, and its
+    /// accepts fail with `EINVAL`).
     pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
         self.listen_routed(listener.into(), Route::default())
     }
@@ -641,7 +646,7 @@ impl Watcher {
             return Err(Error::WatcherClosed);
         }
         sys::prepare_stream(fd.as_fd())?;
-        let listener = sys::is_listener(fd.as_fd(), listen)?;
+        let listener = sys::is_listener(fd.as_fd())?;
         if listen && !listener {
             let msg = "not a listening socket (call listen() first, or use register)";
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());

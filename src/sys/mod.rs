@@ -85,19 +85,35 @@ pub(crate) fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// The CPUs the calling thread may run on, ascending: its affinity mask, which `taskset` and
-/// a cgroup cpuset narrow (pinning to a CPU outside a cpuset fails with EINVAL).
+/// The CPUs the calling thread may run on that [`pin_to_cpu`] can name, ascending: its
+/// affinity mask, which `taskset` and a cgroup cpuset narrow (pinning to a CPU outside a
+/// cpuset fails with EINVAL).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
-    cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
-    let cpus = (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: every index is below CPU_SETSIZE, so inside `set`.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect();
-    Ok(cpus)
+    // The kernel refuses (EINVAL) a mask shorter than its count of possible CPUs, which can
+    // exceed cpu_set_t's 1,024: grow the mask until it fits.
+    let mut words = std::mem::size_of::<libc::cpu_set_t>() / std::mem::size_of::<libc::c_ulong>();
+    loop {
+        let mut mask: Vec<libc::c_ulong> = vec![0; words];
+        let bytes = words * std::mem::size_of::<libc::c_ulong>();
+        // SAFETY: `mask` is live, writable memory of `bytes` bytes, laid out as the kernel's
+        // cpumask (an array of unsigned longs, cpu_set_t's own layout); pid 0 is this thread.
+        let r = unsafe { libc::sched_getaffinity(0, bytes, mask.as_mut_ptr().cast()) };
+        match cvt(r) {
+            Ok(_) => return Ok(cpus_in_mask(&mask)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && words < 1 << 16 => words *= 2,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The CPU numbers set in an affinity mask, below `CPU_SETSIZE` (what `pin_to_cpu` takes).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn cpus_in_mask(mask: &[libc::c_ulong]) -> Vec<usize> {
+    let bits = libc::c_ulong::BITS as usize;
+    (0..(mask.len() * bits).min(libc::CPU_SETSIZE as usize))
+        .filter(|&cpu| mask[cpu / bits] >> (cpu % bits) & 1 != 0)
+        .collect()
 }
 
 /// The CPUs the calling thread may run on (pinning is not available on this OS).
@@ -113,4 +129,33 @@ pub(crate) fn pin_to_cpu(_cpu: usize) -> io::Result<()> {
         io::ErrorKind::Unsupported,
         "poller CPU affinity is only supported on Linux",
     ))
+}
+
+#[cfg(all(test, any(target_os = "linux", target_os = "android")))]
+mod tests {
+    use super::{allowed_cpus, cpus_in_mask};
+
+    #[test]
+    fn cpus_are_read_from_every_word_of_the_mask_below_cpu_setsize() {
+        let bits = libc::c_ulong::BITS as usize;
+        let mut mask = vec![0 as libc::c_ulong; 2048 / bits];
+        for cpu in [0, 3, bits - 1, bits, 1023, 1024, 2047] {
+            mask[cpu / bits] |= 1 << (cpu % bits);
+        }
+        assert_eq!(cpus_in_mask(&mask), [0, 3, bits - 1, bits, 1023]);
+        // This thread's own mask: what /proc says it may run on.
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let listed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .split(',')
+            .flat_map(|part| {
+                let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+                lo.parse::<usize>().unwrap()..=hi.parse().unwrap()
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(allowed_cpus().unwrap(), listed);
+    }
 }

@@ -101,14 +101,24 @@ pub(crate) fn prepare_stream(fd: BorrowedFd<'_>) -> io::Result<()> {
     no_sigpipe(raw)
 }
 
-/// Whether `fd` is a listening socket. macOS has no `SO_ACCEPTCONN` (ENOPROTOOPT): there the
-/// answer is `assume`, what the caller says the socket is.
-pub(crate) fn is_listener(fd: BorrowedFd<'_>, assume: bool) -> io::Result<bool> {
+/// Whether `fd` is a listening socket. macOS has no `SO_ACCEPTCONN` (ENOPROTOOPT): there
+/// [`listener_by_peer`] tells.
+pub(crate) fn is_listener(fd: BorrowedFd<'_>) -> io::Result<bool> {
     match get_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN) {
         Ok(v) => Ok(v != 0),
-        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(assume),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => listener_by_peer(fd),
         Err(e) => Err(e),
     }
+}
+
+/// Without `SO_ACCEPTCONN`: a socket with a peer is a stream; one without is taken for a
+/// listener. A wrong answer must not be one the poller spins on: an operation it thinks
+/// misdirected runs without waiting for readiness, and on a socket of the other kind `EAGAIN`
+/// would send it round again at once. A stream without a peer (never connected) taken for a
+/// listener is harmless: reads on it fail at once (`ENOTCONN`), and so does an accept
+/// (`EINVAL`).
+fn listener_by_peer(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    has_peer(fd.as_raw_fd()).map(|peer| !peer)
 }
 
 /// `recv(2)` into `buf`, retrying EINTR. `Ok(0)` is end of stream.
@@ -276,6 +286,11 @@ pub(crate) fn connect_finished(fd: BorrowedFd<'_>) -> io::Result<bool> {
     if err != 0 {
         return Err(io::Error::from_raw_os_error(err));
     }
+    has_peer(raw)
+}
+
+/// Whether the socket is connected to a peer (`getpeername`): `Ok(false)` on ENOTCONN.
+fn has_peer(raw: RawFd) -> io::Result<bool> {
     // SAFETY: all-zero sockaddr_storage is valid; `len` says how much the kernel may write.
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -323,12 +338,14 @@ pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAd
                 let new = unsafe { OwnedFd::from_raw_fd(raw) };
                 #[cfg(any(target_os = "macos", target_os = "ios"))]
                 {
-                    // No SO_NOSIGPIPE here: the new socket inherits it from the listener
-                    // (set when that was registered), and XNU refuses any setsockopt with
-                    // EINVAL on a connection reset while it was queued, losing it.
                     // SAFETY: F_SETFD takes an integer argument.
                     cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) })?;
                     set_nonblocking(raw)?;
+                    // A connection queued before the listener was registered did not
+                    // inherit SO_NOSIGPIPE. Its error is ignored: XNU refuses any setsockopt
+                    // (EINVAL) on a connection reset while queued, which must not lose the
+                    // accept; sends on such a socket fail without a signal anyway.
+                    let _ = no_sigpipe(raw);
                 }
                 return Ok((new, from_raw(&storage)));
             }
@@ -430,5 +447,30 @@ fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
         }
         // Unix-domain and other families: no `std::net::SocketAddr` to give.
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    use super::{is_listener, listener_by_peer};
+
+    /// The fallback for systems without `SO_ACCEPTCONN` (macOS), run here where the answer
+    /// can be checked against the kernel's own.
+    #[test]
+    fn a_listener_is_told_from_a_stream_with_and_without_so_acceptconn() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        for (fd, listens) in [
+            (listener.as_fd(), true),
+            (client.as_fd(), false),
+            (server.as_fd(), false),
+        ] {
+            assert_eq!(is_listener(fd).unwrap(), listens);
+            assert_eq!(listener_by_peer(fd).unwrap(), listens);
+        }
     }
 }
