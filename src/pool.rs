@@ -67,9 +67,9 @@ impl PoolBuilder {
                 let msg = "none of the CPUs this thread may run on can be pinned to";
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
             }
-            cpus
+            Some(cpus)
         } else {
-            Vec::new()
+            None
         };
         let shared = self.shared_mailbox.then(flume::unbounded::<Completion>);
         let mut watchers = Vec::with_capacity(self.watchers);
@@ -78,8 +78,8 @@ impl PoolBuilder {
             if let Some((tx, rx)) = &shared {
                 options = options.mailbox(tx.clone(), rx.clone());
             }
-            if let Some(&cpu) = cpus.get(i % cpus.len().max(1)) {
-                options = options.poller_cpu(cpu);
+            if let Some(cpus) = &cpus {
+                options = options.poller_cpu(cpus[i % cpus.len()]);
             }
             watchers.push(options.build()?);
         }

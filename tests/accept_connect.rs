@@ -11,6 +11,8 @@ use proactor::{Cmd, Completion, Connect, Error, Op, Watcher};
 
 #[path = "common/limits.rs"]
 mod limits;
+#[path = "common/sockopt.rs"]
+mod sockopt;
 
 const LONG: Duration = Duration::from_secs(10);
 
@@ -571,29 +573,13 @@ fn emfile_completes_the_accept_pauses_and_recovers() {
 /// listener as `tcpi_sacked` of `TCP_INFO` (`sk_max_ack_backlog`).
 fn listen_backlog(listener: &TcpListener) -> u32 {
     // SAFETY: all-zero is a valid tcp_info (plain integers).
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is a live tcp_info of `len` bytes; the fd is borrowed for the call.
-    let r = unsafe {
-        libc::getsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_sacked
+    let zero: libc::tcp_info = unsafe { std::mem::zeroed() };
+    sockopt::get_opt(listener, libc::IPPROTO_TCP, libc::TCP_INFO, zero).tcpi_sacked
 }
 
 #[test]
 fn tcp_listener_listens_with_a_backlog_fit_for_bursts() {
-    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let somaxconn = limits::somaxconn();
     // The control: std listens with 128, which a burst of connects overflows.
     let std_listener = TcpListener::bind(localhost()).unwrap();
     assert_eq!(listen_backlog(&std_listener), somaxconn.min(128));

@@ -472,9 +472,7 @@ fn a_burst_of_connections_waits_in_the_accept_queue_and_is_welcomed_in_order() {
     let n = burst_room().min(300);
     let clients = connect_while_stopped(&server, n);
     for (i, stream) in clients.into_iter().enumerate() {
-        let mut c = Client {
-            reader: std::io::BufReader::new(stream),
-        };
+        let mut c = Client::from_stream(stream);
         c.expect(&format!("* welcome guest{}", i + 1));
     }
 }

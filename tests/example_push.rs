@@ -97,7 +97,7 @@ fn clients_that_leave_do_not_disturb_the_others() {
     let server = Server::start("push-server", &["--interval-ms", "100"]);
     let mut stay = Client::connect(server.addr);
     stay.line();
-    let fds = server_fds(&server);
+    let fds = server.fd_count();
     for i in 0..10 {
         let mut c = Client::connect(server.addr);
         c.line();
@@ -114,21 +114,14 @@ fn clients_that_leave_do_not_disturb_the_others() {
     // Every one that left was freed: a reset one at its read, one that closed (a half-close
     // is no goodbye) at a push it could not take.
     let start = Instant::now();
-    while server_fds(&server) != fds {
+    while server.fd_count() != fds {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "server holds {} fds, {fds} before the others came and went",
-            server_fds(&server)
+            server.fd_count()
         );
         stay.line();
     }
-}
-
-/// How many descriptors the server process holds.
-fn server_fds(server: &Server) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
-        .expect("read /proc/PID/fd")
-        .count()
 }
 
 /// A client that shuts down its sending side (as `nc -N` does) still reads: it goes on

@@ -148,14 +148,6 @@ fn signals_interrupting_the_poller_are_retried() {
     );
 }
 
-fn set_linger(fd: &impl AsRawFd, secs: libc::c_int) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: secs,
-    };
-    set_opt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
-}
-
 fn refused_as_invalid(r: Result<proactor::Conn, Error>) -> bool {
     matches!(r, Err(Error::Io(e)) if e.kind() == ErrorKind::InvalidInput)
 }
@@ -227,29 +219,12 @@ fn register_keeps_the_socket_options_set_before() {
     server.set_nodelay(true).unwrap();
     let rcvbuf: libc::c_int = 12_345;
     set_opt(&server, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf);
-    let before = get_int(&server, libc::SOL_SOCKET, libc::SO_RCVBUF);
+    let before = get_opt(&server, libc::SOL_SOCKET, libc::SO_RCVBUF, 0);
     let conn = watcher.register(server).unwrap();
     let fd = detach(&watcher, &conn);
-    assert_eq!(get_int(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
-    assert_eq!(get_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF), before);
+    assert_eq!(get_opt(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 0), 1);
+    assert_eq!(get_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 0), before);
     // SAFETY: F_GETFL on a live descriptor only reads its flags.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     assert!(flags >= 0 && flags & libc::O_NONBLOCK != 0);
-}
-
-fn get_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are live locals of the sizes getsockopt is told.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0, "getsockopt: {}", std::io::Error::last_os_error());
-    v
 }

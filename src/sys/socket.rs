@@ -27,18 +27,16 @@ fn set_int_opt(
 }
 
 fn get_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `val` and `len` are live locals of the sizes getsockopt is told.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            opt,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
+    get_opt(fd, level, opt, 0)
+}
+
+/// `getsockopt` of an option whose value is the plain C type `T` (an integer, `linger`),
+/// starting from `val`.
+fn get_opt<T: Copy>(fd: RawFd, level: libc::c_int, opt: libc::c_int, mut val: T) -> io::Result<T> {
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are live locals of the sizes getsockopt is told; the kernel
+    // writes at most `len` bytes of the option's plain C value, valid for any bit pattern.
+    cvt(unsafe { libc::getsockopt(fd, level, opt, (&mut val as *mut T).cast(), &mut len) })?;
     Ok(val)
 }
 
@@ -75,21 +73,11 @@ pub(crate) fn prepare_stream(fd: BorrowedFd<'_>) -> io::Result<()> {
     // the timeout passes (socket(7)), non-blocking or not: on the poller thread that would
     // stall every connection of the watcher. Accepted sockets inherit it from the listener,
     // which comes through here too. A zero timeout (close with a reset) does not block.
-    let mut linger = libc::linger {
+    let off = libc::linger {
         l_onoff: 0,
         l_linger: 0,
     };
-    let mut len = size_of::<libc::linger>() as libc::socklen_t;
-    // SAFETY: `linger` and `len` are live locals of the sizes getsockopt is told.
-    cvt(unsafe {
-        libc::getsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&mut linger as *mut libc::linger).cast(),
-            &mut len,
-        )
-    })?;
+    let linger = get_opt(raw, libc::SOL_SOCKET, libc::SO_LINGER, off)?;
     if linger.l_onoff != 0 && linger.l_linger != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -8,9 +8,9 @@ mod limits;
 #[path = "sockopt.rs"]
 mod sockopt;
 #[allow(unused_imports)] // re-exported for the helper modules
-pub use limits::raise_fd_limit;
+pub use limits::{raise_fd_limit, somaxconn};
 #[allow(unused_imports)] // not every helper module sets raw options
-pub use sockopt::{set_linger_zero, set_opt};
+pub use sockopt::{get_opt, set_linger, set_linger_zero, set_opt};
 
 use std::fmt::Write as _;
 use std::net::{TcpListener, TcpStream};

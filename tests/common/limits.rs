@@ -45,3 +45,11 @@ pub fn in_child(name: &str, body: impl FnOnce()) {
     assert!(out.status.success(), "child failed:\n{text}");
     assert!(text.contains("1 passed"), "child ran no test:\n{text}");
 }
+
+/// The kernel's cap on a listener's backlog (`net.core.somaxconn`; 128 if unreadable).
+pub fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(128)
+}

@@ -6,7 +6,7 @@
 mod kit;
 #[allow(unused_imports)] // not every example test sends patterns
 pub use kit::pattern;
-use kit::{raise_fd_limit, set_linger_zero, set_opt};
+use kit::{raise_fd_limit, set_linger_zero, set_opt, somaxconn};
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -185,6 +185,13 @@ impl Server {
         threads
     }
 
+    /// How many descriptors the server process holds.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read /proc/PID/fd")
+            .count()
+    }
+
     /// The server's resident set size in KiB (Linux: `VmRSS` in /proc/PID/status).
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
@@ -235,11 +242,7 @@ pub fn connect_while_stopped(server: &Server, n: usize) -> Vec<TcpStream> {
 /// How many connects a listener with the examples' backlog (4,096) can hold before the
 /// server accepts: the kernel caps the backlog at `net.core.somaxconn`.
 pub fn burst_room() -> usize {
-    let max: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(128);
-    max.min(4096)
+    somaxconn().min(4096) as usize
 }
 
 /// A client socket with read and write timeouts of [`REPLY`].
@@ -317,8 +320,12 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
+        Client::from_stream(connect(addr))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Client {
         Client {
-            reader: BufReader::new(connect(addr)),
+            reader: BufReader::new(stream),
         }
     }
 

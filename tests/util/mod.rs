@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 #[path = "../common/kit.rs"]
 mod kit;
 #[allow(unused_imports)] // each test crate uses its own subset
-pub use kit::{describe, describe_all, pattern, set_linger_zero, set_opt, Pairs, Rng};
+pub use kit::{
+    describe, describe_all, get_opt, pattern, set_linger, set_linger_zero, set_opt, Pairs, Rng,
+};
 
 use proactor::{Buf, Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher, WatcherBuilder};
 
