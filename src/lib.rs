@@ -111,9 +111,10 @@
 //! on one connection and 2.02 at 100 (read, write, an amortised `epoll_wait`). Against a
 //! hand-written single-threaded mio server on the same 2-core machine the inline mode matches
 //! one-connection ping-pong and the 8,192-connection burst, is level within the noise on the
-//! 1,000-connection round (median 1.02x over five passes, 0.94x-1.20x), runs at 0.97x of it
-//! with 100 busy connections, and spends as much server CPU per message (0.98x-1.04x). The
-//! threaded default runs at 0.91x and 0.96x (100 and 1,000 connections). An idle connection
+//! 1,000-connection round (medians of five passes 0.98x and 1.02x in two sessions, single
+//! passes 0.93x-1.20x), and runs at 0.97x of it with 100 busy connections (0.92x of the same
+//! loop without its final `EAGAIN` read). Server CPU per message: 0.98x-1.09x of mio's. The
+//! threaded default runs at 0.91x-0.93x (100 and 1,000 connections). An idle connection
 //! waiting in a read costs about 122 bytes. The figures, the commands and the profile are in
 //! `docs/benchmarks.md`.
 //!
