@@ -630,6 +630,12 @@ impl Watcher {
     /// if the socket is not listening (on macOS, which has no `SO_ACCEPTCONN`, a socket
     /// without a peer counts as listening: a stream never connected is taken, and its
     /// accepts fail with `EINVAL`).
+    ///
+    /// Keep the listener non-blocking: reads and writes pass `MSG_DONTWAIT`, so a duplicate
+    /// of a stream's descriptor switched back to blocking mode elsewhere cannot stall the
+    /// poller, but `accept` has no such flag. A duplicate of the listener's descriptor
+    /// switched to blocking (`set_nonblocking(false)` on a `try_clone`, a forked child)
+    /// would block the poller thread in `accept` until a connection arrives.
     pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
         self.listen_routed(listener.into(), Route::default())
     }
