@@ -37,6 +37,13 @@ fn welcome(c: &mut Client) -> u64 {
         .unwrap_or_else(|| panic!("expected `welcome N`, got {line:?}"))
 }
 
+/// A new client, which must be welcomed as player `n`.
+fn player(server: &Server, n: u64) -> Client {
+    let mut c = Client::connect(server.addr);
+    assert_eq!(welcome(&mut c), n);
+    c
+}
+
 /// Reads ticks until one satisfies `want` (at most 100 ticks, 5 s).
 fn tick_where(c: &mut Client, what: &str, want: impl Fn(&Tick) -> bool) -> Tick {
     let start = Instant::now();
@@ -64,8 +71,7 @@ fn position(t: &Tick, player: u64) -> Option<(i32, i32)> {
 #[test]
 fn welcome_then_ticks_at_20_hz() {
     let server = Server::start("game-loop", &[]);
-    let mut c = Client::connect(server.addr);
-    assert_eq!(welcome(&mut c), 1);
+    let mut c = player(&server, 1);
     let first = tick_where(&mut c, "player 1", |t| position(t, 1).is_some());
     let start = Instant::now();
     let mut last = first.n;
@@ -86,10 +92,8 @@ fn welcome_then_ticks_at_20_hz() {
 #[test]
 fn moves_are_applied_and_everyone_sees_every_player() {
     let server = Server::start("game-loop", &[]);
-    let mut a = Client::connect(server.addr);
-    assert_eq!(welcome(&mut a), 1);
-    let mut b = Client::connect(server.addr);
-    assert_eq!(welcome(&mut b), 2);
+    let mut a = player(&server, 1);
+    let mut b = player(&server, 2);
     a.send("move 3 -2\n");
     let t = tick_where(&mut a, "1 at 3,-2", |t| position(t, 1) == Some((3, -2)));
     assert_eq!(position(&t, 2), Some((0, 0)));
@@ -145,10 +149,8 @@ fn bad_input_gets_an_error_line() {
 #[test]
 fn a_flood_of_bad_lines_does_not_drop_a_player_who_reads_later() {
     let server = Server::start("game-loop", &[]);
-    let mut a = Client::connect(server.addr);
-    assert_eq!(welcome(&mut a), 1);
-    let mut b = Client::connect(server.addr);
-    assert_eq!(welcome(&mut b), 2);
+    let mut a = player(&server, 1);
+    let mut b = player(&server, 2);
     a.send("x\n".repeat(FLOOD));
     a.send("move 2 3\n");
     // The server handles lines in order: once b sees the move, every error reply to a was
@@ -201,8 +203,7 @@ fn players_that_leave_disappear_and_an_over_long_line_drops_its_sender() {
     });
     reset(c.reader.into_inner());
     tick_where(&mut a, "only 1", |t| t.players.len() == 1);
-    let mut d = Client::connect(server.addr);
-    assert_eq!(welcome(&mut d), 4);
+    let mut d = player(&server, 4);
     tick_where(&mut a, "1 and 4", |t| {
         t.players.iter().map(|p| p.0).collect::<Vec<_>>() == [1, 4]
     });
@@ -220,8 +221,7 @@ fn players_that_leave_disappear_and_an_over_long_line_drops_its_sender() {
 fn a_player_that_does_not_read_does_not_slow_the_others() {
     let server = Server::start("game-loop", &[]);
     let lazy: Vec<TcpStream> = (0..5).map(|_| connect_tiny_window(server.addr)).collect();
-    let mut a = Client::connect(server.addr);
-    assert_eq!(welcome(&mut a), 6);
+    let mut a = player(&server, 6);
     let first = tick_where(&mut a, "6 players", |t| t.players.len() == 6);
     // Each lazy player floods until the server closes on it and its send fails. (How much
     // it takes to get stuck depends on how the kernel sizes the server's send buffer.)
