@@ -111,17 +111,22 @@ fn listener_by_peer(fd: BorrowedFd<'_>) -> io::Result<bool> {
 
 /// `recv(2)` into `buf`, retrying EINTR. `Ok(0)` is end of stream.
 pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live `&mut [u8]`; the kernel writes at most `buf.len()` bytes to it.
+    retrying(|| unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            RECV_FLAGS,
+        )
+    })
+}
+
+/// Runs a syscall returning a byte count until it is not interrupted (EINTR).
+#[inline(always)]
+fn retrying(mut call: impl FnMut() -> libc::ssize_t) -> io::Result<usize> {
     loop {
-        // SAFETY: `buf` is a live `&mut [u8]`; the kernel writes at most `buf.len()` bytes to it.
-        let r = cvt_size(unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                RECV_FLAGS,
-            )
-        });
-        match r {
+        match cvt_size(call()) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             r => return r,
         }
@@ -140,22 +145,16 @@ pub(crate) fn recv_spare(
     let spare = buf.spare_capacity_mut();
     let len = max.min(spare.len());
     let spare = &mut spare[..len];
-    let n = loop {
-        // SAFETY: `spare` is live, writable memory of `spare.len()` bytes that `buf` owns; the
-        // kernel writes at most that many bytes into it and never reads it.
-        let r = cvt_size(unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                RECV_FLAGS,
-            )
-        });
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => break r?,
-        }
-    };
+    // SAFETY: `spare` is live, writable memory of `spare.len()` bytes that `buf` owns; the
+    // kernel writes at most that many bytes into it and never reads it.
+    let n = retrying(|| unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            RECV_FLAGS,
+        )
+    })?;
     // SAFETY: the kernel initialised the first `n` bytes of the spare capacity (recv returns
     // how many it wrote, at most `spare.len()`), so `len + n` bytes are initialised.
     unsafe { buf.set_len(buf.len() + n) };
@@ -178,16 +177,8 @@ const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 /// write: the kernel's `send` takes the buffer as it is, where `sendmsg` first copies and
 /// checks a `msghdr` and an iovec array.
 pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes of it.
-        let r = cvt_size(unsafe {
-            libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), SEND_FLAGS)
-        });
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r,
-        }
-    }
+    // SAFETY: `buf` is a live slice; the kernel reads at most `buf.len()` bytes of it.
+    retrying(|| unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), SEND_FLAGS) })
 }
 
 /// `sendmsg(2)` of the slices, without SIGPIPE, retrying EINTR.
@@ -198,14 +189,8 @@ pub(crate) fn send_vectored(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Res
     // only reads through msg_iov.
     msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = bufs.len() as _;
-    loop {
-        // SAFETY: `msg` points at `bufs`, which outlives this call.
-        let r = cvt_size(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, SEND_FLAGS) });
-        match r {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r,
-        }
-    }
+    // SAFETY: `msg` points at `bufs`, which outlives this call.
+    retrying(|| unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, SEND_FLAGS) })
 }
 
 /// `shutdown(SHUT_WR)`: the peer reads end of stream once the bytes already sent arrive.
