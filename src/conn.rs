@@ -46,29 +46,41 @@ pub struct Conn {
 pub(crate) struct ConnInner {
     pub(crate) id: Key,
     pub(crate) shared: Arc<Shared>,
-    /// [`FREED`] once `Free` or `Detach` was accepted (later sends fail on the caller's
-    /// thread), plus the read, read-full and write operations accepted and not yet completed.
-    pub(crate) state: AtomicU32,
+    /// [`FREED`] once `Free` or `Detach` was accepted, plus the operations accepted (all
+    /// but those two) counted modulo 2^31. Written only under the watcher's queue lock
+    /// (`Shared::submit`), so senders need no read-modify-write on it.
+    pub(crate) sent: AtomicU32,
+    /// The operations completed, modulo 2^31. Written only by the poller (the one thread
+    /// driving the watcher), so it too is a plain store. `sent - done` is what is in flight.
+    pub(crate) done: AtomicU32,
 }
 
-/// The `state` bit saying `Free` or `Detach` was accepted; the bits below count operations.
+/// The bit of `sent` saying `Free` or `Detach` was accepted; the bits below count operations.
 pub(crate) const FREED: u32 = 1 << 31;
+/// The counting bits of `sent` and `done`.
+pub(crate) const COUNT: u32 = FREED - 1;
 
 impl Conn {
     pub(crate) fn new(id: Key, shared: Arc<Shared>) -> Conn {
         let inner = ConnInner {
             id,
             shared,
-            state: AtomicU32::new(0),
+            sent: AtomicU32::new(0),
+            done: AtomicU32::new(0),
         };
         Conn {
             inner: Arc::new(inner),
         }
     }
 
-    /// One operation of this connection completed (or was refused by the poller).
+    /// One operation of this connection completed (or was refused by the poller). Called
+    /// only by the thread driving the connection's watcher (the sole writer of `done`).
     pub(crate) fn op_done(&self) {
-        self.inner.state.fetch_sub(1, Ordering::Relaxed);
+        let done = &self.inner.done;
+        done.store(
+            done.load(Ordering::Relaxed).wrapping_add(1) & COUNT,
+            Ordering::Relaxed,
+        );
     }
 
     /// This connection's key.
@@ -81,7 +93,7 @@ impl Conn {
 
     /// Whether `Free` or `Detach` has been accepted for this connection.
     pub fn is_freed(&self) -> bool {
-        self.inner.state.load(Ordering::Acquire) & FREED != 0
+        self.inner.sent.load(Ordering::Acquire) & FREED != 0
     }
 
     /// Submits a command. It never blocks: the poller performs it and posts exactly one
@@ -100,29 +112,11 @@ impl Conn {
     ///
     /// [`WatcherBuilder::max_ops_per_conn`]: crate::WatcherBuilder::max_ops_per_conn
     pub fn send(&self, cmd: Cmd) -> Result<(), SendError> {
-        let inner = &*self.inner;
         if cmd.is_empty_io() {
             return Err(SendError::EmptyBuffer(cmd));
         }
         let last = matches!(cmd.kind, Kind::Free | Kind::Detach);
-        if !last {
-            // Counted first, so the bound holds however many threads send at once. A Free
-            // racing this send is settled under the queue lock (`Shared::submit`).
-            let before = inner.state.fetch_add(1, Ordering::AcqRel);
-            if before & FREED != 0 {
-                self.op_done();
-                return Err(SendError::Freed(cmd));
-            }
-            if before >= inner.shared.max_ops {
-                self.op_done();
-                return Err(SendError::Full(cmd));
-            }
-        }
-        let r = inner.shared.submit(self, cmd, last);
-        if r.is_err() && !last {
-            self.op_done();
-        }
-        r
+        self.inner.shared.submit(self, cmd, last)
     }
 }
 
@@ -151,5 +145,57 @@ impl Hash for Conn {
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Conn").field("id", &self.id()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{COUNT, FREED};
+    use crate::{Cmd, Op, SendError, Watcher};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+
+    /// The sent and completed counts wrap at 2^31 without disturbing the bound or the freed
+    /// bit: started just below the wrap, the third operation of a bound of two is refused
+    /// until one completes, and `Free` is still told apart from the counts after the wrap.
+    #[test]
+    fn operation_counts_wrap_at_2_pow_31() {
+        let watcher = Watcher::builder().max_ops_per_conn(2).build().unwrap();
+        let (mut peer, socket) = UnixStream::pair().unwrap();
+        let conn = watcher.register(socket).unwrap();
+        // Nothing was sent yet, so neither the poller nor a sender writes these now.
+        conn.inner.sent.store(COUNT - 1, Relaxed);
+        conn.inner.done.store(COUNT - 1, Relaxed);
+
+        conn.send(Cmd::Read(vec![0; 1])).unwrap();
+        conn.send(Cmd::Read(vec![0; 1])).unwrap();
+        assert_eq!(
+            conn.inner.sent.load(Relaxed),
+            0,
+            "wrapped to 0, not into FREED"
+        );
+        assert!(!conn.is_freed());
+        assert!(conn.send(Cmd::ReadInternal).unwrap_err().is_full());
+
+        peer.write_all(b"x").unwrap();
+        let mut batch = Vec::new();
+        while batch.is_empty() {
+            watcher
+                .wait_io_timeout(&mut batch, Duration::from_secs(10))
+                .unwrap();
+        }
+        assert_eq!((batch[0].op, batch[0].n), (Op::Read, 1));
+        assert!(batch[0].is_ok());
+        assert_eq!(conn.inner.done.load(Relaxed), COUNT);
+        conn.send(Cmd::ReadInternal).unwrap();
+        assert!(conn.send(Cmd::ReadInternal).unwrap_err().is_full());
+
+        conn.send(Cmd::Free).unwrap();
+        assert!(conn.is_freed());
+        assert_eq!(conn.inner.sent.load(Relaxed), FREED | 1);
+        let err = conn.send(Cmd::Write("x")).unwrap_err();
+        assert!(matches!(err, SendError::Freed(_)), "{err:?}");
     }
 }

@@ -4,8 +4,8 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{
-    fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Acquire,
-    Ordering::Relaxed, Ordering::SeqCst,
+    fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed,
+    Ordering::Release, Ordering::SeqCst,
 };
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::{self, JoinHandle};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use slotmap::{Key as _, SlotMap};
 
 use crate::conn::Key;
-use crate::conn::FREED;
+use crate::conn::{COUNT, FREED};
 use crate::driver::{Driver, WAKER_TOKEN};
 use crate::stats::{StatCells, Stats};
 use crate::{sys, Cmd, Completion, Conn, Connect, Error, SendError};
@@ -198,15 +198,18 @@ impl Shared {
     }
 
     /// Queues a command for `conn` (`last`: a `Free` or `Detach`), or gives it back in the
-    /// error. The connection's "freed" bit is set by `last` and checked by the others under
-    /// the queue lock, so whatever a sender was told, the queue agrees: a command accepted
-    /// before a `Free` is queued before it, and one queued after it was refused. The handle
-    /// in the queue keeps the connection registered until the poller takes it.
+    /// error. The connection's "freed" bit and its count of operations sent are written only
+    /// here, under the queue lock, so whatever a sender was told, the queue agrees: a command
+    /// accepted before a `Free` is queued before it, one sent after it is refused, and the
+    /// bound on operations in flight holds however many threads send at once. The handle in
+    /// the queue keeps the connection registered until the poller takes it.
     pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd, last: bool) -> Result<(), SendError> {
-        let state = &conn.inner.state;
+        let inner = &conn.inner;
         let mut inbox = self.inbox();
+        // Only ever written under this lock: what we read is current.
+        let sent = inner.sent.load(Relaxed);
         // A freed connection says so before a closed watcher does.
-        if state.load(Acquire) & FREED != 0 {
+        if sent & FREED != 0 {
             return Err(SendError::Freed(cmd));
         }
         if inbox.sealed || self.closed.load(Relaxed) {
@@ -214,9 +217,8 @@ impl Shared {
         }
         let full = inbox.ops.len() >= self.ops_capacity;
         if last {
-            // Only one Free/Detach is ever accepted (the bit is only set here, under the
-            // lock); it does not count against the op bound.
-            state.fetch_or(FREED, AcqRel);
+            // Only one Free/Detach is ever accepted; it does not count against the bound.
+            inner.sent.store(sent | FREED, Release);
             if full {
                 // Never refused, or a connection with reads pending and no deadline could
                 // never be closed: the control queue, which the poller takes first, so
@@ -225,9 +227,14 @@ impl Shared {
             } else {
                 inbox.ops.push((conn.clone(), cmd));
             }
-        } else if full {
-            return Err(SendError::Full(cmd));
         } else {
+            // `done` may lag behind the poller by a little: then the bound errs on the
+            // side of refusing.
+            let in_flight = sent.wrapping_sub(inner.done.load(Relaxed)) & COUNT;
+            if full || in_flight >= self.max_ops {
+                return Err(SendError::Full(cmd));
+            }
+            inner.sent.store(sent.wrapping_add(1) & COUNT, Relaxed);
             inbox.ops.push((conn.clone(), cmd));
         }
         self.release_and_wake(inbox);
@@ -288,8 +295,9 @@ impl Shared {
         }
         let conn = Conn::new(id, self.clone());
         let connect = connect.map(|to| {
-            // The connect is an operation in flight like any other.
-            conn.inner.state.fetch_add(1, SeqCst);
+            // The connect is an operation in flight like any other (no other thread has
+            // the handle yet; the control message's lock publishes the count).
+            conn.inner.sent.store(1, Relaxed);
             (conn.clone(), to)
         });
         let route = route.boxed();

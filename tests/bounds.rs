@@ -77,6 +77,42 @@ impl BufIsFd for proactor::Completion {
     }
 }
 
+/// The bound is settled under the queue lock: threads racing to send on one connection get
+/// exactly `max_ops_per_conn` accepted between them, not one more (no read can complete: the
+/// peer sends nothing).
+#[test]
+fn the_bound_holds_when_threads_race_to_send() {
+    const MAX: u32 = 8;
+    const THREADS: usize = 4;
+    let options = Watcher::builder().max_ops_per_conn(MAX);
+    let (watcher, conn, _client) = watcher_pair_with(options);
+    let start = std::sync::Barrier::new(THREADS);
+    let accepted: usize = std::thread::scope(|s| {
+        let senders: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (conn, start) = (conn.clone(), &start);
+                s.spawn(move || {
+                    start.wait();
+                    (0..100)
+                        .filter(|_| match conn.send(Cmd::Read(vec![0; 1])) {
+                            Ok(()) => true,
+                            Err(SendError::Full(_)) => false,
+                            Err(e) => panic!("{e:?}"),
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        senders.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    assert_eq!(accepted, MAX as usize);
+    conn.send(Cmd::Free).unwrap();
+    let cs = collect(&watcher, accepted + 1, TIMEOUT);
+    let freed = cs.iter().filter(|c| matches!(c.result, Err(Error::Freed)));
+    assert_eq!(freed.count(), accepted);
+    assert_eq!(cs[accepted].op, Op::Free);
+}
+
 /// A command queue of one: a burst from one thread outruns the poller and gets `Full`; every
 /// accepted command still completes exactly once.
 #[test]
