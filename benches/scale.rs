@@ -19,6 +19,9 @@
 //!   as fast as it answers (1 x 128 B, 100 x 128 B, 1,000 x 4 KiB), minus a one-round run:
 //!   on loopback the client costs as much as the server, so a better server shows as less CPU
 //!   for the same work more than as more throughput.
+//! - **instructions** (opt-in, needs valgrind): the server's user-space instructions per echoed
+//!   message under callgrind (1 and 100 x 128 B), minus a run with none, and the share in the
+//!   proactor crate's functions: the bookkeeping a proactor adds, free of timing noise.
 //!
 //! Each server runs in a child process (this binary re-executed with
 //! `PROACTOR_BENCH_ROLE=server`, pinned to CPU 0), the load generator in another
@@ -27,7 +30,7 @@
 //! orchestrates. Clients close with `SO_LINGER` 0 so 16K-connection runs leave no `TIME_WAIT`.
 //!
 //! ```text
-//! cargo bench --bench scale -- [--quick] [--phases burst,memory,latency,syscalls,cpu]
+//! cargo bench --bench scale -- [--quick] [--phases burst,memory,latency,syscalls,cpu,instructions]
 //!                              [--servers proactor,tokio,mio,std] [--reps 3] [--out DIR]
 //! ```
 //!
@@ -471,6 +474,8 @@ struct Opts {
 }
 
 const PHASES: [&str; 5] = ["burst", "memory", "latency", "syscalls", "cpu"];
+/// Phases run only when named (slow, or needing a tool a fresh machine lacks).
+const OPT_IN: [&str; 1] = ["instructions"];
 
 fn parse_args() -> Result<Opts, String> {
     let quick_env = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
@@ -506,7 +511,7 @@ fn parse_args() -> Result<Opts, String> {
         o.reps = if o.quick { 1 } else { 3 };
     }
     for p in &o.phases {
-        if !PHASES.contains(&p.as_str()) {
+        if !PHASES.contains(&p.as_str()) && !OPT_IN.contains(&p.as_str()) {
             return Err(format!("unknown phase {p:?}"));
         }
     }
@@ -533,6 +538,7 @@ fn orchestrate() -> io::Result<()> {
             "latency" => latency(&o)?,
             "syscalls" => syscalls(&o)?,
             "cpu" => cpu(&o)?,
+            "instructions" => instructions(&o)?,
             _ => unreachable!(),
         }
         println!("({phase}: {:.1} s)\n", t.elapsed().as_secs_f64());
@@ -968,6 +974,127 @@ fn syscalls(o: &Opts) -> io::Result<()> {
     println!("{table}");
     println!("(`read`/`write` include the eventfd wake-ups; `futex` is the mailbox and command-queue hand-off between threads; errors, e.g. EAGAIN, are in syscalls.csv. strace slows every call, which changes batching: treat these as counts under load, not timings.)\n");
     write_file(o, "syscalls.csv", &csv)
+}
+
+fn valgrind_available() -> bool {
+    Command::new("valgrind")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// User-space instructions of one server process under callgrind serving `rounds` ping-pong
+/// rounds of 128 bytes on `conns` connections: (all, in functions of the proactor crate).
+fn counted_run(o: &Opts, kind: Kind, conns: usize, rounds: usize) -> io::Result<[u64; 2]> {
+    let file = o
+        .out
+        .join(format!("callgrind-{}-{conns}-{rounds}.out", kind.name()));
+    let wrap = vec![
+        "valgrind".to_string(),
+        "--tool=callgrind".to_string(),
+        "--quiet".to_string(),
+        format!("--callgrind-out-file={}", file.display()),
+    ];
+    let mut srv = ServerProc::start(kind, &wrap)?;
+    run_client(
+        srv.addr,
+        "pingpong",
+        conns,
+        128,
+        rounds,
+        Duration::from_secs(600),
+    )?;
+    srv.idle()?;
+    srv.quit()?;
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=no", "--threshold=100", "--auto=no"])
+        .arg(&file)
+        .output()?;
+    parse_callgrind(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| io::Error::other(format!("no totals in {}", file.display())))
+}
+
+/// `callgrind_annotate` output: the program's total instructions and those of functions
+/// whose name has `proactor::` in it (the crate's own code; what it inlines into the
+/// server loop is counted with the loop).
+fn parse_callgrind(text: &str) -> Option<[u64; 2]> {
+    let count = |line: &str| -> Option<u64> {
+        let n = line.split_whitespace().next()?;
+        n.replace(',', "").parse().ok()
+    };
+    let total = text
+        .lines()
+        .find(|l| l.contains("PROGRAM TOTALS"))
+        .and_then(count)?;
+    // Rows of the function table: "count (share%)  file:function [object]".
+    let own = text
+        .lines()
+        .filter(|l| l.contains("%)"))
+        .filter(|l| {
+            let function = l.split_once("%)").map_or("", |(_, r)| r.trim());
+            let function = function.split_once(':').map_or(function, |(_, f)| f);
+            function.starts_with("proactor::")
+        })
+        .filter_map(count)
+        .sum();
+    Some([total, own])
+}
+
+/// User-space instructions per echoed message, counted by callgrind: unlike time, a count
+/// that does not move with the machine's noise, so a change of a few instructions per
+/// message in the bookkeeping shows. The kernel's work (most of a message's cost, see the
+/// profile in docs/benchmarks.md) is not in it, and atomic instructions count as one each.
+/// Opt-in (`--phases instructions`): valgrind is not on a fresh machine, and it runs each
+/// server some 50 times slower.
+fn instructions(o: &Opts) -> io::Result<()> {
+    if !valgrind_available() {
+        println!(
+            "## Instructions: skipped, valgrind is not installed (apt-get install valgrind)\n"
+        );
+        return Ok(());
+    }
+    let msgs = if o.quick { 2_000 } else { 20_000 };
+    println!("## User-space instructions per echoed 128-byte message (server process, callgrind, {msgs} messages minus a run with none)\n");
+    let mut table = String::from(
+        "| server | conns | instructions per message | in proactor's functions |\n|---|---:|---:|---:|\n",
+    );
+    let mut csv = String::from("server,conns,messages,instructions_per_msg,proactor_per_msg\n");
+    for &kind in &o.servers {
+        for conns in [1usize, 100] {
+            let rounds = msgs / conns;
+            let m = (rounds * conns) as f64;
+            let [run, base] = [rounds, 0].map(|r| counted_run(o, kind, conns, r));
+            let (run, base) = match (run, base) {
+                (Ok(run), Ok(base)) => (run, base),
+                (a, b) => {
+                    let e = a.err().or(b.err()).expect("one failed");
+                    eprintln!("instructions, {} x{conns}: {e}", kind.name());
+                    let _ = writeln!(table, "| {} | {conns} | fail | fail |", kind.name());
+                    continue;
+                }
+            };
+            let per = |i: usize| (run[i] as f64 - base[i] as f64) / m;
+            let _ = writeln!(
+                table,
+                "| {} | {conns} | {:.0} | {:.0} |",
+                kind.name(),
+                per(0),
+                per(1)
+            );
+            let _ = writeln!(
+                csv,
+                "{},{conns},{m},{:.1},{:.1}",
+                kind.name(),
+                per(0),
+                per(1)
+            );
+        }
+    }
+    println!("{table}");
+    println!("(callgrind serialises the server's threads and slows them, which changes batching: at 100 connections more messages share an `epoll_wait`, so the per-round costs weigh less than at full speed.)\n");
+    write_file(o, "instructions.csv", &csv)
 }
 
 /// Server CPU time per echoed message at saturation: the client runs ping-pong rounds as fast
