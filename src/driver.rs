@@ -233,6 +233,12 @@ struct Sink {
     /// until the connection is released so that even commands refused after a `Free` reach
     /// the right mailbox.
     routes: HashMap<Key, Box<Route>>,
+    /// An inline watcher with its own mailbox: completions for the mailbox are kept here
+    /// for the thread driving the watcher to take (`Driver::take_direct`), with no channel
+    /// between (and no stop in `out`).
+    direct: Option<Vec<Completion>>,
+    /// Completions made this round (in `out` or `direct`), counted by `flush`.
+    made: u64,
 }
 
 impl Sink {
@@ -303,13 +309,17 @@ impl Sink {
     }
 
     fn push(&mut self, c: Completion) {
+        self.made += 1;
         let to = if self.routes.is_empty() {
             None
         } else {
             let route = self.routes.get(&c.conn.inner.id);
             route.and_then(|r| r.mailbox.clone())
         };
-        self.out.push((c, to));
+        match (&mut self.direct, to) {
+            (Some(direct), None) => direct.push(c),
+            (_, to) => self.out.push((c, to)),
+        }
     }
 }
 
@@ -350,9 +360,6 @@ pub(crate) struct Driver {
     /// Completions that full bounded channels did not take yet: one queue per channel, in
     /// order, so a receiver that stops draining holds back its own completions only.
     backlog: Vec<Stalled>,
-    /// An inline watcher with its own mailbox: completions for the mailbox are kept here
-    /// for the thread driving the watcher to take (`take_direct`), with no channel between.
-    direct: Option<Vec<Completion>>,
     /// An inline step returned without collecting events (its round posted completions).
     skipped_wait: bool,
     conns: SecondaryMap<Key, ConnState>,
@@ -383,7 +390,6 @@ impl Driver {
             ctl_in: Vec::new(),
             mailbox,
             backlog: Vec::new(),
-            direct: None,
             skipped_wait: false,
             conns: SecondaryMap::new(),
             ops: Slab::new(),
@@ -394,6 +400,8 @@ impl Driver {
                 stats: Stats::default(),
                 accepted: Vec::new(),
                 routes: HashMap::new(),
+                direct: None,
+                made: 0,
             },
             arena: Arena {
                 buf: BytesMut::new(),
@@ -409,12 +417,12 @@ impl Driver {
     /// Completions go to `take_direct` instead of the mailbox (an inline watcher with a
     /// mailbox of its own: no one else can be waiting on it).
     pub(crate) fn deliver_direct(&mut self) {
-        self.direct = Some(Vec::new());
+        self.sink.direct = Some(Vec::new());
     }
 
     /// Moves the completions kept for the driving thread to the end of `out`.
     pub(crate) fn take_direct(&mut self, out: &mut Vec<Completion>) {
-        if let Some(direct) = &mut self.direct {
+        if let Some(direct) = &mut self.sink.direct {
             if out.is_empty() {
                 std::mem::swap(out, direct);
             } else {
@@ -643,22 +651,22 @@ impl Driver {
             }
             self.seq += 1;
             let seq = self.seq;
-            let idle_at = idle.and_then(|d| Some((self.now.checked_add(d)?, d)));
-            let timers = [
-                deadline.map(|at| (at, None)),
-                idle_at.map(|(at, d)| (at, Some(d))),
-            ];
-            for (when, idle) in timers.into_iter().flatten() {
-                self.timers.push(Timer {
-                    when,
-                    seq,
-                    id,
-                    dir,
-                    idle,
-                });
-            }
             if timed {
                 stats.deadlines_armed += 1;
+                let idle_at = idle.and_then(|d| Some((self.now.checked_add(d)?, d)));
+                let timers = [
+                    deadline.map(|at| (at, None)),
+                    idle_at.map(|(at, d)| (at, Some(d))),
+                ];
+                for (when, idle) in timers.into_iter().flatten() {
+                    self.timers.push(Timer {
+                        when,
+                        seq,
+                        id,
+                        dir,
+                        idle,
+                    });
+                }
             }
             let p = Pending {
                 kind,
@@ -815,9 +823,10 @@ impl Driver {
 
     fn flush(&mut self) {
         let stats = &mut self.sink.stats;
-        if !self.sink.out.is_empty() {
+        if self.sink.made > 0 {
             stats.batches += 1;
-            stats.completions += self.sink.out.len() as u64;
+            stats.completions += self.sink.made;
+            self.sink.made = 0;
         }
         // Whether anything reached a channel: a waiter must then be woken, also when all of
         // it came from the backlog (room was made) and this round completed nothing.
@@ -835,10 +844,6 @@ impl Driver {
             false
         });
         for (c, to) in self.sink.out.drain(..) {
-            if let (Some(direct), None) = (&mut self.direct, &to) {
-                direct.push(c);
-                continue;
-            }
             if let Some(s) = self.backlog.iter_mut().find(|s| s.is(&to)) {
                 s.queue.push_back(c);
                 continue;
@@ -853,7 +858,7 @@ impl Driver {
         }
         self.sink.stats.timer_entries = self.timers.len() as u64;
         self.shared.stats.publish(&self.sink.stats);
-        if posted && self.direct.is_none() {
+        if posted && self.sink.direct.is_none() {
             self.shared.rounds.ended();
         }
     }
@@ -922,7 +927,7 @@ impl Driver {
     pub(crate) fn shutdown(&mut self) {
         // Nobody may come to take direct completions any more (`Watcher::close`): what is
         // kept goes to the mailbox, ahead of what the shutdown completes.
-        if let Some(direct) = self.direct.take() {
+        if let Some(direct) = self.sink.direct.take() {
             for c in direct {
                 let _ = self.mailbox.send(c); // unbounded (inline), or nobody receives
             }
