@@ -162,17 +162,24 @@ impl ConnState {
         conn.expect("a connection with an operation pending holds its handle")
     }
 
+    /// Takes the parked read out of its parking place, as the operation it stands for.
+    fn take_parked(&mut self) -> Option<Pending> {
+        if !self.parked {
+            return None;
+        }
+        self.parked = false;
+        Some(Pending {
+            kind: Kind::ReadInternal,
+            done: 0,
+            tag: self.parked_tag,
+            seq: 0,
+            timed: false,
+        })
+    }
+
     /// Moves the parked read into the (empty) read FIFO, to run or to queue behind.
     fn unpark(&mut self, ops: &mut Slab<Pending>) {
-        if self.parked {
-            self.parked = false;
-            let p = Pending {
-                kind: Kind::ReadInternal,
-                done: 0,
-                tag: self.parked_tag,
-                seq: 0,
-                timed: false,
-            };
+        if let Some(p) = self.take_parked() {
             ops.push_back(&mut self.reads, p);
         }
     }
@@ -691,8 +698,13 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            // (A parked read is a `ReadInternal`, which fails at once on a listener.)
-            if st.readable || st.eof || st.misdirected(&Kind::ReadInternal) {
+            if st.parked && !st.listener {
+                // The common case, an idle connection's one read: run it in place.
+                if (st.readable || st.eof) && !reads_held(st, &self.ops) {
+                    read_parked(st, &mut self.sink, &mut self.arena, now);
+                }
+            } else if st.readable || st.eof || st.misdirected(&Kind::ReadInternal) {
+                // (A parked read is a `ReadInternal`, which fails at once on a listener.)
                 st.unpark(&mut self.ops);
             }
             let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
@@ -1089,20 +1101,9 @@ fn do_reads(
                 continue;
             }
         };
-        match res {
-            Ok(0) => {
-                st.eof = true;
-                let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(st, p, Err(Error::Eof), None);
-            }
-            Ok(n) => {
-                sink.stats.bytes_read += n as u64;
-                st.read_progress = now;
-                // A short read drained the socket; the next arrival is a new edge. After a
-                // hang-up no edge will come, so keep reading until the socket says EOF.
-                if n < asked && !st.hup {
-                    st.readable = false;
-                }
+        match read_outcome(st, res, asked, &mut sink.stats, now) {
+            None => {} // drained: `readable` is down, the loop ends
+            Some(Ok(n)) => {
                 let mut data = None;
                 match p.kind {
                     Kind::ReadFull(ref buf) => {
@@ -1120,17 +1121,73 @@ fn do_reads(
                 let p = ops.pop_front(&mut st.reads).expect("front exists");
                 sink.complete(st, p, Ok(()), data);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                st.readable = false;
-                st.hup = false;
-            }
-            Err(e) => {
+            Some(Err(e)) => {
                 let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(st, p, Err(Error::Io(e)), None);
+                sink.complete(st, p, Err(e), None);
             }
         }
     }
     false
+}
+
+/// What one `recv` of `asked` bytes means for the read that made it, with the connection's
+/// flags and counters updated: `Some(Ok(n))` bytes arrived (n > 0), `Some(Err(..))` the read
+/// ends (end of stream, an error), `None` the socket is drained and the read waits.
+fn read_outcome(
+    st: &mut ConnState,
+    res: io::Result<usize>,
+    asked: usize,
+    stats: &mut Stats,
+    now: u32,
+) -> Option<Result<usize, Error>> {
+    match res {
+        Ok(0) => {
+            st.eof = true;
+            Some(Err(Error::Eof))
+        }
+        Ok(n) => {
+            stats.bytes_read += n as u64;
+            st.read_progress = now;
+            // A short read drained the socket; the next arrival is a new edge. After a
+            // hang-up no edge will come, so keep reading until the socket says EOF.
+            if n < asked && !st.hup {
+                st.readable = false;
+            }
+            Some(Ok(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            st.readable = false;
+            st.hup = false;
+            None
+        }
+        Err(e) => Some(Err(Error::Io(e))),
+    }
+}
+
+/// Runs a parked read where it is, without the trip through the read FIFO that `do_reads`
+/// would take (unpark, run, park again): the read of every idle connection of an echo or
+/// chat server, so the common case. The caller checked that it may run (not a listener,
+/// readable or at end of stream, reads not held).
+fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: u32) {
+    let outcome = if st.eof {
+        Some(Err(Error::Eof))
+    } else {
+        let max = arena.refill(&mut sink.stats);
+        let res = sys::recv_spare(st.fd.as_fd(), &mut arena.buf, max);
+        read_outcome(st, res, max, &mut sink.stats, now)
+    };
+    let Some(outcome) = outcome else {
+        return; // drained: it stays parked
+    };
+    let mut p = st.take_parked().expect("the caller saw it parked");
+    match outcome {
+        Ok(n) => {
+            p.done = n;
+            let data = Buf::Bytes(arena.buf.split_to(n).freeze());
+            sink.complete(st, p, Ok(()), Some(data));
+        }
+        Err(e) => sink.complete(st, p, Err(e), None),
+    }
 }
 
 /// Out of descriptors or kernel memory: retrying at once would fail the same way.
