@@ -64,6 +64,7 @@ impl Cmd {
     /// `n == 0`.
     ///
     /// [`Error::Eof`]: crate::Error::Eof
+    #[inline]
     pub fn Read(buf: Vec<u8>) -> Cmd {
         plain(Kind::Read(buf))
     }
@@ -77,6 +78,7 @@ impl Cmd {
     /// error, `Free` or `Detach` ([`Error::Freed`](crate::Error::Freed)) or a closed watcher
     /// ([`Error::WatcherClosed`](crate::Error::WatcherClosed)), with the bytes read so far in
     /// `buf[..n]` ([`Completion::n`](crate::Completion::n)).
+    #[inline]
     pub fn ReadFull(buf: Vec<u8>) -> Cmd {
         plain(Kind::ReadFull(buf))
     }
@@ -121,12 +123,14 @@ impl Cmd {
 
     /// Completes the operation with [`Error::Deadline`](crate::Error::Deadline) if it has not
     /// finished by `deadline`. Ignored by `Free` and `Detach`.
+    #[inline]
     pub fn deadline(mut self, deadline: Instant) -> Cmd {
         self.deadline = Some(deadline);
         self
     }
 
     /// [`Cmd::deadline`] at `now + timeout`. A timeout too large to represent means no deadline.
+    #[inline]
     pub fn timeout(mut self, timeout: Duration) -> Cmd {
         self.deadline = Instant::now().checked_add(timeout);
         self
@@ -135,24 +139,28 @@ impl Cmd {
     /// Completes the operation with [`Error::IdleTimeout`](crate::Error::IdleTimeout) once no
     /// byte has moved in its direction on this connection for `idle` (counted from when the
     /// watcher took the command): a slow but live transfer is never cut off.
+    #[inline]
     pub fn idle_timeout(mut self, idle: Duration) -> Cmd {
         self.idle = Some(idle);
         self
     }
 
     /// A number of the caller's choosing, returned unchanged in the completion (default 0).
+    #[inline]
     pub fn tag(mut self, tag: u64) -> Cmd {
         self.tag = tag;
         self
     }
 
     /// The kind of operation this command will complete as.
+    #[inline]
     pub fn op(&self) -> Op {
         self.kind.op()
     }
 
     /// The buffer this command carries ([`Buf::None`] for internal reads, accept, shutdown,
     /// free and detach).
+    #[inline]
     pub fn into_buf(self) -> Buf {
         self.kind.into_buf()
     }

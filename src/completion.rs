@@ -50,6 +50,7 @@ pub enum Buf {
 
 impl Buf {
     /// The bytes held (the whole caller buffer for `Vec`; empty for `None` and `Fd`).
+    #[inline]
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Buf::Vec(v) => v,
@@ -59,6 +60,7 @@ impl Buf {
     }
 
     /// The caller's `Vec` back, if this is one.
+    #[inline]
     pub fn into_vec(self) -> Option<Vec<u8>> {
         match self {
             Buf::Vec(v) => Some(v),
@@ -67,6 +69,7 @@ impl Buf {
     }
 
     /// The bytes as [`Bytes`] (a `Vec` is converted without copying; the others give empty).
+    #[inline]
     pub fn into_bytes(self) -> Bytes {
         match self {
             Buf::Vec(v) => Bytes::from(v),
@@ -76,6 +79,7 @@ impl Buf {
     }
 
     /// The accepted connection and its peer's address, if this is one.
+    #[inline]
     pub fn into_accepted(self) -> Option<(Conn, Option<SocketAddr>)> {
         match self {
             Buf::Accepted(conn, peer) => Some((conn, peer)),
@@ -84,6 +88,7 @@ impl Buf {
     }
 
     /// The detached socket, if this is one.
+    #[inline]
     pub fn into_fd(self) -> Option<OwnedFd> {
         match self {
             Buf::Fd(fd) => Some(fd),
@@ -116,17 +121,20 @@ pub struct Completion {
 
 impl Completion {
     /// The bytes this operation moved: `buf[..n]`.
+    #[inline]
     pub fn data(&self) -> &[u8] {
         let s = self.buf.as_slice();
         &s[..self.n.min(s.len())]
     }
 
     /// Whether the operation did everything it was asked.
+    #[inline]
     pub fn is_ok(&self) -> bool {
         self.result.is_ok()
     }
 
     /// Whether a read stopped at end of stream.
+    #[inline]
     pub fn is_eof(&self) -> bool {
         matches!(self.result, Err(Error::Eof))
     }

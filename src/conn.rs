@@ -111,6 +111,7 @@ impl Conn {
     /// - [`SendError::Closed`]: the watcher is closed.
     ///
     /// [`WatcherBuilder::max_ops_per_conn`]: crate::WatcherBuilder::max_ops_per_conn
+    #[inline]
     pub fn send(&self, cmd: Cmd) -> Result<(), SendError> {
         if cmd.is_empty_io() {
             return Err(SendError::EmptyBuffer(cmd));

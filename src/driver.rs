@@ -315,6 +315,7 @@ impl Sink {
         });
     }
 
+    #[inline(always)]
     fn push(&mut self, c: Completion) {
         self.made += 1;
         let to = if self.routes.is_empty() {
@@ -340,6 +341,7 @@ struct Arena {
 impl Arena {
     /// Makes sure a useful amount of space is left, reusing the used-up chunk when no slice
     /// of it is still held. Returns how much one read may take.
+    #[inline]
     fn refill(&mut self, stats: &mut Stats) -> usize {
         let want = self.chunk.min(MIN_ARENA);
         if self.spare() < want {
@@ -537,7 +539,13 @@ impl Driver {
                         self.sink.routes.insert(id, route);
                     }
                     if let Some((conn, to)) = connect {
-                        self.enqueue(id, conn, Kind::Connect, to.deadline, None, to.tag);
+                        let cmd = Cmd {
+                            kind: Kind::Connect,
+                            deadline: to.deadline,
+                            idle: None,
+                            tag: to.tag,
+                        };
+                        self.enqueue(id, conn, cmd);
                     }
                 }
                 // No operation can be pending (the state holds a handle then): just close.
@@ -590,7 +598,8 @@ impl Driver {
 
     fn submit(&mut self, conn: Conn, cmd: Cmd) {
         let id = conn.inner.id;
-        if !self.conns.contains_key(id) {
+        // (`enqueue` refuses the others of an unknown connection itself.)
+        if matches!(cmd.kind, Kind::Free | Kind::Detach) && !self.conns.contains_key(id) {
             return self.sink.reject(conn, cmd, Error::Freed);
         }
         match cmd.kind {
@@ -613,32 +622,21 @@ impl Driver {
             }
             _ => {}
         }
-        self.enqueue(id, conn, cmd.kind, cmd.deadline, cmd.idle, cmd.tag);
+        self.enqueue(id, conn, cmd);
     }
 
     /// Appends an operation to its connection's FIFO (or parks it), arms its timers, and
     /// marks the connection runnable if that direction can make progress now.
-    fn enqueue(
-        &mut self,
-        id: Key,
-        conn: Conn,
-        kind: Kind,
-        deadline: Option<Instant>,
-        idle: Option<Duration>,
-        tag: u64,
-    ) {
+    fn enqueue(&mut self, id: Key, conn: Conn, cmd: Cmd) {
         let Some(st) = self.conns.get_mut(id) else {
-            return self.sink.reject(
-                conn,
-                Cmd {
-                    kind,
-                    deadline,
-                    idle,
-                    tag,
-                },
-                Error::Freed,
-            );
+            return self.sink.reject(conn, cmd, Error::Freed);
         };
+        let Cmd {
+            kind,
+            deadline,
+            idle,
+            tag,
+        } = cmd;
         if st.conn.is_none() {
             st.conn = Some(conn);
         }
