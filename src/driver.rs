@@ -521,6 +521,9 @@ impl Driver {
     }
 
     fn run_ctl(&mut self) {
+        if self.ctl_in.is_empty() {
+            return;
+        }
         let mut ctl = std::mem::take(&mut self.ctl_in);
         for msg in ctl.drain(..) {
             match msg {
@@ -735,7 +738,11 @@ impl Driver {
                 self.sink.accepted = accepted; // keep the allocation
             }
         }
-        self.ready.drain(..n);
+        if self.ready.len() == n {
+            self.ready.clear();
+        } else {
+            self.ready.drain(..n);
+        }
     }
 
     /// Registers an accepted socket (on this watcher, or on the least-loaded watcher of the
@@ -853,17 +860,20 @@ impl Driver {
             }
             false
         });
-        for (c, to) in self.sink.out.drain(..) {
-            if let Some(s) = self.backlog.iter_mut().find(|s| s.is(&to)) {
-                s.queue.push_back(c);
-                continue;
-            }
-            match deliver(to.as_ref().unwrap_or(mailbox), c) {
-                Ok(()) => posted = true,
-                Err(c) => self.backlog.push(Stalled {
-                    to,
-                    queue: VecDeque::from([c]),
-                }),
+        // (Skipped when empty, as an inline watcher's is: a drain costs its set-up.)
+        if !self.sink.out.is_empty() {
+            for (c, to) in self.sink.out.drain(..) {
+                if let Some(s) = self.backlog.iter_mut().find(|s| s.is(&to)) {
+                    s.queue.push_back(c);
+                    continue;
+                }
+                match deliver(to.as_ref().unwrap_or(mailbox), c) {
+                    Ok(()) => posted = true,
+                    Err(c) => self.backlog.push(Stalled {
+                        to,
+                        queue: VecDeque::from([c]),
+                    }),
+                }
             }
         }
         self.sink.stats.timer_entries = self.timers.len() as u64;

@@ -746,7 +746,10 @@ impl Watcher {
         let before = out.len();
         let mut stepped = false;
         loop {
-            self.try_take(out);
+            let mail = self.may_have_mail();
+            if mail {
+                self.try_take(out);
+            }
             if out.len() > before {
                 return Ok(out.len() - before);
             }
@@ -772,8 +775,8 @@ impl Watcher {
                 }
             };
             // Another thread may have driven while we waited for the lock (its shutdown
-            // posts to the mailbox).
-            if !self.mailbox.is_empty() {
+            // posts to the mailbox, and the lock makes its `closed` visible here).
+            if self.may_have_mail() && !self.mailbox.is_empty() {
                 self.release_driver(guard);
                 continue;
             }
@@ -784,6 +787,14 @@ impl Watcher {
                 return Err(Error::WatcherClosed);
             }
         }
+    }
+
+    /// Whether an inline watcher's mailbox may hold completions. An inline watcher's
+    /// mailbox is its own (`build` refuses a shared one) and is posted to only by the
+    /// driver's shutdown, which `closed` precedes: while the watcher is open the channel (a
+    /// lock per look) is left alone.
+    fn may_have_mail(&self) -> bool {
+        !self.own_mailbox || self.shared.closed.load(SeqCst)
     }
 
     /// Unlocks an inline watcher's driver and wakes the threads waiting for it with a
@@ -867,10 +878,16 @@ impl Watcher {
                 if guard.is_some() {
                     // Completions posted to the mailbox are older than the direct ones.
                     let before = out.len();
-                    self.try_take(out);
+                    if self.may_have_mail() {
+                        self.try_take(out);
+                    }
                     step_inline(&mut guard, Some(Instant::now()), out);
                     self.release_driver(guard);
-                    return out.len() - before + self.try_take(out);
+                    // (This step may have shut the driver down, posting to the mailbox.)
+                    if self.may_have_mail() {
+                        self.try_take(out);
+                    }
+                    return out.len() - before;
                 }
             }
         }

@@ -200,6 +200,53 @@ fn close_from_another_thread_wakes_a_blocked_wait() {
     });
 }
 
+/// However a `close` on one thread and a `wait_io` (or `try_wait_io`) on another interleave,
+/// the waiting side gets the pending read's `WatcherClosed` completion before any
+/// `Err(WatcherClosed)`: the shutdown posts it to the mailbox, which the waiting side looks
+/// at once it sees the watcher closed, also when the driver vanished while it waited for
+/// the lock. The closer starts after a spin of varying length to vary the interleaving.
+#[test]
+fn close_racing_a_wait_hands_over_the_pending_completion() {
+    for round in 0..300u64 {
+        let watcher = inline();
+        let (_client, server) = tcp_pair();
+        let conn = watcher.register(server).unwrap();
+        conn.send(Cmd::ReadInternal.tag(round)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let spin = Instant::now();
+                while spin.elapsed() < Duration::from_micros(round % 60) {
+                    std::hint::spin_loop();
+                }
+                watcher.close();
+            });
+            let mut got = Vec::new();
+            let deadline = Instant::now() + TIMEOUT;
+            while got.is_empty() {
+                assert!(Instant::now() < deadline, "round {round}: no completion");
+                let r = if round % 2 == 0 {
+                    watcher.wait_io(&mut got).map(|_| ())
+                } else {
+                    watcher.try_wait_io(&mut got);
+                    Ok(())
+                };
+                if let Err(e) = r {
+                    panic!("round {round}: {e:?} before the pending read's completion");
+                }
+            }
+            assert_eq!(got.len(), 1, "round {round}");
+            assert_eq!(got[0].tag, round);
+            assert!(matches!(got[0].result, Err(Error::WatcherClosed)));
+        });
+        let mut more = Vec::new();
+        assert!(matches!(
+            watcher.wait_io(&mut more),
+            Err(Error::WatcherClosed)
+        ));
+        assert!(more.is_empty());
+    }
+}
+
 #[test]
 fn inline_refuses_a_cpu_a_mailbox_or_a_bounded_route() {
     let refused = |r: std::io::Result<Watcher>| {
