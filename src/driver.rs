@@ -693,6 +693,9 @@ impl Driver {
 
     fn run_ready(&mut self) {
         let n = self.ready.len();
+        if n == 0 {
+            return;
+        }
         let now = stamp(self.epoch, self.now);
         for i in 0..n {
             let id = self.ready[i];
@@ -850,16 +853,18 @@ impl Driver {
         let mut posted = false;
         let mailbox = &self.mailbox;
         // The stalled channels first: what waits there is older.
-        self.backlog.retain_mut(|s| {
-            while let Some(c) = s.queue.pop_front() {
-                if let Err(c) = deliver(s.to.as_ref().unwrap_or(mailbox), c) {
-                    s.queue.push_front(c);
-                    return true;
+        if !self.backlog.is_empty() {
+            self.backlog.retain_mut(|s| {
+                while let Some(c) = s.queue.pop_front() {
+                    if let Err(c) = deliver(s.to.as_ref().unwrap_or(mailbox), c) {
+                        s.queue.push_front(c);
+                        return true;
+                    }
+                    posted = true;
                 }
-                posted = true;
-            }
-            false
-        });
+                false
+            });
+        }
         // (Skipped when empty, as an inline watcher's is: a drain costs its set-up.)
         if !self.sink.out.is_empty() {
             for (c, to) in self.sink.out.drain(..) {
