@@ -89,7 +89,8 @@ struct ConnState {
     write_progress: u32,
     /// A plain `ReadInternal` (no timer) that is the connection's only read, kept here
     /// instead of in the slab: an idle connection waiting for input then costs no slab entry.
-    /// It moves to the read FIFO when it runs or another read queues behind it.
+    /// It runs where it is (`read_parked`), and moves to the read FIFO only when another read
+    /// queues behind it (or on a listener, where it fails at once).
     parked: bool,
     readable: bool,
     writable: bool,
