@@ -81,8 +81,11 @@ fn half_close_gets_every_byte_back_then_eof() {
 
 /// Two watchers, one loop thread each, and connections spread over both: interleaved
 /// conversations and byte-exact echoes, and each loop thread does a share of the work (Linux:
-/// the less busy of the server's two busiest threads ran at least a quarter as long as the
+/// the less busy of the server's two busiest threads ran at least a twentieth as long as the
 /// busier one; with every connection on one watcher the other thread would not run at all).
+/// Run time is not work: the shares are equal, but a loop thread kept off the CPU finds more
+/// waiting per wake-up and spends less per byte (1.2 ms against 7.2 ms beside two busy
+/// loops), hence the wide margin.
 #[test]
 fn two_watchers_serve_connections_spread_over_both() {
     let server = Server::start("echo-server", &["--watchers", "2"]);
@@ -107,7 +110,7 @@ fn two_watchers_serve_connections_spread_over_both() {
         .collect();
     ran.sort_unstable_by(|a, b| b.cmp(a));
     assert!(
-        ran.len() >= 2 && ran[1] >= ran[0] / 4,
+        ran.len() >= 2 && ran[1] >= ran[0] / 20,
         "run time of the server's threads in ns, busiest first: {ran:?}"
     );
 }
