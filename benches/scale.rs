@@ -855,9 +855,10 @@ fn parse_strace(text: &str) -> BTreeMap<String, (u64, u64)> {
     m
 }
 
-fn strace_available() -> bool {
-    Command::new("strace")
-        .arg("-V")
+/// Whether `tool` is installed: `tool version_flag` runs and succeeds.
+fn installed(tool: &str, version_flag: &str) -> bool {
+    Command::new(tool)
+        .arg(version_flag)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -893,22 +894,27 @@ fn traced_run(o: &Opts, kind: Kind, conns: usize, rounds: usize) -> io::Result<T
         .into_iter()
         .chain([file.display().to_string()])
         .collect::<Vec<_>>();
-    let mut srv = ServerProc::start(kind, &wrap)?;
-    run_client(
-        srv.addr,
-        "pingpong",
-        conns,
-        128,
-        rounds,
-        Duration::from_secs(300),
-    )?;
-    srv.idle()?;
-    let pstats = srv.quit()?;
+    let pstats = wrapped_pingpong(kind, &wrap, conns, rounds, Duration::from_secs(300))?;
     Ok((parse_strace(&fs::read_to_string(&file)?), pstats))
 }
 
+/// Starts a server under `wrap` (strace, valgrind), runs `rounds` ping-pong rounds of 128
+/// bytes on `conns` connections against it and stops it; returns its proactor counters.
+fn wrapped_pingpong(
+    kind: Kind,
+    wrap: &[String],
+    conns: usize,
+    rounds: usize,
+    timeout: Duration,
+) -> io::Result<Option<[u64; 4]>> {
+    let mut srv = ServerProc::start(kind, wrap)?;
+    run_client(srv.addr, "pingpong", conns, 128, rounds, timeout)?;
+    srv.idle()?;
+    srv.quit()
+}
+
 fn syscalls(o: &Opts) -> io::Result<()> {
-    if !strace_available() {
+    if !installed("strace", "-V") {
         println!("## Syscalls: skipped, strace is not installed (apt-get install strace)\n");
         return Ok(());
     }
@@ -976,15 +982,6 @@ fn syscalls(o: &Opts) -> io::Result<()> {
     write_file(o, "syscalls.csv", &csv)
 }
 
-fn valgrind_available() -> bool {
-    Command::new("valgrind")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// User-space instructions of one server process under callgrind serving `rounds` ping-pong
 /// rounds of 128 bytes on `conns` connections: (all, in functions of the proactor crate).
 fn counted_run(o: &Opts, kind: Kind, conns: usize, rounds: usize) -> io::Result<[u64; 2]> {
@@ -997,17 +994,7 @@ fn counted_run(o: &Opts, kind: Kind, conns: usize, rounds: usize) -> io::Result<
         "--quiet".to_string(),
         format!("--callgrind-out-file={}", file.display()),
     ];
-    let mut srv = ServerProc::start(kind, &wrap)?;
-    run_client(
-        srv.addr,
-        "pingpong",
-        conns,
-        128,
-        rounds,
-        Duration::from_secs(600),
-    )?;
-    srv.idle()?;
-    srv.quit()?;
+    wrapped_pingpong(kind, &wrap, conns, rounds, Duration::from_secs(600))?;
     let out = Command::new("callgrind_annotate")
         .args(["--inclusive=no", "--threshold=100", "--auto=no"])
         .arg(&file)
@@ -1049,7 +1036,7 @@ fn parse_callgrind(text: &str) -> Option<[u64; 2]> {
 /// Opt-in (`--phases instructions`): valgrind is not on a fresh machine, and it runs each
 /// server some 50 times slower.
 fn instructions(o: &Opts) -> io::Result<()> {
-    if !valgrind_available() {
+    if !installed("valgrind", "--version") {
         println!(
             "## Instructions: skipped, valgrind is not installed (apt-get install valgrind)\n"
         );
