@@ -48,7 +48,8 @@ pub(crate) struct ConnInner {
     pub(crate) shared: Arc<Shared>,
     /// [`FREED`] once `Free` or `Detach` was accepted, plus the operations accepted (all
     /// but those two) counted modulo 2^31. Written only under the watcher's queue lock
-    /// (`Shared::submit`), so senders need no read-modify-write on it.
+    /// (`Shared::submit`), or before the handle is shared (`Shared::adopt`), so senders
+    /// need no read-modify-write on it.
     pub(crate) sent: AtomicU32,
     /// The operations completed, modulo 2^31. Written only by the poller (the one thread
     /// driving the watcher), so it too is a plain store. `sent - done` is what is in flight.

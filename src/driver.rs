@@ -289,7 +289,7 @@ impl Sink {
 
     /// Completes a command that never became pending (unknown connection, closed watcher).
     fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
-        // Free and Detach are not counted in flight (`Conn::send`).
+        // Free and Detach are not counted in flight (`Shared::submit`).
         if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
             conn.op_done();
         }
@@ -357,6 +357,19 @@ impl Arena {
 
     fn spare(&self) -> usize {
         self.buf.capacity() - self.buf.len()
+    }
+
+    /// One internal read from `fd` into the arena: the result and how much it asked for.
+    #[inline]
+    fn recv(&mut self, fd: BorrowedFd<'_>, stats: &mut Stats) -> (io::Result<usize>, usize) {
+        let max = self.refill(stats);
+        (sys::recv_spare(fd, &mut self.buf, max), max)
+    }
+
+    /// The `n` bytes the last read got, as the internal read's buffer.
+    #[inline]
+    fn take(&mut self, n: usize) -> Buf {
+        Buf::Bytes(self.buf.split_to(n).freeze())
     }
 }
 
@@ -602,31 +615,21 @@ impl Driver {
 
     fn submit(&mut self, conn: Conn, cmd: Cmd) {
         let id = conn.inner.id;
-        // (`enqueue` refuses the others of an unknown connection itself.)
-        if matches!(cmd.kind, Kind::Free | Kind::Detach) && !self.conns.contains_key(id) {
+        // (`enqueue` refuses the other commands of an unknown connection itself.)
+        if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
+            return self.enqueue(id, conn, cmd);
+        }
+        let Some(fd) = self.retire(id, || Error::Freed) else {
             return self.sink.reject(conn, cmd, Error::Freed);
+        };
+        if matches!(cmd.kind, Kind::Free) {
+            drop(fd);
+            return self.sink.post(conn, Op::Free, cmd.tag, Buf::None);
         }
-        match cmd.kind {
-            Kind::Free => {
-                drop(self.retire(id, || Error::Freed));
-                return self.sink.post(conn, Op::Free, cmd.tag, Buf::None);
-            }
-            Kind::Detach => {
-                let fd = self.retire(id, || Error::Freed);
-                let buf = match fd {
-                    Some(fd) => {
-                        // Best effort: with the fd still open the registration would go on
-                        // reporting events under a key that no longer exists (ignored).
-                        let _ = self.shared.selector.deregister(fd.as_raw_fd());
-                        Buf::Fd(fd)
-                    }
-                    None => Buf::None,
-                };
-                return self.sink.post(conn, Op::Detach, cmd.tag, buf);
-            }
-            _ => {}
-        }
-        self.enqueue(id, conn, cmd);
+        // Best effort: with the fd still open the registration would go on reporting events
+        // under a key that no longer exists (ignored).
+        let _ = self.shared.selector.deregister(fd.as_raw_fd());
+        self.sink.post(conn, Op::Detach, cmd.tag, Buf::Fd(fd));
     }
 
     /// Appends an operation to its connection's FIFO (or parks it), arms its timers, and
@@ -703,17 +706,20 @@ impl Driver {
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
-            if st.parked && !st.listener {
+            // A parked read is the connection's only read (the read FIFO is empty).
+            let paused = if st.parked && !st.listener {
                 // The common case, an idle connection's one read: run it in place.
                 if (st.readable || st.eof) && !reads_held(st, &self.ops) {
                     read_parked(st, &mut self.sink, &mut self.arena, now);
                 }
-            } else if st.readable || st.eof || st.misdirected(&Kind::ReadInternal) {
-                // (A parked read is a `ReadInternal`, which fails at once on a listener.)
+                false
+            } else {
+                // (On a listener a parked read, a `ReadInternal`, fails at once.)
                 st.unpark(&mut self.ops);
-            }
-            let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
-            st.park(&mut self.ops);
+                let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
+                st.park(&mut self.ops);
+                paused
+            };
             do_writes(st, &mut self.ops, &mut self.sink, now);
             st.queued = runnable(st, &self.ops);
             if st.queued {
@@ -1090,10 +1096,7 @@ fn do_reads(
         let (res, asked) = match &mut p.kind {
             Kind::Read(buf) => (sys::recv(fd, &mut buf[..]), buf.len()),
             Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
-            Kind::ReadInternal => {
-                let max = arena.refill(&mut sink.stats);
-                (sys::recv_spare(fd, &mut arena.buf, max), max)
-            }
+            Kind::ReadInternal => arena.recv(fd, &mut sink.stats),
             _ => {
                 let result = sys::accept(fd);
                 if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
@@ -1128,7 +1131,7 @@ fn do_reads(
                     }
                     Kind::ReadInternal => {
                         p.done = n;
-                        data = Some(Buf::Bytes(arena.buf.split_to(n).freeze()));
+                        data = Some(arena.take(n));
                     }
                     _ => p.done = n,
                 }
@@ -1186,9 +1189,8 @@ fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: u32)
     let outcome = if st.eof {
         Some(Err(Error::Eof))
     } else {
-        let max = arena.refill(&mut sink.stats);
-        let res = sys::recv_spare(st.fd.as_fd(), &mut arena.buf, max);
-        read_outcome(st, res, max, &mut sink.stats, now)
+        let (res, asked) = arena.recv(st.fd.as_fd(), &mut sink.stats);
+        read_outcome(st, res, asked, &mut sink.stats, now)
     };
     let Some(outcome) = outcome else {
         return; // drained: it stays parked
@@ -1197,8 +1199,7 @@ fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: u32)
     match outcome {
         Ok(n) => {
             p.done = n;
-            let data = Buf::Bytes(arena.buf.split_to(n).freeze());
-            sink.complete(st, p, Ok(()), Some(data));
+            sink.complete(st, p, Ok(()), Some(arena.take(n)));
         }
         Err(e) => sink.complete(st, p, Err(e), None),
     }

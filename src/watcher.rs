@@ -746,8 +746,10 @@ impl Watcher {
         let before = out.len();
         let mut stepped = false;
         loop {
-            let mail = self.may_have_mail();
-            if mail {
+            // An inline watcher's mailbox is its own (`build` refuses a shared one) and is
+            // posted to only by the driver's shutdown, which `closed` precedes: while the
+            // watcher is open the channel (a lock per look) is left alone.
+            if self.is_closed() {
                 self.try_take(out);
             }
             if out.len() > before {
@@ -776,7 +778,7 @@ impl Watcher {
             };
             // Another thread may have driven while we waited for the lock (its shutdown
             // posts to the mailbox, and the lock makes its `closed` visible here).
-            if self.may_have_mail() && !self.mailbox.is_empty() {
+            if self.is_closed() && !self.mailbox.is_empty() {
                 self.release_driver(guard);
                 continue;
             }
@@ -787,14 +789,6 @@ impl Watcher {
                 return Err(Error::WatcherClosed);
             }
         }
-    }
-
-    /// Whether an inline watcher's mailbox may hold completions. An inline watcher's
-    /// mailbox is its own (`build` refuses a shared one) and is posted to only by the
-    /// driver's shutdown, which `closed` precedes: while the watcher is open the channel (a
-    /// lock per look) is left alone.
-    fn may_have_mail(&self) -> bool {
-        !self.own_mailbox || self.shared.closed.load(SeqCst)
     }
 
     /// Unlocks an inline watcher's driver and wakes the threads waiting for it with a
@@ -878,13 +872,13 @@ impl Watcher {
                 if guard.is_some() {
                     // Completions posted to the mailbox are older than the direct ones.
                     let before = out.len();
-                    if self.may_have_mail() {
+                    if self.is_closed() {
                         self.try_take(out);
                     }
                     step_inline(&mut guard, Some(Instant::now()), out);
                     self.release_driver(guard);
                     // (This step may have shut the driver down, posting to the mailbox.)
-                    if self.may_have_mail() {
+                    if self.is_closed() {
                         self.try_take(out);
                     }
                     return out.len() - before;
