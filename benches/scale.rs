@@ -1022,7 +1022,8 @@ fn parse_callgrind(text: &str) -> Option<[u64; 2]> {
         .filter(|l| {
             let function = l.split_once("%)").map_or("", |(_, r)| r.trim());
             let function = function.split_once(':').map_or(function, |(_, f)| f);
-            function.starts_with("proactor::")
+            // (Trait impls demangle as `<proactor::..::X as core::..>::f`.)
+            function.starts_with("proactor::") || function.starts_with("<proactor::")
         })
         .filter_map(count)
         .sum();
