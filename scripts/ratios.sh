@@ -62,7 +62,7 @@ print("\n| case | mode | vs | per pass (throughput ratio) | median | min | max |
 print("|---|---|---|---|---:|---:|---:|")
 for g in groups:
     for mode in ("proactor-inline", "proactor"):
-        for base in ("mio", "tokio"):
+        for base in ("mio", "mio-short", "tokio"):
             if mode not in servers or base not in servers:
                 continue
             rs = [t[(p, g, base)] / t[(p, g, mode)] for p in passes
