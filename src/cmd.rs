@@ -165,6 +165,13 @@ impl Cmd {
         self.kind.into_buf()
     }
 
+    /// `Free` or `Detach`: the connection's last command, accepted once and not counted
+    /// against the bound on operations in flight.
+    #[inline]
+    pub(crate) fn is_last(&self) -> bool {
+        matches!(self.kind, Kind::Free | Kind::Detach)
+    }
+
     /// `true` for a command that would do nothing: an empty write, or a read into an empty buffer.
     pub(crate) fn is_empty_io(&self) -> bool {
         match &self.kind {

@@ -5,7 +5,6 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::cmd::Kind;
 use crate::watcher::Shared;
 #[cfg(doc)]
 use crate::Error;
@@ -117,8 +116,7 @@ impl Conn {
         if cmd.is_empty_io() {
             return Err(SendError::EmptyBuffer(cmd));
         }
-        let last = matches!(cmd.kind, Kind::Free | Kind::Detach);
-        self.inner.shared.submit(self, cmd, last)
+        self.inner.shared.submit(self, cmd)
     }
 }
 

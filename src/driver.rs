@@ -290,7 +290,7 @@ impl Sink {
     /// Completes a command that never became pending (unknown connection, closed watcher).
     fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
         // Free and Detach are not counted in flight (`Shared::submit`).
-        if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
+        if !cmd.is_last() {
             conn.op_done();
         }
         let (op, tag) = (cmd.op(), cmd.tag);
@@ -616,7 +616,7 @@ impl Driver {
     fn submit(&mut self, conn: Conn, cmd: Cmd) {
         let id = conn.inner.id;
         // (`enqueue` refuses the other commands of an unknown connection itself.)
-        if !matches!(cmd.kind, Kind::Free | Kind::Detach) {
+        if !cmd.is_last() {
             return self.enqueue(id, conn, cmd);
         }
         let Some(fd) = self.retire(id, || Error::Freed) else {

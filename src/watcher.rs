@@ -197,13 +197,12 @@ impl Shared {
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a command for `conn` (`last`: a `Free` or `Detach`), or gives it back in the
-    /// error. The connection's "freed" bit and its count of operations sent are written only
+    /// Queues a command for `conn`, or gives it back in the error. The connection's "freed" bit and its count of operations sent are written only
     /// here, under the queue lock, so whatever a sender was told, the queue agrees: a command
     /// accepted before a `Free` is queued before it, one sent after it is refused, and the
     /// bound on operations in flight holds however many threads send at once. The handle in
     /// the queue keeps the connection registered until the poller takes it.
-    pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd, last: bool) -> Result<(), SendError> {
+    pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd) -> Result<(), SendError> {
         let inner = &conn.inner;
         let mut inbox = self.inbox();
         // Only ever written under this lock: what we read is current.
@@ -216,7 +215,7 @@ impl Shared {
             return Err(SendError::Closed(cmd));
         }
         let full = inbox.ops.len() >= self.ops_capacity;
-        if last {
+        if cmd.is_last() {
             // Only one Free/Detach is ever accepted; it does not count against the bound.
             inner.sent.store(sent | FREED, Release);
             if full {
