@@ -202,10 +202,11 @@ fn close_from_another_thread_wakes_a_blocked_wait() {
 
 /// However a `close` on one thread and a `wait_io` (or `try_wait_io`) on another interleave,
 /// the waiting side gets the pending read's `WatcherClosed` completion: `wait_io` before any
-/// `Err(WatcherClosed)` (even rounds), `try_wait_io` eventually, not lost (odd rounds; it
-/// returns a count, no error). The shutdown posts it to the mailbox, which the waiting side
-/// looks at once it sees the watcher closed, also when the driver vanished while it waited
-/// for the lock. The closer starts after a spin of varying length to vary the interleaving.
+/// `Err(WatcherClosed)` (even rounds; `wait_io` has no timeout, so a watchdog turns a lost
+/// wake-up into a failure), `try_wait_io` eventually, not lost (odd rounds; it returns a
+/// count, no error). The shutdown posts it to the mailbox, which the waiting side looks at
+/// once it sees the watcher closed, also when the driver vanished while it waited for the
+/// lock. The closer starts after a spin of varying length to vary the interleaving.
 #[test]
 fn close_racing_a_wait_hands_over_the_pending_completion() {
     for round in 0..300u64 {
@@ -223,7 +224,9 @@ fn close_racing_a_wait_hands_over_the_pending_completion() {
             });
             let mut got = Vec::new();
             let deadline = Instant::now() + TIMEOUT;
+            let _dog = watchdog(format!("close race round {round}: wait_io"), TIMEOUT);
             while got.is_empty() {
+                // (Reached again only by the odd rounds' `try_wait_io`, which returns at once.)
                 assert!(Instant::now() < deadline, "round {round}: no completion");
                 if round % 2 == 1 {
                     watcher.try_wait_io(&mut got);

@@ -6,7 +6,8 @@
 //! - `Ledger`: gives every command a unique tag and checks each completes exactly once;
 //! - `Echo`: a watcher-side echo server over many conns (reads of every kind, writes back);
 //! - `Rng` / `Pattern`: a tiny seeded PRNG, no dependency;
-//! - `fd_count()`, `wait_until(..)`, `set_linger_zero(..)`.
+//! - `fd_count()`, `wait_until(..)`, `set_linger_zero(..)`;
+//! - `watchdog(..)`: fails the run, instead of hanging it, around a wait with no timeout.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -24,6 +25,38 @@ use proactor::{Buf, Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher
 
 /// The generous upper bound for anything that should take milliseconds.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Aborts the test process, saying `what`, unless dropped within `limit`: for a wait that has
+/// no timeout of its own (`wait_io`), so that a completion lost there fails the run instead of
+/// hanging it. Dropping it ends its thread at once.
+pub fn watchdog(what: String, limit: Duration) -> Watchdog {
+    let (done, rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("{what}: still waiting after {limit:?}");
+            std::process::abort();
+        }
+    });
+    Watchdog {
+        done: Some(done),
+        thread: Some(thread),
+    }
+}
+
+/// See [`watchdog`].
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take()); // disconnects: the thread's wait ends
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// A connected loopback pair: (client, server).
 pub fn tcp_pair() -> (TcpStream, TcpStream) {
