@@ -869,15 +869,14 @@ impl Watcher {
         if let Some(driver) = &self.inline {
             if let Ok(mut guard) = driver.try_lock() {
                 if guard.is_some() {
-                    // Completions posted to the mailbox are older than the direct ones.
+                    // (While the driver runs, nothing posts to an inline watcher's mailbox:
+                    // only its shutdown does, which also empties the slot.)
                     let before = out.len();
-                    if self.is_closed() {
-                        self.try_take(out);
-                    }
                     step_inline(&mut guard, Some(Instant::now()), out);
+                    let shut_down = guard.is_none();
                     self.release_driver(guard);
-                    // (This step may have shut the driver down, posting to the mailbox.)
-                    if self.is_closed() {
+                    // This step shut the driver down: the rest went to the mailbox.
+                    if shut_down {
                         self.try_take(out);
                     }
                     return out.len() - before;
