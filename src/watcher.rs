@@ -197,11 +197,12 @@ impl Shared {
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a command for `conn`, or gives it back in the error. The connection's "freed" bit and its count of operations sent are written only
-    /// here, under the queue lock, so whatever a sender was told, the queue agrees: a command
-    /// accepted before a `Free` is queued before it, one sent after it is refused, and the
-    /// bound on operations in flight holds however many threads send at once. The handle in
-    /// the queue keeps the connection registered until the poller takes it.
+    /// Queues a command for `conn`, or gives it back in the error. The connection's "freed"
+    /// bit and its count of operations sent are written only here, under the queue lock, so
+    /// whatever a sender was told, the queue agrees: a command accepted before a `Free` is
+    /// queued before it, one sent after it is refused, and the bound on operations in flight
+    /// holds however many threads send at once. The handle in the queue keeps the connection
+    /// registered until the poller takes it.
     pub(crate) fn submit(&self, conn: &Conn, cmd: Cmd) -> Result<(), SendError> {
         let inner = &conn.inner;
         let mut inbox = self.inbox();
