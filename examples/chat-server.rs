@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool = Pool::builder().watchers(opts.watchers).build()?;
     // One accept at a time, so clients are numbered in the order they connected.
     pool.listen(listener)?.send(Cmd::Accept)?;
-    let mailbox = pool.mailbox();
+    let mailbox = pool.mailbox().expect("the pool shares one mailbox");
     let chat = thread::spawn(move || Chat::new(&opts).run(mailbox));
 
     signals.forever().next();
@@ -203,7 +203,7 @@ impl Chat {
 
     fn complete(&mut self, c: Completion) {
         let id = c.conn.id();
-        match (c.op, c.result) {
+        match (c.op, &c.result) {
             // A farewell was written (or ran out of time): now close.
             _ if c.tag == LAST => {
                 let _ = submit(&c.conn, Cmd::Free);
@@ -228,7 +228,7 @@ impl Chat {
                     }
                 }
             }
-            (Op::Read, Ok(())) => self.input(id, &c.buf.into_bytes()),
+            (Op::Read, Ok(())) => self.input(id, c.data()),
             (Op::Read, Err(Error::Deadline)) => self.leave(id, Some("! idle timeout\n")),
             // End of stream, reset, broken pipe, ...
             _ => self.leave(id, None),

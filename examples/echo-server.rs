@@ -58,7 +58,8 @@ fn echo_loop(watcher: &Watcher) {
     let mut batch = Vec::new();
     while watcher.wait_io(&mut batch).is_ok() {
         for c in batch.drain(..) {
-            let next = match (c.op, c.result) {
+            let conn = c.conn.clone();
+            let next = match (c.op, &c.result) {
                 // A new connection, already registered (perhaps on another watcher): start
                 // reading it, and accept the next one.
                 (Op::Accept, Ok(())) => {
@@ -74,7 +75,7 @@ fn echo_loop(watcher: &Watcher) {
                 }
                 // Echo exactly the bytes read: a zero-copy slice of the watcher's arena. No
                 // read is pending while it is written: that is the back-pressure.
-                (Op::Read, Ok(())) => Cmd::Write(c.buf.into_bytes()),
+                (Op::Read, Ok(())) => Cmd::Write(c.into_data()),
                 // Echo written: read again. An idle connection holds no buffer meanwhile.
                 (Op::Write, Ok(())) => Cmd::ReadInternal,
                 // Our own Free, or the watcher closing: nothing left to do.
@@ -86,8 +87,8 @@ fn echo_loop(watcher: &Watcher) {
             };
             // Refused (e.g. an overloaded command queue): give up on this connection. If even
             // Free is refused, dropping the last handle closes the socket.
-            if c.conn.send(next).is_err() {
-                let _ = c.conn.send(Cmd::Free);
+            if conn.send(next).is_err() {
+                let _ = conn.send(Cmd::Free);
             }
         }
     }

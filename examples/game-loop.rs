@@ -154,7 +154,7 @@ impl Game {
 
     fn complete(&mut self, c: Completion) {
         let id = c.conn.id();
-        match (c.op, c.result) {
+        match (c.op, &c.result) {
             // Our own Free, or operations of a player already gone.
             (Op::Free, _) | (_, Err(Error::Freed | Error::WatcherClosed)) => {}
             // A new player; then accept the next one.
@@ -170,7 +170,7 @@ impl Game {
                     p.writing -= 1;
                 }
             }
-            (Op::Read, Ok(())) => self.input(id, &c.buf.into_bytes()),
+            (Op::Read, Ok(())) => self.input(id, c.data()),
             // End of stream, reset, or a write stuck for WRITE_TIMEOUT: the player goes.
             _ => self.remove(id),
         }

@@ -122,7 +122,8 @@ impl Cmd {
     pub const Shutdown: Cmd = plain(Kind::Shutdown);
 
     /// Completes the operation with [`Error::Deadline`](crate::Error::Deadline) if it has not
-    /// finished by `deadline`. Ignored by `Free` and `Detach`.
+    /// finished by `deadline`. Ignored by `Free` and `Detach`, which complete at once and are
+    /// never refused for it, whatever the deadline (one already past included).
     #[inline]
     pub fn deadline(mut self, deadline: Instant) -> Cmd {
         self.deadline = Some(deadline);
@@ -138,7 +139,13 @@ impl Cmd {
 
     /// Completes the operation with [`Error::IdleTimeout`](crate::Error::IdleTimeout) once no
     /// byte has moved in its direction on this connection for `idle` (counted from when the
-    /// watcher took the command): a slow but live transfer is never cut off.
+    /// watcher took the command): a slow but live transfer is never cut off. It never fires
+    /// early, and may fire a few milliseconds late (progress is stamped in whole milliseconds).
+    ///
+    /// Ignored where it means nothing: by `Free` and `Detach` (they complete at once), by
+    /// `Accept` (no bytes move on a listener: use [`deadline`](Cmd::deadline) to bound an
+    /// accept), and when `idle` is too long to represent as an `Instant`
+    /// (`Duration::MAX`), which is no idle timeout, with no timer armed.
     #[inline]
     pub fn idle_timeout(mut self, idle: Duration) -> Cmd {
         self.idle = Some(idle);

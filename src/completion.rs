@@ -68,7 +68,11 @@ impl Buf {
         }
     }
 
-    /// The bytes as [`Bytes`] (a `Vec` is converted without copying; the others give empty).
+    /// The whole buffer as [`Bytes`] (a `Vec` is converted without copying; the others give
+    /// empty).
+    ///
+    /// For a read into a caller's `Vec` that is the whole `Vec`, not just the bytes read: use
+    /// [`Completion::into_data`] for those.
     #[inline]
     pub fn into_bytes(self) -> Bytes {
         match self {
@@ -127,6 +131,40 @@ impl Completion {
         &s[..self.n.min(s.len())]
     }
 
+    /// The bytes this operation moved, `buf[..n]`, as [`Bytes`], without copying: exactly
+    /// what a read got, whichever kind of read it was (for a [`Cmd::Read`](crate::Cmd::Read)
+    /// into a `Vec`, its first `n` bytes, not the rest of its length), or what a write wrote
+    /// (all of it, unless it ended early). Empty for operations that move no bytes.
+    ///
+    /// It gives the `Vec` of a read up; to reuse it for the next read, take
+    /// [`Buf::into_vec`] (the whole `Vec`, at its original length) instead.
+    ///
+    /// ```no_run
+    /// # use proactor::{Cmd, Completion, Op};
+    /// # #[allow(dead_code)]
+    /// # fn demo(c: Completion) -> Result<(), proactor::SendError> {
+    /// if c.op == Op::Read && c.is_ok() {
+    ///     // Echo what was read: no copy for either kind of read.
+    ///     c.conn.clone().send(Cmd::Write(c.into_data()))?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[inline]
+    pub fn into_data(self) -> Bytes {
+        let n = self.n;
+        match self.buf {
+            Buf::Vec(mut v) => {
+                v.truncate(n);
+                Bytes::from(v)
+            }
+            Buf::Bytes(mut b) => {
+                b.truncate(n);
+                b
+            }
+            Buf::None | Buf::Fd(_) | Buf::Accepted(..) => Bytes::new(),
+        }
+    }
+
     /// Whether the operation did everything it was asked.
     #[inline]
     pub fn is_ok(&self) -> bool {
@@ -137,5 +175,54 @@ impl Completion {
     #[inline]
     pub fn is_eof(&self) -> bool {
         matches!(self.result, Err(Error::Eof))
+    }
+}
+
+/// A completion channel that several watchers post into: the one argument of
+/// [`WatcherBuilder::mailbox`](crate::WatcherBuilder::mailbox), so that its sender and
+/// receiver are always two ends of one channel. Clones share the channel.
+///
+/// ```
+/// use proactor::{Mailbox, Watcher};
+///
+/// # fn main() -> std::io::Result<()> {
+/// let mailbox = Mailbox::unbounded();
+/// let a = Watcher::builder().mailbox(&mailbox).build()?;
+/// let b = Watcher::builder().mailbox(&mailbox).build()?;
+/// // Completions of both arrive here (flume is MPMC: any number of threads may take).
+/// let rx = mailbox.receiver().clone();
+/// # drop((a, b, rx));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    tx: flume::Sender<Completion>,
+    rx: flume::Receiver<Completion>,
+}
+
+impl Mailbox {
+    /// An unbounded channel: the poller never waits for room.
+    pub fn unbounded() -> Mailbox {
+        let (tx, rx) = flume::unbounded();
+        Mailbox { tx, rx }
+    }
+
+    /// A channel that holds at most `capacity` completions (0: a rendezvous channel, each
+    /// completion handed over as a receiver takes it). When it is full the poller keeps
+    /// further completions in order, without blocking and without polling, until a receiver
+    /// makes room; they count as in flight for their connections meanwhile, so
+    /// [`max_ops_per_conn`](crate::WatcherBuilder::max_ops_per_conn) bounds them.
+    pub fn bounded(capacity: usize) -> Mailbox {
+        let (tx, rx) = flume::bounded(capacity);
+        Mailbox { tx, rx }
+    }
+
+    /// The receiving end: `recv`, `try_recv`, `flume::Selector`, `recv_async`.
+    pub fn receiver(&self) -> &flume::Receiver<Completion> {
+        &self.rx
+    }
+
+    pub(crate) fn into_parts(self) -> (flume::Sender<Completion>, flume::Receiver<Completion>) {
+        (self.tx, self.rx)
     }
 }

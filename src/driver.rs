@@ -8,12 +8,13 @@
 //! `wait_io`) -> `select` with a timeout of zero (work left), the nearest deadline, or
 //! forever -> mark connections from the events.
 
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 
 use crate::fifo::{Fifo, Slab};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
@@ -22,8 +23,11 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use slotmap::{KeyData, SecondaryMap};
 
+use std::task::{Context, Wake, Waker};
+
 use crate::cmd::Kind;
 use crate::conn::Key;
+use crate::delivery::{self, Stalled};
 use crate::stats::Stats;
 use crate::watcher::{Ctl, Route, Shared};
 use crate::{sys, Buf, Cmd, Completion, Conn, Error, Op};
@@ -199,7 +203,9 @@ impl ConnState {
 /// A deadline or idle check for the operation `seq`. Cancellation is lazy: a timer whose
 /// operation is gone is skipped when it pops (O(log n)), and the heap is compacted when stale
 /// entries outnumber live ones.
-#[derive(PartialEq, Eq)]
+///
+/// Ordered by time, then by operation (oldest first); equality is the same relation, so two
+/// timers of one operation due at the same instant (a deadline and an idle check) are equal.
 struct Timer {
     when: Instant,
     seq: u64,
@@ -215,6 +221,14 @@ impl Ord for Timer {
         other.when.cmp(&self.when).then(other.seq.cmp(&self.seq))
     }
 }
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Timer) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Timer {}
 
 impl PartialOrd for Timer {
     fn partial_cmp(&self, other: &Timer) -> Option<std::cmp::Ordering> {
@@ -274,7 +288,6 @@ impl Sink {
         if matches!(result, Err(Error::Deadline | Error::IdleTimeout)) {
             self.stats.deadlines_fired += 1;
         }
-        conn.op_done();
         let buf = buf.unwrap_or_else(|| p.kind.into_buf());
         let (tag, n) = (p.tag, p.done);
         self.push(Completion {
@@ -289,10 +302,6 @@ impl Sink {
 
     /// Completes a command that never became pending (unknown connection, closed watcher).
     fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
-        // Free and Detach are not counted in flight (`Shared::submit`).
-        if !cmd.is_last() {
-            conn.op_done();
-        }
         let (op, tag) = (cmd.op(), cmd.tag);
         let buf = cmd.into_buf();
         self.push(Completion {
@@ -326,7 +335,13 @@ impl Sink {
             route.and_then(|r| r.mailbox.clone())
         };
         match (&mut self.direct, to) {
-            (Some(direct), None) => direct.push(c),
+            (Some(direct), None) => {
+                // Handed to the thread driving the watcher: delivered.
+                if delivery::counts(&c) {
+                    c.conn.op_done();
+                }
+                direct.push(c)
+            }
             (_, to) => self.out.push((c, to)),
         }
     }
@@ -373,6 +388,16 @@ impl Arena {
     }
 }
 
+/// Wakes the poller (its eventfd) when a full channel it waits on makes room.
+struct RoomWaker(Arc<Shared>);
+
+impl Wake for RoomWaker {
+    fn wake(self: Arc<Self>) {
+        // A failed write means the eventfd is broken; nothing better to do here.
+        let _ = self.0.waker.wake();
+    }
+}
+
 pub(crate) struct Driver {
     shared: Arc<Shared>,
     /// The inbox's queues as the last take left them (empty, allocation kept): swapped with
@@ -383,6 +408,8 @@ pub(crate) struct Driver {
     /// Completions that full bounded channels did not take yet: one queue per channel, in
     /// order, so a receiver that stops draining holds back its own completions only.
     backlog: Vec<Stalled>,
+    /// Wakes this poller when a stalled channel makes room (`delivery`).
+    room: Waker,
     /// An inline step returned without collecting events (its round posted completions).
     skipped_wait: bool,
     conns: SecondaryMap<Key, ConnState>,
@@ -408,6 +435,7 @@ impl Driver {
         events_capacity: usize,
     ) -> Driver {
         Driver {
+            room: Waker::from(Arc::new(RoomWaker(shared.clone()))),
             shared,
             ops_in: Vec::new(),
             ctl_in: Vec::new(),
@@ -455,10 +483,41 @@ impl Driver {
     }
 
     /// The poller thread's loop: rounds until the watcher is closed.
-    pub(crate) fn run(mut self) {
+    pub(crate) fn run(&mut self) {
         while self.process() {
             let timeout = self.next_timeout();
             self.wait(timeout);
+        }
+    }
+
+    /// After a panic while driving (a bug of this crate, or user code the poller ran, such
+    /// as the `Drop` of a write buffer's owner): the watcher counts as closed, as after
+    /// `close`, and every pending operation and queued command is completed with
+    /// `WatcherClosed` as far as the half-updated state allows. Should the shutdown panic
+    /// too, the commands still queued are completed straight into the mailbox.
+    pub(crate) fn abandon(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        if catch_unwind(AssertUnwindSafe(|| self.shutdown())).is_ok() {
+            return;
+        }
+        let queued = {
+            let mut inbox = self.shared.inbox();
+            inbox.sealed = true;
+            std::mem::take(&mut inbox.ops)
+        };
+        let left = std::mem::take(&mut self.ops_in).into_iter().chain(queued);
+        for (conn, cmd) in left {
+            let (op, tag) = (cmd.op(), cmd.tag);
+            let c = Completion {
+                conn,
+                op,
+                tag,
+                buf: cmd.into_buf(),
+                n: 0,
+                result: Err(Error::WatcherClosed),
+            };
+            // Never blocks: a full bounded mailbox loses it (the state may be broken).
+            let _ = self.mailbox.try_send(c);
         }
     }
 
@@ -641,9 +700,14 @@ impl Driver {
         let Cmd {
             kind,
             deadline,
-            idle,
+            mut idle,
             tag,
         } = cmd;
+        // An idle timeout means nothing to an accept (no bytes move), nor one too long to
+        // represent: both are no idle timeout, without a timer.
+        if idle.is_some_and(|d| matches!(kind, Kind::Accept) || self.now.checked_add(d).is_none()) {
+            idle = None;
+        }
         if st.conn.is_none() {
             st.conn = Some(conn);
         }
@@ -666,6 +730,7 @@ impl Driver {
             if timed {
                 stats.deadlines_armed += 1;
                 let idle_at = idle.and_then(|d| Some((self.now.checked_add(d)?, d)));
+                debug_assert_eq!(idle.is_some(), idle_at.is_some());
                 let timers = [
                     deadline.map(|at| (at, None)),
                     idle_at.map(|(at, d)| (at, Some(d))),
@@ -689,10 +754,7 @@ impl Driver {
             };
             self.ops.push_back(st.queue(dir), p);
         }
-        if !st.queued && runnable(st, &self.ops) {
-            st.queued = true;
-            self.ready.push(id);
-        }
+        mark_runnable(&mut self.ready, st, &self.ops, id);
     }
 
     fn run_ready(&mut self) {
@@ -700,27 +762,41 @@ impl Driver {
         if n == 0 {
             return;
         }
-        let now = stamp(self.epoch, self.now);
         for i in 0..n {
             let id = self.ready[i];
             let Some(st) = self.conns.get_mut(id) else {
                 continue;
             };
+            let moved = (self.sink.stats.bytes_read, self.sink.stats.bytes_written);
             // A parked read is the connection's only read (the read FIFO is empty).
             let paused = if st.parked && !st.listener {
                 // The common case, an idle connection's one read: run it in place.
                 if (st.readable || st.eof) && !reads_held(st, &self.ops) {
-                    read_parked(st, &mut self.sink, &mut self.arena, now);
+                    read_parked(st, &mut self.sink, &mut self.arena);
                 }
                 false
             } else {
                 // (On a listener a parked read, a `ReadInternal`, fails at once.)
                 st.unpark(&mut self.ops);
-                let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena, now);
+                let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena);
                 st.park(&mut self.ops);
                 paused
             };
-            do_writes(st, &mut self.ops, &mut self.sink, now);
+            do_writes(st, &mut self.ops, &mut self.sink);
+            // Progress is stamped with the time the bytes moved, read now: the round's start
+            // may be long past (a long round, a preempted poller), and a stamp that early
+            // would let an idle timeout fire early. One clock read per connection that moved.
+            let stats = &self.sink.stats;
+            let (read, written) = (stats.bytes_read != moved.0, stats.bytes_written != moved.1);
+            if read || written {
+                let t = stamp(self.epoch, Instant::now());
+                if read {
+                    st.read_progress = t;
+                }
+                if written {
+                    st.write_progress = t;
+                }
+            }
             st.queued = runnable(st, &self.ops);
             if st.queued {
                 self.ready.push(id);
@@ -778,7 +854,8 @@ impl Driver {
             Ok(conn) => self
                 .sink
                 .finish(p, listener, Ok(()), Some(Buf::Accepted(conn, peer))),
-            Err(e) => self.sink.finish(p, listener, Err(e), None),
+            // The accepted socket is closed with the error.
+            Err(e) => self.sink.finish(p, listener, Err(e.into()), None),
         }
     }
 
@@ -792,10 +869,7 @@ impl Driver {
             if t.seq == RESUME {
                 st.paused = false;
                 st.readable = true;
-                if !st.queued && runnable(st, &self.ops) {
-                    st.queued = true;
-                    self.ready.push(t.id);
-                }
+                mark_runnable(&mut self.ready, st, &self.ops, t.id);
                 continue;
             }
             let q = st.queue(t.dir);
@@ -831,10 +905,7 @@ impl Driver {
             self.sink.complete(st, p, Err(err), None);
             // What was behind it may run now without a new event (a `Shutdown` after a
             // write cut short by its deadline, against a peer that reads nothing).
-            if !st.queued && runnable(st, &self.ops) {
-                st.queued = true;
-                self.ready.push(t.id);
-            }
+            mark_runnable(&mut self.ready, st, &self.ops, t.id);
         }
         // Compact when completed operations' timers dominate the heap.
         let armed = self.sink.stats.deadlines_armed as usize;
@@ -858,36 +929,25 @@ impl Driver {
         // Whether anything reached a channel: a waiter must then be woken, also when all of
         // it came from the backlog (room was made) and this round completed nothing.
         let mut posted = false;
-        let mailbox = &self.mailbox;
         // The stalled channels first: what waits there is older.
         if !self.backlog.is_empty() {
-            self.backlog.retain_mut(|s| {
-                while let Some(c) = s.queue.pop_front() {
-                    if let Err(c) = deliver(s.to.as_ref().unwrap_or(mailbox), c) {
-                        s.queue.push_front(c);
-                        return true;
-                    }
-                    posted = true;
-                }
-                false
-            });
+            let mut cx = Context::from_waker(&self.room);
+            posted |= delivery::pump_all(&mut self.backlog, &mut cx);
         }
         // (Skipped when empty, as an inline watcher's is: a drain costs its set-up.)
         if !self.sink.out.is_empty() {
+            let mailbox = &self.mailbox;
             for (c, to) in self.sink.out.drain(..) {
-                if let Some(s) = self.backlog.iter_mut().find(|s| s.is(&to)) {
-                    s.queue.push_back(c);
-                    continue;
-                }
-                match deliver(to.as_ref().unwrap_or(mailbox), c) {
-                    Ok(()) => posted = true,
-                    Err(c) => self.backlog.push(Stalled {
-                        to,
-                        queue: VecDeque::from([c]),
-                    }),
-                }
+                let to = to.as_ref().unwrap_or(mailbox);
+                posted |= delivery::deliver(&mut self.backlog, to, c);
+            }
+            if !self.backlog.is_empty() {
+                // A queue that started this round: its head waits for room with our waker.
+                let mut cx = Context::from_waker(&self.room);
+                posted |= delivery::pump_all(&mut self.backlog, &mut cx);
             }
         }
+        self.sink.stats.stalled_completions = delivery::waiting(&self.backlog) as u64;
         self.sink.stats.timer_entries = self.timers.len() as u64;
         self.shared.stats.publish(&self.sink.stats);
         if posted && self.sink.direct.is_none() {
@@ -899,20 +959,14 @@ impl Driver {
         if !self.ready.is_empty() {
             return Some(Duration::ZERO);
         }
-        let timer = self
-            .timers
+        self.timers
             .peek()
-            .map(|t| t.when.saturating_duration_since(self.now));
-        if !self.backlog.is_empty() {
-            let retry = Duration::from_millis(1);
-            return Some(timer.map_or(retry, |t| t.min(retry)));
-        }
-        timer
+            .map(|t| t.when.saturating_duration_since(self.now))
     }
 
     fn wait(&mut self, mut timeout: Option<Duration>) {
         if timeout != Some(Duration::ZERO) {
-            // See `Shared::wake_if_sleeping` for the other half of this handshake.
+            // See `Shared::release_and_wake` for the other half of this handshake.
             self.shared.sleeping.store(true, Ordering::Relaxed);
             let inbox = self.shared.inbox();
             if !inbox.ops.is_empty() || !inbox.ctl.is_empty() || inbox.sealed {
@@ -949,10 +1003,7 @@ impl Driver {
             st.readable |= ev.readable;
             st.writable |= ev.writable;
             st.hup |= ev.hup;
-            if !st.queued && runnable(st, &self.ops) {
-                st.queued = true;
-                self.ready.push(id);
-            }
+            mark_runnable(&mut self.ready, st, &self.ops, id);
         }
     }
 
@@ -979,34 +1030,14 @@ impl Driver {
         self.drain_backlog();
     }
 
-    /// A bounded, full channel: its last completions wait for room, for as long as someone
-    /// can still receive them, in a thread of their own, so `close` (which joins the poller)
-    /// never waits for a receiver, perhaps its own caller. The thread holds a mailbox sender
-    /// until it is done and then ends a round, so waiters see the mailbox closed after the
-    /// last completion. Only if no thread can be started does the poller wait itself.
+    /// What still waits for room in bounded channels goes on waiting on a thread of its own
+    /// (`delivery::drain`), which ends a round for `wait_io` after each delivery and at the
+    /// end, so waiters see the mailbox closed after the last completion.
     fn drain_backlog(&mut self) {
-        if self.backlog.is_empty() {
-            return;
-        }
-        let stalled = Arc::new(std::sync::Mutex::new(std::mem::take(&mut self.backlog)));
-        let drain = {
-            let (stalled, mailbox, shared) =
-                (stalled.clone(), self.mailbox.clone(), self.shared.clone());
-            move || {
-                let stalled =
-                    std::mem::take(&mut *stalled.lock().unwrap_or_else(|p| p.into_inner()));
-                deliver_blocking(stalled, &mailbox);
-                drop(mailbox);
-                shared.rounds.ended();
-            }
-        };
-        let spawned = thread::Builder::new()
-            .name("proactor-drain".into())
-            .spawn(drain);
-        if spawned.is_err() {
-            let left = std::mem::take(&mut *stalled.lock().unwrap_or_else(|p| p.into_inner()));
-            deliver_blocking(left, &self.mailbox);
-        }
+        let shared = self.shared.clone();
+        delivery::drain(std::mem::take(&mut self.backlog), move || {
+            shared.rounds.ended()
+        });
     }
 }
 
@@ -1030,45 +1061,6 @@ fn stamp(epoch: Instant, t: Instant) -> u32 {
     (t.saturating_duration_since(epoch).as_millis() as u32).wrapping_add(1)
 }
 
-/// The completions waiting for room in one full bounded channel (`None`: the watcher's
-/// mailbox).
-struct Stalled {
-    to: Option<flume::Sender<Completion>>,
-    queue: VecDeque<Completion>,
-}
-
-impl Stalled {
-    fn is(&self, to: &Option<flume::Sender<Completion>>) -> bool {
-        match (&self.to, to) {
-            (None, None) => true,
-            (Some(a), Some(b)) => a.same_channel(b),
-            _ => false,
-        }
-    }
-}
-
-/// Delivers what waited for room, channel by channel and in order, blocking for room; a
-/// channel with no receiver left gets nothing more.
-fn deliver_blocking(stalled: Vec<Stalled>, mailbox: &flume::Sender<Completion>) {
-    for s in stalled {
-        let to = s.to.as_ref().unwrap_or(mailbox);
-        for c in s.queue {
-            if to.send(c).is_err() {
-                break;
-            }
-        }
-    }
-}
-
-/// Posts `c` to `to`; gives it back when that (bounded) channel is full. With no receiver
-/// left, the completion is dropped.
-fn deliver(to: &flume::Sender<Completion>, c: Completion) -> Result<(), Completion> {
-    match to.try_send(c) {
-        Err(flume::TrySendError::Full(c)) => Err(c),
-        Ok(()) | Err(flume::TrySendError::Disconnected(_)) => Ok(()),
-    }
-}
-
 /// Runs the read FIFO (a parked read moved into it first, by the caller). Returns `true` if a
 /// listener hit a resource limit and must pause.
 fn do_reads(
@@ -1076,7 +1068,6 @@ fn do_reads(
     ops: &mut Slab<Pending>,
     sink: &mut Sink,
     arena: &mut Arena,
-    now: u32,
 ) -> bool {
     if reads_held(st, ops) {
         return false;
@@ -1097,7 +1088,10 @@ fn do_reads(
             Kind::Read(buf) => (sys::recv(fd, &mut buf[..]), buf.len()),
             Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
             Kind::ReadInternal => arena.recv(fd, &mut sink.stats),
-            _ => {
+            Kind::Write(_) | Kind::Connect | Kind::Shutdown | Kind::Free | Kind::Detach => {
+                unreachable!("only reads and accepts wait in the read FIFO")
+            }
+            Kind::Accept => {
                 let result = sys::accept(fd);
                 if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
                     st.readable = false;
@@ -1118,7 +1112,7 @@ fn do_reads(
                 continue;
             }
         };
-        match read_outcome(st, res, asked, &mut sink.stats, now) {
+        match read_outcome(st, res, asked, &mut sink.stats) {
             None => {} // drained: `readable` is down, the loop ends
             Some(Ok(n)) => {
                 let mut data = None;
@@ -1155,7 +1149,6 @@ fn read_outcome(
     res: io::Result<usize>,
     asked: usize,
     stats: &mut Stats,
-    now: u32,
 ) -> Option<Result<usize, Error>> {
     match res {
         Ok(0) => {
@@ -1164,7 +1157,6 @@ fn read_outcome(
         }
         Ok(n) => {
             stats.bytes_read += n as u64;
-            st.read_progress = now;
             // A short read drained the socket; the next arrival is a new edge. After a
             // hang-up no edge will come, so keep reading until the socket says EOF.
             if n < asked && !st.hup {
@@ -1185,12 +1177,12 @@ fn read_outcome(
 /// would take (unpark, run, park again): the read of every idle connection of an echo or
 /// chat server, so the common case. The caller checked that it may run (not a listener,
 /// readable or at end of stream, reads not held).
-fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena, now: u32) {
+fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena) {
     let outcome = if st.eof {
         Some(Err(Error::Eof))
     } else {
         let (res, asked) = arena.recv(st.fd.as_fd(), &mut sink.stats);
-        read_outcome(st, res, asked, &mut sink.stats, now)
+        read_outcome(st, res, asked, &mut sink.stats)
     };
     let Some(outcome) = outcome else {
         return; // drained: it stays parked
@@ -1258,6 +1250,16 @@ fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
     reads || writes
 }
 
+/// Puts `st` (connection `id`) in the runnable list if it can make progress now and is not
+/// there yet.
+#[inline]
+fn mark_runnable(ready: &mut Vec<Key>, st: &mut ConnState, ops: &Slab<Pending>, id: Key) {
+    if !st.queued && runnable(st, ops) {
+        st.queued = true;
+        ready.push(id);
+    }
+}
+
 /// Reads wait during an accept pause, and while a `Connect` heads the write FIFO: a read
 /// would take a failed connect's error from the socket, and the connect would then never
 /// learn it.
@@ -1273,7 +1275,7 @@ fn shutdown_at_head(st: &ConnState, ops: &Slab<Pending>) -> bool {
     matches!(write_head(st, ops), Some(Kind::Shutdown))
 }
 
-fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: u32) {
+fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
     let mut budget = BUDGET;
     while budget > 0 && (st.writable || shutdown_at_head(st, ops)) {
         let Some(head) = ops.front(&st.writes) else {
@@ -1307,9 +1309,6 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: 
         match sent {
             Ok(mut n) => {
                 sink.stats.bytes_written += n as u64;
-                if n > 0 {
-                    st.write_progress = now;
-                }
                 // A short write filled the socket buffer; EPOLLOUT comes when it drains.
                 if n < asked {
                     st.writable = false;
@@ -1340,8 +1339,75 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, now: 
 
 #[cfg(test)]
 mod tests {
-    use super::since_progress;
-    use std::time::Duration;
+    use super::{since_progress, stamp, Dir, Timer};
+    use crate::conn::Key;
+    use std::time::{Duration, Instant};
+
+    /// `Eq` and `Ord` agree (`BinaryHeap` relies on `Ord`; a derived `Eq` over every field
+    /// said two timers differ where `Ord` called them equal).
+    #[test]
+    fn timer_eq_agrees_with_ord() {
+        let t0 = Instant::now();
+        let timer = |ms, seq, idle: Option<u64>| Timer {
+            when: t0 + Duration::from_millis(ms),
+            seq,
+            id: Key::default(),
+            dir: Dir::Read,
+            idle: idle.map(Duration::from_millis),
+        };
+        let all = [
+            timer(1, 1, None),
+            timer(1, 1, Some(5)),
+            timer(1, 2, None),
+            timer(2, 1, None),
+            timer(2, 1, Some(7)),
+        ];
+        for a in &all {
+            for b in &all {
+                assert_eq!(a == b, a.cmp(b) == std::cmp::Ordering::Equal);
+                assert_eq!(a.partial_cmp(b), Some(a.cmp(b)));
+            }
+        }
+        // The heap pops the earliest first, then the oldest operation.
+        assert!(timer(1, 2, None) > timer(2, 1, None));
+        assert!(timer(1, 1, None) > timer(1, 2, None));
+    }
+
+    /// Issue 16, item 3: progress is stamped with the time the bytes moved, not the round's
+    /// start, which a long round or a preempted poller leaves long past (an idle timeout
+    /// could then fire up to that much early).
+    #[test]
+    fn progress_is_stamped_when_the_bytes_move_not_when_the_round_started() {
+        use crate::{Cmd, Watcher};
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+
+        let watcher = Watcher::builder().inline(true).build().unwrap();
+        // A poller that has run for a minute (its stamps count from its start).
+        watcher.with_driver(|d| d.epoch = Instant::now() - Duration::from_secs(60));
+        let (mut peer, socket) = UnixStream::pair().unwrap();
+        let conn = watcher.register(socket).unwrap();
+        let idle = Duration::from_secs(60);
+        conn.send(Cmd::ReadFull(vec![0; 2]).idle_timeout(idle))
+            .unwrap();
+        // The read is taken, tried (nothing yet) and waits for readiness.
+        watcher.with_driver(|d| assert!(d.step(Some(Instant::now()))));
+        peer.write_all(b"x").unwrap();
+        watcher.with_driver(|d| {
+            d.wait(Some(Duration::ZERO));
+            // The round's clock as a long round or a preemption leaves it: long past.
+            let moved_at = Instant::now();
+            d.now = moved_at - Duration::from_secs(5);
+            assert!(d.process());
+            let st = &d.conns[conn.inner.id];
+            let lag = st.read_progress.wrapping_sub(stamp(d.epoch, moved_at)) as i32;
+            assert!(
+                lag >= 0,
+                "progress stamped {} ms before the bytes moved",
+                -lag
+            );
+        });
+    }
 
     #[test]
     fn since_progress_across_the_stamp_range() {

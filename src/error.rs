@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::Cmd;
 
@@ -92,5 +93,69 @@ impl fmt::Debug for SendError {
             SendError::EmptyBuffer(_) => "EmptyBuffer",
         };
         write!(f, "{name}(..)")
+    }
+}
+
+/// A socket a watcher did not take ([`Watcher::register`](crate::Watcher::register),
+/// [`register_with`](crate::Watcher::register_with), [`listen`](crate::Watcher::listen) and
+/// the [`Pool`](crate::Pool)'s): why, and the socket itself, handed back open (as
+/// [`SendError`] hands a command back), so a caller can retry elsewhere or close it
+/// deliberately. Converting it into an [`Error`] (the `?` operator does) closes the socket.
+///
+/// The socket may have been switched to non-blocking mode before the error was found.
+pub struct RegisterError {
+    error: Error,
+    socket: OwnedFd,
+}
+
+impl RegisterError {
+    pub(crate) fn new(error: impl Into<Error>, socket: OwnedFd) -> RegisterError {
+        RegisterError {
+            error: error.into(),
+            socket,
+        }
+    }
+
+    /// Why the socket was not taken.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The socket, handed back open.
+    pub fn into_socket(self) -> OwnedFd {
+        self.socket
+    }
+
+    /// The error and the socket.
+    pub fn into_parts(self) -> (Error, OwnedFd) {
+        (self.error, self.socket)
+    }
+}
+
+impl From<RegisterError> for Error {
+    /// The error alone: the socket is closed.
+    fn from(e: RegisterError) -> Error {
+        e.error
+    }
+}
+
+impl fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl fmt::Debug for RegisterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegisterError")
+            .field("error", &self.error)
+            .field("socket", &self.socket.as_raw_fd())
+            .finish()
+    }
+}
+
+impl std::error::Error for RegisterError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
     }
 }

@@ -50,12 +50,15 @@
 //! while echoed < 5 {
 //!     watcher.wait_io(&mut batch)?;
 //!     for c in batch.drain(..) {
-//!         c.result?; // Err(Eof), Err(Deadline), Err(Io(..)), ...
+//!         if let Err(e) = &c.result {
+//!             return Err(e.to_string().into()); // Eof, Deadline, Io(..), ...
+//!         }
+//!         let conn = c.conn.clone();
 //!         match c.op {
-//!             // Echo the bytes read (a `Bytes` slice, no copy), then read again.
+//!             // Echo exactly the bytes read (a `Bytes` slice, no copy), then read again.
 //!             Op::Read => {
-//!                 c.conn.send(Cmd::Write(c.buf.into_bytes()))?;
-//!                 c.conn.send(Cmd::ReadInternal)?;
+//!                 conn.send(Cmd::Write(c.into_data()))?;
+//!                 conn.send(Cmd::ReadInternal)?;
 //!             }
 //!             Op::Write => echoed += c.n,
 //!             _ => {}
@@ -136,6 +139,7 @@
 mod cmd;
 mod completion;
 mod conn;
+mod delivery;
 mod driver;
 mod error;
 mod fifo;
@@ -148,9 +152,9 @@ mod watcher;
 
 pub use bytes;
 pub use cmd::Cmd;
-pub use completion::{Buf, Completion, Op};
+pub use completion::{Buf, Completion, Mailbox, Op};
 pub use conn::{Conn, ConnId};
-pub use error::{Error, SendError};
+pub use error::{Error, RegisterError, SendError};
 pub use flume;
 pub use net::{reuseport_listener, tcp_listener, Connect};
 pub use pool::{Pool, PoolBuilder};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::sys;
 use crate::watcher::{Route, Spread};
-use crate::{Completion, Conn, Error, Watcher, WatcherBuilder};
+use crate::{Completion, Conn, Mailbox, RegisterError, Watcher, WatcherBuilder};
 
 /// Options for a [`Pool`].
 #[derive(Debug, Clone)]
@@ -71,12 +71,12 @@ impl PoolBuilder {
         } else {
             None
         };
-        let shared = self.shared_mailbox.then(flume::unbounded::<Completion>);
+        let shared = self.shared_mailbox.then(Mailbox::unbounded);
         let mut watchers = Vec::with_capacity(self.watchers);
         for i in 0..self.watchers {
             let mut options = self.options.clone().without_mailbox_or_cpu();
-            if let Some((tx, rx)) = &shared {
-                options = options.mailbox(tx.clone(), rx.clone());
+            if let Some(mailbox) = &shared {
+                options = options.mailbox(mailbox);
             }
             if let Some(cpus) = &cpus {
                 options = options.poller_cpu(cpus[i % cpus.len()]);
@@ -86,7 +86,12 @@ impl PoolBuilder {
         let spread = Arc::new(Spread::new(
             watchers.iter().map(|w| w.shared().clone()).collect(),
         ));
-        Ok(Pool { watchers, spread })
+        let mailbox = shared.map(|m| m.receiver().clone());
+        Ok(Pool {
+            watchers,
+            spread,
+            mailbox,
+        })
     }
 }
 
@@ -105,7 +110,8 @@ impl PoolBuilder {
 /// listener.send(Cmd::Accept)?;
 /// let _client = TcpStream::connect(addr)?;
 ///
-/// let c = pool.mailbox().recv()?; // any thread may take from the shared mailbox
+/// let mailbox = pool.mailbox().expect("one mailbox shared by every watcher");
+/// let c = mailbox.recv()?; // any thread may take from it
 /// assert_eq!(c.op, Op::Accept);
 /// let (conn, _peer) = c.buf.into_accepted().expect("accepted");
 /// conn.send(Cmd::ReadInternal)?;
@@ -114,6 +120,8 @@ impl PoolBuilder {
 pub struct Pool {
     watchers: Vec<Watcher>,
     spread: Arc<Spread>,
+    /// The shared mailbox; `None` with per-watcher mailboxes.
+    mailbox: Option<flume::Receiver<Completion>>,
 }
 
 impl Pool {
@@ -142,10 +150,12 @@ impl Pool {
         &self.watchers
     }
 
-    /// The shared mailbox, or the first watcher's with
-    /// [`per_watcher_mailboxes`](PoolBuilder::per_watcher_mailboxes).
-    pub fn mailbox(&self) -> flume::Receiver<Completion> {
-        self.watchers[0].mailbox()
+    /// The shared mailbox, or `None` for a pool built with
+    /// [`per_watcher_mailboxes`](PoolBuilder::per_watcher_mailboxes): each watcher's
+    /// completions are then in its own [`Watcher::mailbox`], taken with its
+    /// [`wait_io`](Watcher::wait_io).
+    pub fn mailbox(&self) -> Option<flume::Receiver<Completion>> {
+        self.mailbox.clone()
     }
 
     /// The watcher with the fewest connections (ties round-robin).
@@ -158,7 +168,7 @@ impl Pool {
     /// # Errors
     ///
     /// As [`Watcher::register`].
-    pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, Error> {
+    pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, RegisterError> {
         self.least_loaded().register(socket)
     }
 
@@ -173,7 +183,7 @@ impl Pool {
     /// # Errors
     ///
     /// As [`Watcher::listen`].
-    pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
+    pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, RegisterError> {
         let route = Route {
             mailbox: None,
             spread: Some(self.spread.clone()),

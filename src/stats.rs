@@ -55,6 +55,10 @@ stats! {
     batches,
     /// Completions posted.
     completions,
+    /// Completions waiting for room in full bounded channels (a mailbox or a route made
+    /// with [`register_with`](crate::Watcher::register_with)): they count as in flight for
+    /// their connections until delivered.
+    stalled_completions,
     /// Internal read-buffer chunks allocated (a used-up chunk is reused when no slice of it
     /// is still held).
     chunks_allocated,

@@ -1,8 +1,10 @@
 //! [`Watcher`] and [`WatcherBuilder`]: the user-thread side. The poller loop is in `driver.rs`.
 
+use std::any::Any;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{
     fence, AtomicBool, AtomicU32, AtomicUsize, Ordering::AcqRel, Ordering::Relaxed,
     Ordering::Release, Ordering::SeqCst,
@@ -17,7 +19,7 @@ use crate::conn::Key;
 use crate::conn::{COUNT, FREED};
 use crate::driver::{Driver, WAKER_TOKEN};
 use crate::stats::{StatCells, Stats};
-use crate::{sys, Cmd, Completion, Conn, Connect, Error, SendError};
+use crate::{sys, Cmd, Completion, Conn, Connect, Error, Mailbox, RegisterError, SendError};
 
 /// Numbers watchers, so `ConnId`s of different watchers never collide.
 static NEXT_WATCHER_ID: AtomicU32 = AtomicU32::new(0);
@@ -281,7 +283,7 @@ impl Shared {
         connect: Option<Connect>,
         route: Route,
         listener: bool,
-    ) -> Result<Conn, Error> {
+    ) -> Result<Conn, RegisterError> {
         let id = self.ids().insert(());
         let forget = |id| {
             self.ids().remove(id);
@@ -291,7 +293,7 @@ impl Shared {
         // readable and writable (the first operation tries the syscall).
         if let Err(e) = self.selector.register(fd.as_raw_fd(), id.data().as_ffi()) {
             forget(id);
-            return Err(e.into());
+            return Err(RegisterError::new(e, fd));
         }
         let conn = Conn::new(id, self.clone());
         let connect = connect.map(|to| {
@@ -313,11 +315,12 @@ impl Shared {
                 Ok(conn)
             }
             Err(msg) => {
-                if let Ctl::Register { fd, .. } = msg {
-                    let _ = self.selector.deregister(fd.as_raw_fd());
-                }
                 forget(id);
-                Err(Error::WatcherClosed)
+                let Ctl::Register { fd, .. } = msg else {
+                    unreachable!("the message given back is the one sent")
+                };
+                let _ = self.selector.deregister(fd.as_raw_fd());
+                Err(RegisterError::new(Error::WatcherClosed, fd))
             }
         }
     }
@@ -433,20 +436,21 @@ impl WatcherBuilder {
         self
     }
 
-    /// Posts completions into this channel instead of a new unbounded one, so several watchers
-    /// can share one mailbox (flume is MPMC). [`Watcher::mailbox`] returns `receiver`.
+    /// Posts completions into `mailbox` instead of a new unbounded channel of the watcher's
+    /// own, so several watchers can share one (flume is MPMC); [`Watcher::mailbox`] returns
+    /// its receiver.
     ///
-    /// A bounded channel is allowed: when it is full the poller keeps its completions in order
-    /// and retries every millisecond; it never blocks on the mailbox, and a full channel
-    /// holds back its own completions only (not those of routes to other channels). What
-    /// still waits for room at [`close`](Watcher::close) is delivered by a thread of its
-    /// own, so `close` does not wait for a receiver either.
-    pub fn mailbox(
-        mut self,
-        sender: flume::Sender<Completion>,
-        receiver: flume::Receiver<Completion>,
-    ) -> Self {
-        self.mailbox = Some((sender, receiver));
+    /// A [bounded](Mailbox::bounded) one is allowed on a threaded watcher: when it is full,
+    /// the poller keeps the completions in order and is woken when a receiver makes room; it
+    /// never blocks on the mailbox, never polls it on a timer, and a full channel holds back
+    /// its own completions only (not those of routes to other channels). Completions waiting
+    /// for room count as in flight for their connections, so
+    /// [`max_ops_per_conn`](Self::max_ops_per_conn) bounds them ([`Conn::send`] says
+    /// [`Full`](crate::SendError::Full)). What still waits for room at
+    /// [`close`](Watcher::close) is delivered by a thread of its own, so `close` does not
+    /// wait for a receiver either.
+    pub fn mailbox(mut self, mailbox: &Mailbox) -> Self {
+        self.mailbox = Some(mailbox.clone().into_parts());
         self
     }
 
@@ -513,8 +517,15 @@ impl WatcherBuilder {
                 // Dropped after the driver (and its mailbox sender), panic or not, so waiters
                 // wake to see the mailbox closed.
                 let _end = EndRounds(poller_shared);
-                if ok {
-                    driver.run();
+                let ran = ok.then(|| catch_unwind(AssertUnwindSafe(|| driver.run())));
+                if let Some(Err(_)) = ran {
+                    driver.abandon();
+                }
+                // Dropped here, before `_end`: a captured variable would outlive this body.
+                drop(driver);
+                if let Some(Err(panic)) = ran {
+                    // Re-raised by `close` (the join).
+                    std::panic::resume_unwind(panic);
                 }
             })?;
         if let Ok(Err(e)) = ready_rx.recv() {
@@ -578,12 +589,13 @@ impl Watcher {
     /// ([`io::ErrorKind::InvalidInput`]), a socket with `SO_LINGER` on and a non-zero
     /// timeout (`InvalidInput`: its close would block the poller thread until the peer
     /// acknowledged everything or the timeout passed; a zero timeout, close with a reset, is
-    /// fine), or refused by epoll/kqueue. The socket is closed. (The check is made here, once:
+    /// fine), or refused by epoll/kqueue. The error hands the socket back, open
+    /// ([`RegisterError::into_socket`]). (The check is made here, once:
     /// `SO_LINGER` set later through a duplicate of the descriptor, on this socket or on a
     /// listener whose accepted sockets inherit it, is not seen, and would block the poller
     /// when such a socket is closed. Linux only: the BSDs do not linger on a non-blocking
     /// close.)
-    pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, Error> {
+    pub fn register(&self, socket: impl Into<OwnedFd>) -> Result<Conn, RegisterError> {
         self.register_routed(socket.into(), Route::default(), false)
     }
 
@@ -597,21 +609,23 @@ impl Watcher {
     /// As [`register`](Watcher::register); also a bounded `mailbox` on an
     /// [`inline`](WatcherBuilder::inline) watcher ([`io::ErrorKind::InvalidInput`]): when it
     /// is full, only the thread driving the watcher could make room, and at `close` that
-    /// thread would wait for itself. The socket is closed.
+    /// thread would wait for itself. The error hands the socket back.
     pub fn register_with(
         &self,
         socket: impl Into<OwnedFd>,
         mailbox: flume::Sender<Completion>,
-    ) -> Result<Conn, Error> {
+    ) -> Result<Conn, RegisterError> {
+        let socket = socket.into();
         if self.inline.is_some() && mailbox.capacity().is_some() {
             let msg = "an inline watcher cannot route completions to a bounded mailbox";
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());
+            let e = io::Error::new(io::ErrorKind::InvalidInput, msg);
+            return Err(RegisterError::new(e, socket));
         }
         let route = Route {
             mailbox: Some(mailbox),
             spread: None,
         };
-        self.register_routed(socket.into(), route, false)
+        self.register_routed(socket, route, false)
     }
 
     /// Takes ownership of a listening stream socket ([`TcpListener`](std::net::TcpListener),
@@ -644,28 +658,45 @@ impl Watcher {
     /// poller, but `accept` has no such flag. A duplicate of the listener's descriptor
     /// switched to blocking (`set_nonblocking(false)` on a `try_clone`, a forked child)
     /// would block the poller thread in `accept` until a connection arrives.
-    pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, Error> {
+    pub fn listen(&self, listener: impl Into<OwnedFd>) -> Result<Conn, RegisterError> {
         self.listen_routed(listener.into(), Route::default())
     }
 
-    pub(crate) fn listen_routed(&self, fd: OwnedFd, route: Route) -> Result<Conn, Error> {
+    pub(crate) fn listen_routed(&self, fd: OwnedFd, route: Route) -> Result<Conn, RegisterError> {
         self.register_routed(fd, route, true)
     }
 
     /// The checks every registration makes, then `adopt`. `listen`: the socket must be a
     /// listener. Either way the poller learns which it is, so that an operation that cannot
     /// succeed on it (an accept on a stream, a read on a listener) fails at once.
-    fn register_routed(&self, fd: OwnedFd, route: Route, listen: bool) -> Result<Conn, Error> {
+    fn register_routed(
+        &self,
+        fd: OwnedFd,
+        route: Route,
+        listen: bool,
+    ) -> Result<Conn, RegisterError> {
         if self.is_closed() {
-            return Err(Error::WatcherClosed);
+            return Err(RegisterError::new(Error::WatcherClosed, fd));
         }
-        sys::prepare_stream(fd.as_fd())?;
-        let listener = sys::is_listener(fd.as_fd())?;
+        let checked = sys::prepare_stream(fd.as_fd()).and_then(|()| sys::is_listener(fd.as_fd()));
+        let listener = match checked {
+            Ok(listener) => listener,
+            Err(e) => return Err(RegisterError::new(e, fd)),
+        };
         if listen && !listener {
             let msg = "not a listening socket (call listen() first, or use register)";
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg).into());
+            let e = io::Error::new(io::ErrorKind::InvalidInput, msg);
+            return Err(RegisterError::new(e, fd));
         }
         self.shared.adopt(fd, None, route, listener)
+    }
+
+    /// Runs `f` on an inline watcher's driver (unit tests of the driver).
+    #[cfg(test)]
+    pub(crate) fn with_driver<R>(&self, f: impl FnOnce(&mut Driver) -> R) -> R {
+        let slot = self.inline.as_ref().expect("an inline watcher");
+        let mut guard = slot.lock().unwrap();
+        f(guard.as_mut().expect("an open watcher"))
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -694,7 +725,8 @@ impl Watcher {
             return Err(Error::WatcherClosed);
         }
         let fd = sys::start_connect(&to.addr)?;
-        self.shared.adopt(fd, Some(to), Route::default(), false)
+        // The socket is ours: on failure it is closed with the error.
+        Ok(self.shared.adopt(fd, Some(to), Route::default(), false)?)
     }
 
     /// The mailbox: a `flume::Receiver` of completions. Clone it freely: use it with
@@ -785,8 +817,12 @@ impl Watcher {
             let open = step_inline(&mut guard, deadline, out);
             stepped = true;
             self.release_driver(guard);
-            if !open {
-                return Err(Error::WatcherClosed);
+            match open {
+                Ok(true) => {}
+                Ok(false) => return Err(Error::WatcherClosed),
+                // The driver panicked: it is shut down and the watcher closed (what it could
+                // complete is in the mailbox); the panic goes on to the caller.
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
     }
@@ -866,25 +902,39 @@ impl Watcher {
     ///
     /// An [`inline`](WatcherBuilder::inline) watcher first runs one non-blocking round of the
     /// poller here (unless another thread is driving it right now).
-    pub fn try_wait_io(&self, out: &mut Vec<Completion>) -> usize {
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_io`](Watcher::wait_io): [`Error::WatcherClosed`] once the watcher is closed
+    /// and its own mailbox is drained (a mailbox shared with other watchers stays open while
+    /// they send).
+    ///
+    /// # Panics
+    ///
+    /// If the round run here panicked (see [`wait_io`](Watcher::wait_io)).
+    pub fn try_wait_io(&self, out: &mut Vec<Completion>) -> Result<usize, Error> {
+        let before = out.len();
         if let Some(driver) = &self.inline {
-            if let Ok(mut guard) = driver.try_lock() {
-                if guard.is_some() {
-                    // (While the driver runs, nothing posts to an inline watcher's mailbox:
-                    // only its shutdown does, which also empties the slot.)
-                    let before = out.len();
-                    step_inline(&mut guard, Some(Instant::now()), out);
-                    let shut_down = guard.is_none();
-                    self.release_driver(guard);
-                    // This step shut the driver down: the rest went to the mailbox.
-                    if shut_down {
-                        self.try_take(out);
-                    }
-                    return out.len() - before;
+            let guard = match driver.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut guard) = guard {
+                let stepped = step_inline(&mut guard, Some(Instant::now()), out);
+                self.release_driver(guard);
+                if let Err(panic) = stepped {
+                    std::panic::resume_unwind(panic);
                 }
             }
         }
-        self.try_take(out)
+        // Disconnected before the take: then everything the shutdown posted is in it.
+        let closed = self.mailbox.is_disconnected();
+        self.try_take(out);
+        match out.len() - before {
+            0 if closed => Err(Error::WatcherClosed),
+            n => Ok(n),
+        }
     }
 
     fn try_take(&self, out: &mut Vec<Completion>) -> usize {
@@ -903,6 +953,15 @@ impl Watcher {
         self.shared.stats.snapshot()
     }
 
+    /// Whether the thread driving this watcher (its poller thread, or for an
+    /// [`inline`](WatcherBuilder::inline) watcher the thread inside `wait_io`) is blocked
+    /// waiting for an event, a timer or a command, or about to block: it has nothing to do
+    /// until then. A diagnostic: a command sent now wakes it (an eventfd write), which is
+    /// what tests of that wake-up path wait for before sending.
+    pub fn is_asleep(&self) -> bool {
+        self.shared.sleeping.load(SeqCst)
+    }
+
     /// Whether [`close`](Watcher::close) was called.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(SeqCst)
@@ -913,7 +972,8 @@ impl Watcher {
     /// (by every thread that calls `close`, when several do at once). Later sends fail with
     /// [`SendError::Closed`](crate::SendError::Closed). Idempotent. Completions still waiting
     /// for room in a full bounded channel are handed to a thread that delivers them as room
-    /// is made (or drops them once no receiver is left); the mailbox disconnects after them.
+    /// is made (or drops them once no receiver is left); a channel whose receiver never reads
+    /// holds back only its own, and the mailbox disconnects as soon as it is owed nothing.
     ///
     /// # Panics
     ///
@@ -946,21 +1006,33 @@ impl Watcher {
 
 /// One step of the inline driver in `slot` (until `deadline`), its direct completions
 /// appended to `out`. A driver that shut down is dropped, and its mailbox sender with it,
-/// like a finished poller thread. `false` if there was no driver (closed).
+/// like a finished poller thread. `Ok(false)` if there was no driver (closed). If the step
+/// panicked, the driver is abandoned (`Driver::abandon`: the watcher closed, what it could
+/// complete posted to the mailbox) and dropped, and the panic is returned for the caller to
+/// re-raise once it has released the driver's lock: an inline watcher never steps a driver
+/// a panic left half-updated.
 fn step_inline(
     slot: &mut Option<Driver>,
     deadline: Option<Instant>,
     out: &mut Vec<Completion>,
-) -> bool {
+) -> Result<bool, Box<dyn Any + Send>> {
     let Some(d) = slot.as_mut() else {
-        return false;
+        return Ok(false);
     };
-    let running = d.step(deadline);
-    d.take_direct(out);
-    if !running {
-        *slot = None;
+    match catch_unwind(AssertUnwindSafe(|| d.step(deadline))) {
+        Ok(running) => {
+            d.take_direct(out);
+            if !running {
+                *slot = None;
+            }
+            Ok(true)
+        }
+        Err(panic) => {
+            d.abandon();
+            *slot = None;
+            Err(panic)
+        }
     }
-    true
 }
 
 /// Closes the watcher ([`Watcher::close`]). If the thread is already panicking, it only marks

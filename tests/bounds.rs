@@ -202,17 +202,20 @@ fn empty_buffers_are_refused() {
 fn register_refuses_what_it_cannot_watch() {
     let watcher = Watcher::new().unwrap();
     let file = std::fs::File::open("/proc/self/status").unwrap();
-    match watcher.register(file) {
+    match watcher.register(file).map_err(Error::from) {
         Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK), "{e}"),
         other => panic!("a file: {other:?}"),
     }
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    match watcher.register(udp) {
+    match watcher.register(udp).map_err(Error::from) {
         Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}"),
         other => panic!("a datagram socket: {other:?}"),
     }
     let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    assert!(matches!(watcher.register(a), Err(Error::Io(_))));
+    assert!(matches!(
+        watcher.register(a).map_err(Error::from),
+        Err(Error::Io(_))
+    ));
     // The watcher is unharmed.
     let (_client, server) = tcp_pair();
     let conn = watcher.register(server).unwrap();

@@ -80,7 +80,12 @@ fn deadline_in_the_past_fires_at_once_on_a_quiet_conn() {
     conn.send(Cmd::ReadFull(vec![0; 8]).timeout(Duration::ZERO))
         .unwrap();
     let mut got = Vec::new();
-    assert_eq!(inline.try_wait_io(&mut got), 2, "{}", describe_all(&got));
+    assert_eq!(
+        inline.try_wait_io(&mut got).unwrap(),
+        2,
+        "{}",
+        describe_all(&got)
+    );
     assert!(got.iter().all(|c| matches!(c.result, Err(Error::Deadline))));
 
     let (watcher, conn, _client) = watcher_pair();
@@ -347,16 +352,16 @@ fn a_timeout_of_duration_max_means_no_deadline() {
         .unwrap();
     wait_stats(&watcher, "the read pending", |s| s.reads_in_flight == 1);
     assert_eq!(watcher.stats().deadlines_armed, 0);
-    let writer = thread::spawn(move || {
-        // Most likely the wait below is already blocked when this lands (the scenario, not
-        // synchronisation: should it land first, the wait takes it at once all the same).
-        thread::sleep(Duration::from_millis(20));
-        client.write_all(b"late").unwrap();
-        client
+    thread::scope(|s| {
+        let writer = s.spawn(|| {
+            // The scenario: the poller is blocked with no timer armed when the data lands.
+            wait_until("the poller blocks", TIMEOUT, || watcher.is_asleep());
+            client.write_all(b"late").unwrap();
+        });
+        let mut got = Vec::new();
+        assert_eq!(watcher.wait_io_timeout(&mut got, Duration::MAX).unwrap(), 1);
+        assert!(got[0].is_ok(), "{}", describe(&got[0]));
+        assert_eq!((got[0].tag, got[0].data()), (1, &b"late"[..]));
+        writer.join().unwrap();
     });
-    let mut got = Vec::new();
-    assert_eq!(watcher.wait_io_timeout(&mut got, Duration::MAX).unwrap(), 1);
-    assert!(got[0].is_ok(), "{}", describe(&got[0]));
-    assert_eq!((got[0].tag, got[0].data()), (1, &b"late"[..]));
-    drop(writer.join().unwrap());
 }

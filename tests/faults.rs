@@ -928,7 +928,7 @@ fn eight_threads_share_conns() {
         let accepted = std::mem::take(&mut *accepted.lock().unwrap());
         assert_eq!(accepted.len(), total);
         let mut extra = Vec::new();
-        w.try_wait_io(&mut extra);
+        w.try_wait_io(&mut extra).unwrap();
         assert!(extra.is_empty(), "more completions than commands");
 
         // Exactly once per tag, on the right conn, with the right op.

@@ -97,7 +97,8 @@ fn a_command_from_another_thread_wakes_the_driving_thread() {
         // The main thread blocks in wait_io (inside epoll_wait) with nothing pending; the
         // command from the other thread must wake it, not wait for a timeout.
         let sender = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(50)); // let the main thread block first
+            // The path under test: the main thread is inside epoll_wait when this arrives.
+            wait_until("the driving thread blocks", TIMEOUT, || watcher.is_asleep());
             conn.send(Cmd::Write("woken").tag(1)).unwrap();
         });
         let start = Instant::now();
@@ -121,7 +122,7 @@ fn try_wait_io_drives_one_round() {
     let mut got = Vec::new();
     // A game loop: poll between frames, never block.
     poll("try_wait_io never produced the read", || {
-        watcher.try_wait_io(&mut got)
+        watcher.try_wait_io(&mut got).unwrap()
     });
     assert_eq!((got[0].tag, got[0].data()), (3, &b"poll"[..]));
 }
@@ -168,7 +169,7 @@ fn close_completes_pending_work_and_later_waits_fail() {
     }
     watcher.close();
     let mut got = Vec::new();
-    assert_eq!(watcher.try_wait_io(&mut got), 5);
+    assert_eq!(watcher.try_wait_io(&mut got).unwrap(), 5);
     assert!(got
         .iter()
         .all(|c| matches!(c.result, Err(Error::WatcherClosed))));
@@ -190,7 +191,7 @@ fn close_from_another_thread_wakes_a_blocked_wait() {
     conn.send(Cmd::ReadInternal.tag(4)).unwrap();
     std::thread::scope(|s| {
         let closer = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(50)); // let the main thread block first
+            wait_until("the driving thread blocks", TIMEOUT, || watcher.is_asleep());
             watcher.close();
         });
         let c = collect_one(&watcher, TIMEOUT);
@@ -201,10 +202,9 @@ fn close_from_another_thread_wakes_a_blocked_wait() {
 }
 
 /// However a `close` on one thread and a `wait_io` (or `try_wait_io`) on another interleave,
-/// the waiting side gets the pending read's `WatcherClosed` completion: `wait_io` before any
-/// `Err(WatcherClosed)` (even rounds; `wait_io` has no timeout, so a watchdog turns a lost
-/// wake-up into a failure), `try_wait_io` eventually, not lost (odd rounds; it returns a
-/// count, no error). The shutdown posts it to the mailbox, which the waiting side looks at
+/// the waiting side gets the pending read's `WatcherClosed` completion before any
+/// `Err(WatcherClosed)`: `wait_io` in even rounds (it has no timeout, so a watchdog turns a
+/// lost wake-up into a failure), `try_wait_io` in odd ones (polled until it comes). The shutdown posts it to the mailbox, which the waiting side looks at
 /// once it sees the watcher closed, also when the driver vanished while it waited for the
 /// lock. The closer starts after a spin of varying length to vary the interleaving.
 #[test]
@@ -228,9 +228,12 @@ fn close_racing_a_wait_hands_over_the_pending_completion() {
             while got.is_empty() {
                 // (Reached again only by the odd rounds' `try_wait_io`, which returns at once.)
                 assert!(Instant::now() < deadline, "round {round}: no completion");
-                if round % 2 == 1 {
-                    watcher.try_wait_io(&mut got);
-                } else if let Err(e) = watcher.wait_io(&mut got) {
+                let r = if round % 2 == 1 {
+                    watcher.try_wait_io(&mut got)
+                } else {
+                    watcher.wait_io(&mut got)
+                };
+                if let Err(e) = r {
                     panic!("round {round}: {e:?} before the pending read's completion");
                 }
             }
@@ -254,10 +257,10 @@ fn inline_refuses_a_cpu_a_mailbox_or_a_bounded_route() {
     };
     // A shared mailbox, bounded or not: other watchers' completions would wait in it while
     // the driving thread sleeps in this watcher's epoll_wait.
-    let (tx, rx) = proactor::flume::bounded(4);
-    refused(Watcher::builder().inline(true).mailbox(tx, rx).build());
-    let (tx, rx) = proactor::flume::unbounded();
-    refused(Watcher::builder().inline(true).mailbox(tx, rx).build());
+    let bounded = proactor::Mailbox::bounded(4);
+    refused(Watcher::builder().inline(true).mailbox(&bounded).build());
+    let unbounded = proactor::Mailbox::unbounded();
+    refused(Watcher::builder().inline(true).mailbox(&unbounded).build());
     refused(Watcher::builder().inline(true).poller_cpu(0).build());
     // A pool of inline watchers needs a mailbox each.
     let pool = proactor::Pool::builder()
@@ -272,7 +275,7 @@ fn inline_refuses_a_cpu_a_mailbox_or_a_bounded_route() {
     let watcher = inline();
     let (tx, _rx) = proactor::flume::bounded(4);
     let (_client, server) = tcp_pair();
-    match watcher.register_with(server, tx) {
+    match watcher.register_with(server, tx).map_err(Error::from) {
         Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput),
         other => panic!("{other:?}"),
     }
@@ -325,9 +328,8 @@ fn a_timed_wait_is_not_held_past_its_deadline_by_another_driving_thread() {
     let _conn = watcher.register(server).unwrap();
     std::thread::scope(|s| {
         let driver = s.spawn(|| watcher.wait_io(&mut Vec::new()));
-        // Setup, not synchronisation: nothing completes to say the other thread is inside
-        // epoll_wait. If it is not there yet, this thread drives and the check passes anyway.
-        std::thread::sleep(Duration::from_millis(100));
+        // The scenario: the other thread is inside epoll_wait, holding the driver.
+        wait_until("the driving thread blocks", TIMEOUT, || watcher.is_asleep());
         let (tx, rx) = std::sync::mpsc::channel();
         let w = &watcher;
         let timed = s.spawn(move || {
@@ -362,7 +364,7 @@ fn data_that_arrived_before_the_deadline_wins_after_the_caller_was_away() {
     )
     .unwrap();
     // One round: the read finds nothing and waits for readiness.
-    assert_eq!(watcher.try_wait_io(&mut Vec::new()), 0);
+    assert_eq!(watcher.try_wait_io(&mut Vec::new()).unwrap(), 0);
     client.write_all(b"early").unwrap();
     // The scenario: the caller does other work past the deadline.
     std::thread::sleep(Duration::from_millis(400));

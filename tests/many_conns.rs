@@ -80,16 +80,12 @@ fn concurrent_4096_conns_echo_1_kib() {
 fn two_watchers_share_a_small_bounded_mailbox() {
     const CONNS: usize = 5;
     const WRITES: usize = 100;
-    let (tx, rx) = flume::bounded(4);
+    let mailbox = proactor::Mailbox::bounded(4);
+    let rx = mailbox.receiver().clone();
     let watchers: Vec<Watcher> = (0..2)
-        .map(|_| {
-            Watcher::builder()
-                .mailbox(tx.clone(), rx.clone())
-                .build()
-                .unwrap()
-        })
+        .map(|_| Watcher::builder().mailbox(&mailbox).build().unwrap())
         .collect();
-    drop(tx);
+    drop(mailbox); // its sender: the channel then disconnects with the last watcher
     let pairs = Pairs::new();
     let mut clients: Vec<TcpStream> = Vec::new();
     let mut conns: Vec<Conn> = Vec::new();

@@ -476,7 +476,11 @@ impl Model {
 
     fn take_ready(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
-        self.w.try_wait_io(&mut batch);
+        match self.w.try_wait_io(&mut batch) {
+            Ok(_) => {}
+            Err(Error::WatcherClosed) if self.closed => {}
+            Err(e) => self.fail(format!("try_wait_io: {e:?}")),
+        }
         for c in batch.drain(..) {
             self.check(c);
         }

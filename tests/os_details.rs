@@ -161,10 +161,14 @@ fn sockets_that_would_linger_on_close_are_refused() {
     let watcher = Watcher::new().unwrap();
     let (_client, server) = tcp_pair();
     set_linger(&server, 2);
-    assert!(refused_as_invalid(watcher.register(server)));
+    assert!(refused_as_invalid(
+        watcher.register(server).map_err(Error::from)
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     set_linger(&listener, 2);
-    assert!(refused_as_invalid(watcher.listen(listener)));
+    assert!(refused_as_invalid(
+        watcher.listen(listener).map_err(Error::from)
+    ));
 
     // A zero timeout: registered, and Free resets the connection at once.
     let (mut client, server) = tcp_pair();

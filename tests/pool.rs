@@ -73,7 +73,7 @@ fn accepted_connections_go_to_the_least_loaded_watcher() {
         listener.send(Cmd::Accept).unwrap();
     }
     let mut clients: Vec<TcpStream> = (0..N).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    let mailbox = pool.mailbox();
+    let mailbox = pool.mailbox().unwrap();
     let mut conns = Vec::new();
     for c in take(&mailbox, N) {
         assert_eq!(c.op, Op::Accept);
@@ -131,7 +131,7 @@ fn shared_mailbox_feeds_several_worker_threads() {
         // Three workers echo whatever any watcher completed.
         let workers: Vec<_> = (0..3)
             .map(|_| {
-                let (rx, done) = (pool.mailbox(), &done);
+                let (rx, done) = (pool.mailbox().unwrap(), &done);
                 s.spawn(move || {
                     let mut handled = 0;
                     while done.load(std::sync::atomic::Ordering::SeqCst) < total {
@@ -237,7 +237,7 @@ fn pinned_pollers_run() {
     let conn = pool.register(server).unwrap();
     conn.send(Cmd::ReadInternal).unwrap();
     client.write_all(b"pinned").unwrap();
-    assert_eq!(take(&pool.mailbox(), 1)[0].data(), b"pinned");
+    assert_eq!(take(&pool.mailbox().unwrap(), 1)[0].data(), b"pinned");
 }
 
 /// The CPUs a thread may run on, from `Cpus_allowed_list` in `/proc/<path>/status`.
@@ -298,7 +298,7 @@ fn pinned_pollers_stay_on_the_cpus_the_builder_may_use() {
             let conn = pool.register(server).unwrap();
             conn.send(Cmd::ReadInternal).unwrap();
             client.write_all(b"pinned").unwrap();
-            assert_eq!(take(&pool.mailbox(), 1)[0].data(), b"pinned");
+            assert_eq!(take(&pool.mailbox().unwrap(), 1)[0].data(), b"pinned");
         },
     );
 }
@@ -318,7 +318,7 @@ fn an_inline_watcher_posts_routed_completions_to_the_route() {
             "the route got {}",
             lobby_rx.len()
         );
-        w.try_wait_io(&mut out);
+        w.try_wait_io(&mut out).unwrap();
         std::thread::yield_now();
     }
     assert!(
@@ -347,7 +347,7 @@ fn a_pool_skips_a_closed_watcher() {
         clients.push(TcpStream::connect(addr).unwrap());
     }
     let mut conns = Vec::new();
-    for c in take(&pool.mailbox(), 4) {
+    for c in take(&pool.mailbox().unwrap(), 4) {
         assert_eq!(c.op, Op::Accept);
         assert!(c.is_ok(), "{:?}", c.result);
         conns.push(c.buf.into_accepted().unwrap().0);
@@ -366,11 +366,12 @@ fn a_pool_skips_a_closed_watcher() {
 /// `watcher_options` may carry a mailbox or a CPU; the pool's own choices replace them.
 #[test]
 fn a_pool_replaces_the_mailbox_and_cpu_of_its_watcher_options() {
-    let (tx, rx) = proactor::flume::unbounded();
+    let options_mailbox = proactor::Mailbox::unbounded();
+    let rx = options_mailbox.receiver().clone();
     let pool = Pool::builder()
         .watchers(2)
         .per_watcher_mailboxes()
-        .watcher_options(Watcher::builder().mailbox(tx, rx.clone()))
+        .watcher_options(Watcher::builder().mailbox(&options_mailbox))
         .build()
         .unwrap();
     let (m0, m1) = (pool.watchers()[0].mailbox(), pool.watchers()[1].mailbox());
@@ -380,11 +381,10 @@ fn a_pool_replaces_the_mailbox_and_cpu_of_its_watcher_options() {
     );
     assert!(!m0.same_channel(&rx));
     // An inline pool with per-watcher mailboxes builds even if the options named a mailbox.
-    let (tx, rx) = proactor::flume::unbounded();
     Pool::builder()
         .watchers(2)
         .per_watcher_mailboxes()
-        .watcher_options(Watcher::builder().inline(true).mailbox(tx, rx))
+        .watcher_options(Watcher::builder().inline(true).mailbox(&options_mailbox))
         .build()
         .unwrap();
 }

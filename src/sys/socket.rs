@@ -30,9 +30,29 @@ fn get_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<li
     get_opt(fd, level, opt, 0)
 }
 
+/// The types `getsockopt` may write into: plain C integers and structs for which every bit
+/// pattern is a valid value. `get_opt` is safe to call only because nothing else implements
+/// this (a `bool` or a `NonZeroU32` would be undefined behaviour for some values the kernel
+/// writes).
+///
+/// # Safety
+///
+/// Implement only for types valid for every bit pattern of their size.
+unsafe trait OptValue: Copy {}
+
+// SAFETY: a C int is valid for every bit pattern.
+unsafe impl OptValue for libc::c_int {}
+// SAFETY: `linger` is two C ints, valid for every bit pattern.
+unsafe impl OptValue for libc::linger {}
+
 /// `getsockopt` of an option whose value is the plain C type `T` (an integer, `linger`),
 /// starting from `val`.
-fn get_opt<T: Copy>(fd: RawFd, level: libc::c_int, opt: libc::c_int, mut val: T) -> io::Result<T> {
+fn get_opt<T: OptValue>(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    mut val: T,
+) -> io::Result<T> {
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `val` and `len` are live locals of the sizes getsockopt is told; the kernel
     // writes at most `len` bytes of the option's plain C value, valid for any bit pattern.

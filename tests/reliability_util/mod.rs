@@ -264,7 +264,7 @@ impl Ledger {
     /// Takes whatever is ready now, without blocking.
     pub fn pump_ready(&mut self, watcher: &Watcher) -> usize {
         let mut got = std::mem::take(&mut self.scratch);
-        let n = watcher.try_wait_io(&mut got);
+        let n = watcher.try_wait_io(&mut got).unwrap();
         for c in got.drain(..) {
             self.record(c);
         }

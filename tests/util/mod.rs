@@ -416,7 +416,7 @@ impl<'w> Echo<'w> {
     /// Handles whatever is ready now (non-blocking); returns how many completions.
     pub fn poll(&mut self) -> usize {
         let mut batch = std::mem::take(&mut self.batch);
-        let n = self.watcher.try_wait_io(&mut batch);
+        let n = self.watcher.try_wait_io(&mut batch).unwrap();
         for c in batch.drain(..) {
             self.handle(c);
         }
