@@ -5,7 +5,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::watcher::Shared;
+use crate::shared::Shared;
 #[cfg(doc)]
 use crate::Error;
 use crate::{Cmd, SendError};

@@ -109,6 +109,19 @@ impl<T> Slab<T> {
         })
     }
 
+    /// The first entry of `q` matching `pred`.
+    pub(crate) fn find_mut(&mut self, q: &Fifo, pred: impl Fn(&T) -> bool) -> Option<&mut T> {
+        let mut idx = q.head;
+        while idx != NIL {
+            let e = &self.entries[idx as usize];
+            if e.value.as_ref().is_some_and(&pred) {
+                return self.entries[idx as usize].value.as_mut();
+            }
+            idx = e.next;
+        }
+        None
+    }
+
     /// Unlinks and returns the first entry matching `pred` (a walk of the queue).
     pub(crate) fn remove(&mut self, q: &mut Fifo, pred: impl Fn(&T) -> bool) -> Option<T> {
         let (mut prev, mut idx) = (NIL, q.head);

@@ -145,6 +145,7 @@ mod error;
 mod fifo;
 mod net;
 mod pool;
+mod shared;
 mod stats;
 #[allow(unsafe_code)]
 mod sys;

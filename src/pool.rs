@@ -5,8 +5,8 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use crate::shared::{Route, Spread};
 use crate::sys;
-use crate::watcher::{Route, Spread};
 use crate::{Completion, Conn, Mailbox, RegisterError, Watcher, WatcherBuilder};
 
 /// Options for a [`Pool`].

@@ -1,41 +1,48 @@
-//! The poller thread: owns the selector's events, the connection table, the timers and the
-//! internal read arena. Nothing here runs on a user thread (an inline watcher's driver runs
-//! on the thread inside `wait_io`, one at a time).
+//! The poller: commands, per-connection order, timers and delivery, written once for every
+//! engine. Nothing here runs on a user thread (an inline watcher's driver runs on the thread
+//! inside `wait_io`, one at a time).
 //!
 //! One round: take the control and command queues (new operations join their connection's
-//! FIFO and mark it runnable when it is ready) -> run the runnable connections (bounded work
-//! each) -> expire timers -> post the round's completions (and end the round for threads in
-//! `wait_io`) -> `select` with a timeout of zero (work left), the nearest deadline, or
-//! forever -> mark connections from the events.
+//! FIFO and mark it runnable when its engine can act on it) -> let the engine run the
+//! runnable connections (bounded work each) -> expire timers -> post the round's completions
+//! (and end the round for threads in `wait_io`) -> the engine's wait, with a timeout of zero
+//! (work left), the nearest deadline, or forever.
+//!
+//! The engines (`readiness`: epoll or kqueue, the poller makes the system calls; `uring`:
+//! io_uring, the kernel does the I/O and posts completions) implement [`Engine`]: what makes
+//! a connection runnable, what running it does, how to wait, and whether the kernel still
+//! holds something of a connection (its buffers or its fd) that must come back before the
+//! connection is retired. `AnyDriver` picks one at run time, with a `match` per entry point.
+
+mod readiness;
+#[cfg(all(target_os = "linux", feature = "uring"))]
+mod uring;
+
+pub(crate) use readiness::{Readiness, WAKER_TOKEN};
+#[cfg(all(target_os = "linux", feature = "uring"))]
+pub(crate) use uring::Uring;
 
 use std::collections::{BinaryHeap, HashMap};
-
-use crate::fifo::{Fifo, Slab};
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread;
+use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use slotmap::{KeyData, SecondaryMap};
-
-use std::task::{Context, Wake, Waker};
+use slotmap::SecondaryMap;
 
 use crate::cmd::Kind;
 use crate::conn::Key;
 use crate::delivery::{self, Stalled};
+use crate::fifo::{Fifo, Slab};
+use crate::shared::{Ctl, Route, Shared};
 use crate::stats::Stats;
-use crate::watcher::{Ctl, Route, Shared};
-use crate::{sys, Buf, Cmd, Completion, Conn, Error, Op};
+use crate::{Buf, Cmd, Completion, Conn, Error, Op};
 
-/// The waker's event token. Slotmap never hands out index `u32::MAX`, so no key maps to it.
-pub(crate) const WAKER_TOKEN: u64 = u64::MAX;
-
-/// Syscalls one connection may make per direction per round: a flooding peer gets its turn,
 /// then waits for the next round while the others get theirs.
 const BUDGET: u32 = 16;
 /// Queued writes gathered into one `sendmsg`.
@@ -66,18 +73,37 @@ impl Dir {
 
 /// An accepted operation waiting in its connection's FIFO. The connection's handle is kept
 /// once per connection (`ConnState::conn`), the deadline and idle period by its timers.
-struct Pending {
+pub(crate) struct Pending {
     kind: Kind,
     done: usize,
     tag: u64,
     seq: u64,
     /// A deadline or idle timer refers to it (by `seq`).
     timed: bool,
+    /// A timer ended it while the kernel still held it (an io_uring send in flight): it
+    /// completes with this error once the kernel gives it back (`Driver::settle_late`).
+    late: Option<Late>,
+}
+
+/// Which timer ended an operation the kernel still held.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Late {
+    Deadline,
+    Idle,
+}
+
+impl Late {
+    fn error(self) -> Error {
+        match self {
+            Late::Deadline => Error::Deadline,
+            Late::Idle => Error::IdleTimeout,
+        }
+    }
 }
 
 /// What the poller keeps per connection. Its size is most of what an idle connection costs
 /// (docs/benchmarks.md), hence the parked read and the millisecond progress stamps.
-struct ConnState {
+pub(crate) struct ConnState {
     fd: OwnedFd,
     /// Pending operations, in `Driver::ops`.
     reads: Fifo,
@@ -96,6 +122,8 @@ struct ConnState {
     /// It runs where it is (`read_parked`), and moves to the read FIFO only when another read
     /// queues behind it (or on a listener, where it fails at once).
     parked: bool,
+    /// Readiness engine: the last event (or a new socket's assumption) says a read or a
+    /// write may make progress.
     readable: bool,
     writable: bool,
     /// A short read does not prove the socket drained: the peer hung up or the socket
@@ -114,6 +142,15 @@ struct ConnState {
     /// Accepts failed for lack of descriptors or memory: no read runs until the `RESUME`
     /// timer ends the pause, whatever readiness events say meanwhile.
     paused: bool,
+    /// io_uring engine: a multishot receive (or accept, on a listener) is in the kernel.
+    armed: bool,
+    /// io_uring engine: a send (or a connect's poll) is in the kernel.
+    sending: bool,
+    /// io_uring engine: a cancel of what the kernel holds was asked for.
+    cancelling: bool,
+    /// Free, Detach, a release or `close` waits for the kernel to give back what it holds
+    /// (`Core::closing` says which); every command that reaches it meanwhile is refused.
+    closing: bool,
 }
 
 impl ConnState {
@@ -135,6 +172,10 @@ impl ConnState {
             queued: false,
             listener: false,
             paused: false,
+            armed: false,
+            sending: false,
+            cancelling: false,
+            closing: false,
         }
     }
 
@@ -179,6 +220,7 @@ impl ConnState {
             tag: self.parked_tag,
             seq: 0,
             timed: false,
+            late: None,
         })
     }
 
@@ -374,19 +416,14 @@ impl Arena {
         self.buf.capacity() - self.buf.len()
     }
 
-    /// One internal read from `fd` into the arena: the result and how much it asked for.
-    #[inline]
-    fn recv(&mut self, fd: BorrowedFd<'_>, stats: &mut Stats) -> (io::Result<usize>, usize) {
-        let max = self.refill(stats);
-        (sys::recv_spare(fd, &mut self.buf, max), max)
-    }
-
     /// The `n` bytes the last read got, as the internal read's buffer.
     #[inline]
     fn take(&mut self, n: usize) -> Buf {
         Buf::Bytes(self.buf.split_to(n).freeze())
     }
 }
+
+/// Wakes the poller (its eventfd) when a full channel it waits on makes room.
 
 /// Wakes the poller (its eventfd) when a full channel it waits on makes room.
 struct RoomWaker(Arc<Shared>);
@@ -398,7 +435,55 @@ impl Wake for RoomWaker {
     }
 }
 
-pub(crate) struct Driver {
+/// The I/O underneath the rounds. Each engine is a child module of this one, so it reaches
+/// the connection state directly.
+pub(crate) trait Engine {
+    /// Whether `st` has work this engine can start or do now (it joins the runnable list).
+    fn runnable(&self, st: &ConnState, ops: &Slab<Pending>) -> bool;
+
+    /// Does what the runnable connection `id` can do now, within its budget.
+    fn run(&mut self, core: &mut Core, id: Key);
+
+    /// Waits for events or completions, at most `timeout` (`None`: until something comes),
+    /// and applies them: marks connections runnable, completes what the kernel finished.
+    fn wait(&mut self, core: &mut Core, timeout: Option<Duration>);
+
+    /// Whether the kernel holds something of `st` (a buffer, or its fd in an operation):
+    /// the connection may then not be retired (its fd closed or handed back, its slot
+    /// reused) before [`Engine::cancel`] got everything back.
+    fn busy(&self, _st: &ConnState) -> bool {
+        false
+    }
+
+    /// Asks the kernel to give back what it holds of connection `id`; the engine calls
+    /// `Core::settle` once the last of it came back.
+    fn cancel(&mut self, _id: Key, _st: &mut ConnState) {}
+
+    /// A timer ends write `seq` of `st`. `true` if the kernel holds it: the engine then
+    /// completes it with `late` once the kernel gives it back, with the bytes done by then.
+    fn hold(&mut self, _st: &mut ConnState, _ops: &mut Slab<Pending>, _seq: u64) -> bool {
+        false
+    }
+
+    /// The last step of a shutdown: waits until the kernel holds nothing more.
+    fn drain(&mut self, _core: &mut Core) {}
+}
+
+/// How a connection ends (`Driver::retire`), kept while the kernel still holds some of it.
+pub(crate) enum Retire {
+    /// `Free`: close, then post its completion.
+    Free(Conn, u64),
+    /// `Detach`: hand the socket back in the completion.
+    Detach(Conn, u64),
+    /// The last handle was dropped with nothing pending: close.
+    Release,
+    /// `close`: pending operations complete with `WatcherClosed`, then close.
+    Close,
+}
+
+/// Everything of the poller but the engine, so that an engine method can take it whole
+/// while the engine itself is borrowed.
+pub(crate) struct Core {
     shared: Arc<Shared>,
     /// The inbox's queues as the last take left them (empty, allocation kept): swapped with
     /// the inbox's each round.
@@ -413,6 +498,8 @@ pub(crate) struct Driver {
     /// An inline step returned without collecting events (its round posted completions).
     skipped_wait: bool,
     conns: SecondaryMap<Key, ConnState>,
+    /// How connections in `closing` state end, once the kernel gave everything back.
+    closing: HashMap<Key, Retire>,
     /// Every connection's pending operations.
     ops: Slab<Pending>,
     /// Connections with work they can do now; entries past the round's start are next round's.
@@ -420,21 +507,80 @@ pub(crate) struct Driver {
     timers: BinaryHeap<Timer>,
     sink: Sink,
     arena: Arena,
-    events: sys::Events,
     seq: u64,
     now: Instant,
     /// The origin of the millisecond stamps (`stamp`).
     epoch: Instant,
 }
 
-impl Driver {
+/// The poller of one watcher: the engine-agnostic rounds over one engine.
+pub(crate) struct Driver<E> {
+    core: Core,
+    engine: E,
+}
+
+/// A driver over whichever engine the watcher was built with.
+pub(crate) enum AnyDriver {
+    Readiness(Driver<Readiness>),
+    #[cfg(all(target_os = "linux", feature = "uring"))]
+    Uring(Driver<Uring>),
+}
+
+macro_rules! each {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            AnyDriver::Readiness($d) => $e,
+            #[cfg(all(target_os = "linux", feature = "uring"))]
+            AnyDriver::Uring($d) => $e,
+        }
+    };
+}
+
+impl AnyDriver {
+    /// See [`Driver::deliver_direct`].
+    pub(crate) fn deliver_direct(&mut self) {
+        each!(self, d => d.deliver_direct())
+    }
+
+    /// See [`Driver::take_direct`].
+    pub(crate) fn take_direct(&mut self, out: &mut Vec<Completion>) {
+        each!(self, d => d.take_direct(out))
+    }
+
+    /// See [`Driver::run`].
+    pub(crate) fn run(&mut self) {
+        each!(self, d => d.run())
+    }
+
+    /// See [`Driver::step`].
+    pub(crate) fn step(&mut self, deadline: Option<Instant>) -> bool {
+        each!(self, d => d.step(deadline))
+    }
+
+    /// See [`Driver::abandon`].
+    pub(crate) fn abandon(&mut self) {
+        each!(self, d => d.abandon())
+    }
+
+    /// See [`Driver::shutdown`].
+    pub(crate) fn shutdown(&mut self) {
+        each!(self, d => d.shutdown())
+    }
+
+    /// The engine-agnostic part (unit tests).
+    #[cfg(test)]
+    fn core(&mut self) -> &mut Core {
+        each!(self, d => &mut d.core)
+    }
+}
+
+impl Core {
     pub(crate) fn new(
         shared: Arc<Shared>,
         mailbox: flume::Sender<Completion>,
         chunk: usize,
-        events_capacity: usize,
-    ) -> Driver {
-        Driver {
+    ) -> Core {
+        Core {
             room: Waker::from(Arc::new(RoomWaker(shared.clone()))),
             shared,
             ops_in: Vec::new(),
@@ -443,6 +589,7 @@ impl Driver {
             backlog: Vec::new(),
             skipped_wait: false,
             conns: SecondaryMap::new(),
+            closing: HashMap::new(),
             ops: Slab::new(),
             ready: Vec::new(),
             timers: BinaryHeap::new(),
@@ -458,198 +605,22 @@ impl Driver {
                 buf: BytesMut::new(),
                 chunk,
             },
-            events: sys::Events::with_capacity(events_capacity),
             seq: 0,
             now: Instant::now(),
             epoch: Instant::now(),
         }
     }
 
-    /// Completions go to `take_direct` instead of the mailbox (an inline watcher with a
-    /// mailbox of its own: no one else can be waiting on it).
-    pub(crate) fn deliver_direct(&mut self) {
-        self.sink.direct = Some(Vec::new());
-    }
-
-    /// Moves the completions kept for the driving thread to the end of `out`.
-    pub(crate) fn take_direct(&mut self, out: &mut Vec<Completion>) {
-        if let Some(direct) = &mut self.sink.direct {
-            if out.is_empty() {
-                std::mem::swap(out, direct);
-            } else {
-                out.append(direct);
+    /// Puts `id` in the runnable list if `runnable` says it can make progress now and it is
+    /// not there yet.
+    #[inline]
+    fn mark(&mut self, id: Key, runnable: impl Fn(&ConnState, &Slab<Pending>) -> bool) {
+        if let Some(st) = self.conns.get_mut(id) {
+            if !st.queued && runnable(st, &self.ops) {
+                st.queued = true;
+                self.ready.push(id);
             }
         }
-    }
-
-    /// The poller thread's loop: rounds until the watcher is closed.
-    pub(crate) fn run(&mut self) {
-        while self.process() {
-            let timeout = self.next_timeout();
-            self.wait(timeout);
-        }
-    }
-
-    /// After a panic while driving (a bug of this crate, or user code the poller ran, such
-    /// as the `Drop` of a write buffer's owner): the watcher counts as closed, as after
-    /// `close`, and every pending operation and queued command is completed with
-    /// `WatcherClosed` as far as the half-updated state allows. Should the shutdown panic
-    /// too, the commands still queued are completed straight into the mailbox.
-    pub(crate) fn abandon(&mut self) {
-        self.shared.closed.store(true, Ordering::SeqCst);
-        if catch_unwind(AssertUnwindSafe(|| self.shutdown())).is_ok() {
-            return;
-        }
-        let queued = {
-            let mut inbox = self.shared.inbox();
-            inbox.sealed = true;
-            std::mem::take(&mut inbox.ops)
-        };
-        let left = std::mem::take(&mut self.ops_in).into_iter().chain(queued);
-        for (conn, cmd) in left {
-            let (op, tag) = (cmd.op(), cmd.tag);
-            let c = Completion {
-                conn,
-                op,
-                tag,
-                buf: cmd.into_buf(),
-                n: 0,
-                result: Err(Error::WatcherClosed),
-            };
-            // Never blocks: a full bounded mailbox loses it (the state may be broken).
-            let _ = self.mailbox.try_send(c);
-        }
-    }
-
-    /// One step of an inline watcher, on the caller's thread: a round, and if it posted
-    /// nothing, a wait for events (at most until `deadline`) and another round. A round that
-    /// posted returns at once (its completions are what the caller waits for), but never
-    /// twice in a row: the next one collects events without blocking first, or a connection
-    /// whose operations complete every round would keep the others' readiness unseen.
-    /// Returns `false` once the watcher is closed and shut down.
-    ///
-    /// The caller may have been away since the last step, so the step starts from the time
-    /// now (progress stamps, idle periods), and if a timer fell due meanwhile it first
-    /// collects the readiness that arrived meanwhile: data that came before a read's deadline
-    /// completes the read, as it would have on a poller thread.
-    pub(crate) fn step(&mut self, deadline: Option<Instant>) -> bool {
-        self.now = Instant::now();
-        if self.timers.peek().is_some_and(|t| t.when <= self.now) {
-            self.wait(Some(Duration::ZERO));
-            self.skipped_wait = false;
-        }
-        let posted = self.sink.stats.completions;
-        if !self.process() {
-            return false;
-        }
-        // (An inline watcher has no backlog: its own mailbox is unbounded and it refuses
-        // bounded routes.)
-        let timeout = if self.sink.stats.completions != posted {
-            if !self.skipped_wait {
-                self.skipped_wait = true;
-                return true;
-            }
-            Some(Duration::ZERO)
-        } else {
-            let timeout = self.next_timeout();
-            match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    Some(timeout.map_or(left, |t| t.min(left)))
-                }
-                None => timeout,
-            }
-        };
-        self.skipped_wait = false;
-        self.wait(timeout);
-        self.process()
-    }
-
-    /// Everything of a round but the wait: commands, I/O, timers, completions. Returns
-    /// `false` (after shutting down) if the watcher was closed.
-    fn process(&mut self) -> bool {
-        self.take_inbox(false);
-        self.run_ctl();
-        self.run_ops();
-        if self.shared.closed.load(Ordering::SeqCst) {
-            self.shutdown();
-            return false;
-        }
-        self.run_ready();
-        if !self.timers.is_empty() {
-            self.now = Instant::now();
-            self.expire();
-        }
-        self.flush();
-        true
-    }
-
-    /// Swaps the inbox's queues with our empty ones: only what is queued now, so a busy
-    /// sender cannot keep the poller from its sockets. `seal` makes it the last take.
-    fn take_inbox(&mut self, seal: bool) {
-        let mut inbox = self.shared.inbox();
-        inbox.sealed |= seal;
-        std::mem::swap(&mut inbox.ops, &mut self.ops_in);
-        std::mem::swap(&mut inbox.ctl, &mut self.ctl_in);
-    }
-
-    fn run_ctl(&mut self) {
-        if self.ctl_in.is_empty() {
-            return;
-        }
-        let mut ctl = std::mem::take(&mut self.ctl_in);
-        for msg in ctl.drain(..) {
-            match msg {
-                Ctl::Register {
-                    id,
-                    fd,
-                    connect,
-                    route,
-                    listener,
-                } => {
-                    let mut st = ConnState::new(fd, stamp(self.epoch, self.now));
-                    st.listener = listener;
-                    self.conns.insert(id, st);
-                    self.sink.stats.connections += 1;
-                    if let Some(route) = route {
-                        self.sink.routes.insert(id, route);
-                    }
-                    if let Some((conn, to)) = connect {
-                        let cmd = Cmd {
-                            kind: Kind::Connect,
-                            deadline: to.deadline,
-                            idle: None,
-                            tag: to.tag,
-                        };
-                        self.enqueue(id, conn, cmd);
-                    }
-                }
-                // No operation can be pending (the state holds a handle then): just close.
-                Ctl::Release(id) => {
-                    drop(self.remove(id));
-                    if !self.sink.routes.is_empty() {
-                        self.sink.routes.remove(&id);
-                    }
-                }
-                // Its registration was taken with it or before (registering comes first).
-                Ctl::Last(conn, cmd) => self.submit(conn, cmd),
-            }
-        }
-        self.ctl_in = ctl; // keep the allocation
-    }
-
-    fn run_ops(&mut self) {
-        if self.ops_in.is_empty() {
-            return;
-        }
-        // The time the commands are taken starts their idle periods: `now` from before the
-        // wait could be earlier than a command was sent, firing its timeout early.
-        self.now = Instant::now();
-        let mut ops = std::mem::take(&mut self.ops_in);
-        for (conn, cmd) in ops.drain(..) {
-            self.submit(conn, cmd);
-        }
-        self.ops_in = ops;
     }
 
     fn remove(&mut self, id: Key) -> Option<ConnState> {
@@ -660,174 +631,65 @@ impl Driver {
         Some(st)
     }
 
-    /// Removes a connection, completing its pending operations with `err`.
-    fn retire(&mut self, id: Key, err: fn() -> Error) -> Option<OwnedFd> {
-        let mut st = self.remove(id)?;
+    /// Ends connection `id` now (the kernel holds nothing of it): its pending operations
+    /// complete (`Freed`, or `WatcherClosed` at close), then the socket is closed or, for
+    /// `Detach`, handed back, and a `Free` or `Detach` completes.
+    fn settle(&mut self, id: Key, how: Retire) {
+        let Some(mut st) = self.remove(id) else {
+            return;
+        };
+        let err = match how {
+            Retire::Close => || Error::WatcherClosed,
+            _ => || Error::Freed,
+        };
         st.unpark(&mut self.ops);
         for dir in [Dir::Read, Dir::Write] {
             while let Some(p) = self.ops.pop_front(st.queue(dir)) {
                 self.sink.complete(&mut st, p, Err(err()), None);
             }
         }
-        Some(st.fd)
+        let fd = st.fd;
+        match how {
+            Retire::Free(conn, tag) => {
+                drop(fd);
+                self.sink.post(conn, Op::Free, tag, Buf::None);
+            }
+            Retire::Detach(conn, tag) => {
+                // Best effort: with the fd still open the registration would go on reporting
+                // events under a key that no longer exists (ignored).
+                if let Some(selector) = &self.shared.selector {
+                    let _ = selector.deregister(fd.as_raw_fd());
+                }
+                self.sink.post(conn, Op::Detach, tag, Buf::Fd(fd));
+            }
+            Retire::Close => drop(fd),
+            Retire::Release => {
+                drop(fd);
+                // A route is kept until the last handle is gone, so that even commands
+                // refused after a `Free` reach the connection's own mailbox.
+                if !self.sink.routes.is_empty() {
+                    self.sink.routes.remove(&id);
+                }
+            }
+        }
     }
 
-    fn submit(&mut self, conn: Conn, cmd: Cmd) {
-        let id = conn.inner.id;
-        // (`enqueue` refuses the other commands of an unknown connection itself.)
-        if !cmd.is_last() {
-            return self.enqueue(id, conn, cmd);
-        }
-        let Some(fd) = self.retire(id, || Error::Freed) else {
-            return self.sink.reject(conn, cmd, Error::Freed);
-        };
-        if matches!(cmd.kind, Kind::Free) {
-            drop(fd);
-            return self.sink.post(conn, Op::Free, cmd.tag, Buf::None);
-        }
-        // Best effort: with the fd still open the registration would go on reporting events
-        // under a key that no longer exists (ignored).
-        let _ = self.shared.selector.deregister(fd.as_raw_fd());
-        self.sink.post(conn, Op::Detach, cmd.tag, Buf::Fd(fd));
-    }
-
-    /// Appends an operation to its connection's FIFO (or parks it), arms its timers, and
-    /// marks the connection runnable if that direction can make progress now.
-    fn enqueue(&mut self, id: Key, conn: Conn, cmd: Cmd) {
-        let Some(st) = self.conns.get_mut(id) else {
-            return self.sink.reject(conn, cmd, Error::Freed);
-        };
-        let Cmd {
-            kind,
-            deadline,
-            mut idle,
-            tag,
-        } = cmd;
-        // An idle timeout means nothing to an accept (no bytes move), nor one too long to
-        // represent: both are no idle timeout, without a timer.
-        if idle.is_some_and(|d| matches!(kind, Kind::Accept) || self.now.checked_add(d).is_none()) {
-            idle = None;
-        }
-        if st.conn.is_none() {
-            st.conn = Some(conn);
-        }
-        let dir = Dir::of(&kind);
-        let stats = &mut self.sink.stats;
-        match dir {
-            Dir::Read => stats.reads_in_flight += 1,
-            Dir::Write => stats.writes_in_flight += 1,
-        }
-        let timed = deadline.is_some() || idle.is_some();
-        if !timed && matches!(kind, Kind::ReadInternal) && st.reads.is_empty() && !st.parked {
-            st.parked = true;
-            st.parked_tag = tag;
-        } else {
-            if dir == Dir::Read {
-                st.unpark(&mut self.ops);
-            }
-            self.seq += 1;
-            let seq = self.seq;
-            if timed {
-                stats.deadlines_armed += 1;
-                let idle_at = idle.and_then(|d| Some((self.now.checked_add(d)?, d)));
-                debug_assert_eq!(idle.is_some(), idle_at.is_some());
-                let timers = [
-                    deadline.map(|at| (at, None)),
-                    idle_at.map(|(at, d)| (at, Some(d))),
-                ];
-                for (when, idle) in timers.into_iter().flatten() {
-                    self.timers.push(Timer {
-                        when,
-                        seq,
-                        id,
-                        dir,
-                        idle,
-                    });
-                }
-            }
-            let p = Pending {
-                kind,
-                done: 0,
-                tag,
-                seq,
-                timed,
+    /// Completes write-direction operations of `st` as `n` bytes were written: each one
+    /// written whole, then the bytes into the next.
+    fn advance_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink, mut n: usize) {
+        while n > 0 {
+            let Some(p) = ops.front_mut(&st.writes) else {
+                break;
             };
-            self.ops.push_back(st.queue(dir), p);
-        }
-        mark_runnable(&mut self.ready, st, &self.ops, id);
-    }
-
-    fn run_ready(&mut self) {
-        let n = self.ready.len();
-        if n == 0 {
-            return;
-        }
-        for i in 0..n {
-            let id = self.ready[i];
-            let Some(st) = self.conns.get_mut(id) else {
-                continue;
-            };
-            let moved = (self.sink.stats.bytes_read, self.sink.stats.bytes_written);
-            // A parked read is the connection's only read (the read FIFO is empty).
-            let paused = if st.parked && !st.listener {
-                // The common case, an idle connection's one read: run it in place.
-                if (st.readable || st.eof) && !reads_held(st, &self.ops) {
-                    read_parked(st, &mut self.sink, &mut self.arena);
-                }
-                false
-            } else {
-                // (On a listener a parked read, a `ReadInternal`, fails at once.)
-                st.unpark(&mut self.ops);
-                let paused = do_reads(st, &mut self.ops, &mut self.sink, &mut self.arena);
-                st.park(&mut self.ops);
-                paused
-            };
-            do_writes(st, &mut self.ops, &mut self.sink);
-            // Progress is stamped with the time the bytes moved, read now: the round's start
-            // may be long past (a long round, a preempted poller), and a stamp that early
-            // would let an idle timeout fire early. One clock read per connection that moved.
-            let stats = &self.sink.stats;
-            let (read, written) = (stats.bytes_read != moved.0, stats.bytes_written != moved.1);
-            if read || written {
-                let t = stamp(self.epoch, Instant::now());
-                if read {
-                    st.read_progress = t;
-                }
-                if written {
-                    st.write_progress = t;
-                }
+            let left = write_buf(p).len();
+            if n < left {
+                p.done += n;
+                break;
             }
-            st.queued = runnable(st, &self.ops);
-            if st.queued {
-                self.ready.push(id);
-            }
-            if paused {
-                // From the failure itself: `now` is the round's start, which a preempted
-                // poller may have left long ago (a pause is rare; the clock read is cheap).
-                let when = Instant::now() + ACCEPT_PAUSE;
-                self.timers.push(Timer {
-                    when,
-                    seq: RESUME,
-                    id,
-                    dir: Dir::Read,
-                    idle: None,
-                });
-            }
-            if !self.sink.accepted.is_empty() {
-                let mut accepted = std::mem::take(&mut self.sink.accepted);
-                for (p, listener, result) in accepted.drain(..) {
-                    match result {
-                        Ok((fd, peer)) => self.adopt_accepted(p, listener, fd, peer),
-                        Err(e) => self.sink.finish(p, listener, Err(Error::Io(e)), None),
-                    }
-                }
-                self.sink.accepted = accepted; // keep the allocation
-            }
-        }
-        if self.ready.len() == n {
-            self.ready.clear();
-        } else {
-            self.ready.drain(..n);
+            p.done += left;
+            n -= left;
+            let p = ops.pop_front(&mut st.writes).expect("front exists");
+            sink.complete(st, p, Ok(()), None);
         }
     }
 
@@ -859,114 +721,40 @@ impl Driver {
         }
     }
 
-    fn expire(&mut self) {
-        let now = self.now;
-        while self.timers.peek().is_some_and(|t| t.when <= now) {
-            let Some(t) = self.timers.pop() else { break };
-            let Some(st) = self.conns.get_mut(t.id) else {
-                continue;
-            };
-            if t.seq == RESUME {
-                st.paused = false;
-                st.readable = true;
-                mark_runnable(&mut self.ready, st, &self.ops, t.id);
-                continue;
-            }
-            let q = st.queue(t.dir);
-            if !self.ops.iter(q).any(|p| p.seq == t.seq) {
-                continue;
-            }
-            if let Some(idle) = t.idle {
-                // The timer fired no earlier than `idle` after the command was taken (or
-                // after the progress that last re-armed it); it is over unless bytes moved in
-                // this direction within the last `idle`.
-                let progress = match t.dir {
-                    Dir::Read => st.read_progress,
-                    Dir::Write => st.write_progress,
-                };
-                let since = since_progress(stamp(self.epoch, now).wrapping_sub(1), progress);
-                if since < idle {
-                    self.timers.push(Timer {
-                        when: now + (idle - since),
-                        ..t
-                    });
-                    continue;
-                }
-            }
-            let q = st.queue(t.dir);
-            let Some(p) = self.ops.remove(q, |p| p.seq == t.seq) else {
-                continue;
-            };
-            let err = if t.idle.is_some() {
-                Error::IdleTimeout
-            } else {
-                Error::Deadline
-            };
-            self.sink.complete(st, p, Err(err), None);
-            // What was behind it may run now without a new event (a `Shutdown` after a
-            // write cut short by its deadline, against a peer that reads nothing).
-            mark_runnable(&mut self.ready, st, &self.ops, t.id);
+    /// Completes the accepts made this round (kept apart while the listener's state was
+    /// borrowed), in the order they were sent.
+    fn finish_accepts(&mut self) {
+        if self.sink.accepted.is_empty() {
+            return;
         }
-        // Compact when completed operations' timers dominate the heap.
-        let armed = self.sink.stats.deadlines_armed as usize;
-        if self.timers.len() > 2 * armed + 1024 {
-            let (conns, ops) = (&mut self.conns, &self.ops);
-            self.timers.retain(|t| {
-                conns.get_mut(t.id).is_some_and(|st| {
-                    t.seq == RESUME || ops.iter(st.queue(t.dir)).any(|p| p.seq == t.seq)
-                })
-            });
+        let mut accepted = std::mem::take(&mut self.sink.accepted);
+        for (p, listener, result) in accepted.drain(..) {
+            match result {
+                Ok((fd, peer)) => self.adopt_accepted(p, listener, fd, peer),
+                Err(e) => self.sink.finish(p, listener, Err(Error::Io(e)), None),
+            }
         }
+        self.sink.accepted = accepted; // keep the allocation
     }
 
-    fn flush(&mut self) {
-        let stats = &mut self.sink.stats;
-        if self.sink.made > 0 {
-            stats.batches += 1;
-            stats.completions += self.sink.made;
-            self.sink.made = 0;
-        }
-        // Whether anything reached a channel: a waiter must then be woken, also when all of
-        // it came from the backlog (room was made) and this round completed nothing.
-        let mut posted = false;
-        // The stalled channels first: what waits there is older.
-        if !self.backlog.is_empty() {
-            let mut cx = Context::from_waker(&self.room);
-            posted |= delivery::pump_all(&mut self.backlog, &mut cx);
-        }
-        // (Skipped when empty, as an inline watcher's is: a drain costs its set-up.)
-        if !self.sink.out.is_empty() {
-            let mailbox = &self.mailbox;
-            for (c, to) in self.sink.out.drain(..) {
-                let to = to.as_ref().unwrap_or(mailbox);
-                posted |= delivery::deliver(&mut self.backlog, to, c);
-            }
-            if !self.backlog.is_empty() {
-                // A queue that started this round: its head waits for room with our waker.
-                let mut cx = Context::from_waker(&self.room);
-                posted |= delivery::pump_all(&mut self.backlog, &mut cx);
-            }
-        }
-        self.sink.stats.stalled_completions = delivery::waiting(&self.backlog) as u64;
-        self.sink.stats.timer_entries = self.timers.len() as u64;
-        self.shared.stats.publish(&self.sink.stats);
-        if posted && self.sink.direct.is_none() {
-            self.shared.rounds.ended();
-        }
+    /// Pauses listener `id`'s accepts for `ACCEPT_PAUSE` after a resource error, timed from
+    /// the failure itself: `now` is the round's start, which a preempted poller may have left
+    /// long ago (a pause is rare; the clock read is cheap).
+    fn pause_accepts(&mut self, id: Key) {
+        self.timers.push(Timer {
+            when: Instant::now() + ACCEPT_PAUSE,
+            seq: RESUME,
+            id,
+            dir: Dir::Read,
+            idle: None,
+        });
     }
 
-    fn next_timeout(&self) -> Option<Duration> {
-        if !self.ready.is_empty() {
-            return Some(Duration::ZERO);
-        }
-        self.timers
-            .peek()
-            .map(|t| t.when.saturating_duration_since(self.now))
-    }
-
-    fn wait(&mut self, mut timeout: Option<Duration>) {
+    /// Before an engine blocks: says the poller sleeps (so that senders write the eventfd),
+    /// then looks at the queues under their lock; anything there (or a close) makes the wait
+    /// a poll. See `Shared::release_and_wake` for the other half of this handshake.
+    fn before_wait(&mut self, mut timeout: Option<Duration>) -> Option<Duration> {
         if timeout != Some(Duration::ZERO) {
-            // See `Shared::release_and_wake` for the other half of this handshake.
             self.shared.sleeping.store(true, Ordering::Relaxed);
             let inbox = self.shared.inbox();
             if !inbox.ops.is_empty() || !inbox.ctl.is_empty() || inbox.sealed {
@@ -977,55 +765,523 @@ impl Driver {
                 timeout = Some(Duration::ZERO);
             }
         }
-        if self
-            .shared
-            .selector
-            .select(&mut self.events, timeout)
-            .is_err()
-        {
-            // Only EBADF/EFAULT/EINVAL remain, not expected with our own fd and buffer and a
-            // timeout the selector caps; do not spin if one happens all the same.
-            thread::sleep(Duration::from_millis(1));
-        }
+        timeout
+    }
+
+    /// After an engine's wait returned.
+    fn after_wait(&mut self) {
         self.shared.sleeping.store(false, Ordering::SeqCst);
         self.sink.stats.wakeups += 1;
         self.now = Instant::now();
-        for ev in self.events.iter() {
-            if ev.token == WAKER_TOKEN {
-                self.shared.waker.reset();
-                continue;
+    }
+}
+
+impl<E: Engine> Driver<E> {
+    pub(crate) fn new(core: Core, engine: E) -> Driver<E> {
+        Driver { core, engine }
+    }
+
+    /// Completions go to `take_direct` instead of the mailbox (an inline watcher with a
+    /// mailbox of its own: no one else can be waiting on it).
+    pub(crate) fn deliver_direct(&mut self) {
+        self.core.sink.direct = Some(Vec::new());
+    }
+
+    /// Moves the completions kept for the driving thread to the end of `out`.
+    pub(crate) fn take_direct(&mut self, out: &mut Vec<Completion>) {
+        if let Some(direct) = &mut self.core.sink.direct {
+            if out.is_empty() {
+                std::mem::swap(out, direct);
+            } else {
+                out.append(direct);
             }
-            let id = Key::from(KeyData::from_ffi(ev.token));
-            // A stale key (freed connection, or one whose slot was reused) finds nothing.
-            let Some(st) = self.conns.get_mut(id) else {
+        }
+    }
+
+    /// The poller thread's loop: rounds until the watcher is closed.
+    pub(crate) fn run(&mut self) {
+        while self.process() {
+            let timeout = self.next_timeout();
+            self.wait(timeout);
+        }
+    }
+
+    /// After a panic while driving (a bug of this crate, or user code the poller ran, such
+    /// as the `Drop` of a write buffer's owner): the watcher counts as closed, as after
+    /// `close`, and every pending operation and queued command is completed with
+    /// `WatcherClosed` as far as the half-updated state allows. Should the shutdown panic
+    /// too, the commands still queued are completed straight into the mailbox.
+    pub(crate) fn abandon(&mut self) {
+        self.core.shared.closed.store(true, Ordering::SeqCst);
+        if catch_unwind(AssertUnwindSafe(|| self.shutdown())).is_ok() {
+            return;
+        }
+        let queued = {
+            let mut inbox = self.core.shared.inbox();
+            inbox.sealed = true;
+            std::mem::take(&mut inbox.ops)
+        };
+        let left = std::mem::take(&mut self.core.ops_in)
+            .into_iter()
+            .chain(queued);
+        for (conn, cmd) in left {
+            let (op, tag) = (cmd.op(), cmd.tag);
+            let c = Completion {
+                conn,
+                op,
+                tag,
+                buf: cmd.into_buf(),
+                n: 0,
+                result: Err(Error::WatcherClosed),
+            };
+            // Never blocks: a full bounded mailbox loses it (the state may be broken).
+            let _ = self.core.mailbox.try_send(c);
+        }
+    }
+
+    /// One step of an inline watcher, on the caller's thread: a round, and if it posted
+    /// nothing, a wait for events (at most until `deadline`) and another round. A round that
+    /// posted returns at once (its completions are what the caller waits for), but never
+    /// twice in a row: the next one collects events without blocking first, or a connection
+    /// whose operations complete every round would keep the others' readiness unseen.
+    /// Returns `false` once the watcher is closed and shut down.
+    ///
+    /// The caller may have been away since the last step, so the step starts from the time
+    /// now (progress stamps, idle periods), and if a timer fell due meanwhile it first
+    /// collects the readiness that arrived meanwhile: data that came before a read's deadline
+    /// completes the read, as it would have on a poller thread.
+    pub(crate) fn step(&mut self, deadline: Option<Instant>) -> bool {
+        self.core.now = Instant::now();
+        if self
+            .core
+            .timers
+            .peek()
+            .is_some_and(|t| t.when <= self.core.now)
+        {
+            self.wait(Some(Duration::ZERO));
+            self.core.skipped_wait = false;
+        }
+        let posted = self.core.sink.stats.completions;
+        if !self.process() {
+            return false;
+        }
+        // (An inline watcher has no backlog: its own mailbox is unbounded and it refuses
+        // bounded routes.)
+        let timeout = if self.core.sink.stats.completions != posted {
+            if !self.core.skipped_wait {
+                self.core.skipped_wait = true;
+                return true;
+            }
+            Some(Duration::ZERO)
+        } else {
+            let timeout = self.next_timeout();
+            match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    Some(timeout.map_or(left, |t| t.min(left)))
+                }
+                None => timeout,
+            }
+        };
+        self.core.skipped_wait = false;
+        self.wait(timeout);
+        self.process()
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) {
+        let timeout = self.core.before_wait(timeout);
+        self.engine.wait(&mut self.core, timeout);
+    }
+
+    /// Everything of a round but the wait: commands, I/O, timers, completions. Returns
+    /// `false` (after shutting down) if the watcher was closed.
+    fn process(&mut self) -> bool {
+        self.take_inbox(false);
+        self.run_ctl();
+        self.run_ops();
+        if self.core.shared.closed.load(Ordering::SeqCst) {
+            self.shutdown();
+            return false;
+        }
+        self.run_ready();
+        if !self.core.timers.is_empty() {
+            self.core.now = Instant::now();
+            self.expire();
+        }
+        self.flush();
+        true
+    }
+
+    /// Swaps the inbox's queues with our empty ones: only what is queued now, so a busy
+    /// sender cannot keep the poller from its sockets. `seal` makes it the last take.
+    fn take_inbox(&mut self, seal: bool) {
+        let core = &mut self.core;
+        let mut inbox = core.shared.inbox();
+        inbox.sealed |= seal;
+        std::mem::swap(&mut inbox.ops, &mut core.ops_in);
+        std::mem::swap(&mut inbox.ctl, &mut core.ctl_in);
+    }
+
+    fn run_ctl(&mut self) {
+        if self.core.ctl_in.is_empty() {
+            return;
+        }
+        let mut ctl = std::mem::take(&mut self.core.ctl_in);
+        for msg in ctl.drain(..) {
+            match msg {
+                Ctl::Register {
+                    id,
+                    fd,
+                    connect,
+                    route,
+                    listener,
+                } => {
+                    let core = &mut self.core;
+                    let mut st = ConnState::new(fd, stamp(core.epoch, core.now));
+                    st.listener = listener;
+                    core.conns.insert(id, st);
+                    core.sink.stats.connections += 1;
+                    if let Some(route) = route {
+                        core.sink.routes.insert(id, route);
+                    }
+                    if let Some((conn, to)) = connect {
+                        let cmd = Cmd {
+                            kind: Kind::Connect,
+                            deadline: to.deadline,
+                            idle: None,
+                            tag: to.tag,
+                        };
+                        self.enqueue(id, conn, cmd);
+                    }
+                }
+                // No operation can be pending (the state holds a handle then): just close.
+                Ctl::Release(id) => {
+                    self.retire(id, Retire::Release);
+                }
+                // Its registration was taken with it or before (registering comes first).
+                Ctl::Last(conn, cmd) => self.submit(conn, cmd),
+            }
+        }
+        self.core.ctl_in = ctl; // keep the allocation
+    }
+
+    fn run_ops(&mut self) {
+        if self.core.ops_in.is_empty() {
+            return;
+        }
+        // The time the commands are taken starts their idle periods: `now` from before the
+        // wait could be earlier than a command was sent, firing its timeout early.
+        self.core.now = Instant::now();
+        let mut ops = std::mem::take(&mut self.core.ops_in);
+        for (conn, cmd) in ops.drain(..) {
+            self.submit(conn, cmd);
+        }
+        self.core.ops_in = ops;
+    }
+
+    /// Ends connection `id` (see [`Retire`]): at once, or once the kernel has given back
+    /// what it holds of it, the connection refusing every command meanwhile. `false` if there
+    /// is no such connection (or it is ending already).
+    fn retire(&mut self, id: Key, how: Retire) -> bool {
+        let Some(st) = self.core.conns.get_mut(id) else {
+            return false;
+        };
+        if st.closing {
+            // (Only `close` can come twice: it then settles as it was going to, with
+            // `WatcherClosed` for what is still pending.)
+            if let Retire::Close = how {
+                if let Some(Retire::Free(..) | Retire::Detach(..)) = self.core.closing.get(&id) {
+                    return true;
+                }
+                self.core.closing.insert(id, how);
+                return true;
+            }
+            return false;
+        }
+        if self.engine.busy(st) {
+            st.closing = true;
+            self.engine.cancel(id, st);
+            self.core.closing.insert(id, how);
+            return true;
+        }
+        self.core.settle(id, how);
+        true
+    }
+
+    fn submit(&mut self, conn: Conn, cmd: Cmd) {
+        let id = conn.inner.id;
+        // (`enqueue` refuses the other commands of an unknown connection itself.)
+        if !cmd.is_last() {
+            return self.enqueue(id, conn, cmd);
+        }
+        let tag = cmd.tag;
+        let how = match cmd.kind {
+            Kind::Free => Retire::Free(conn.clone(), tag),
+            _ => Retire::Detach(conn.clone(), tag),
+        };
+        if !self.retire(id, how) {
+            self.core.sink.reject(conn, cmd, Error::Freed);
+        }
+    }
+
+    /// Appends an operation to its connection's FIFO (or parks it), arms its timers, and
+    /// marks the connection runnable if that direction can make progress now.
+    fn enqueue(&mut self, id: Key, conn: Conn, cmd: Cmd) {
+        let core = &mut self.core;
+        let st = match core.conns.get_mut(id) {
+            Some(st) if !st.closing => st,
+            _ => return core.sink.reject(conn, cmd, Error::Freed),
+        };
+        let Cmd {
+            kind,
+            deadline,
+            mut idle,
+            tag,
+        } = cmd;
+        // An idle timeout means nothing to an accept (no bytes move), nor one too long to
+        // represent: both are no idle timeout, without a timer.
+        if idle.is_some_and(|d| matches!(kind, Kind::Accept) || core.now.checked_add(d).is_none()) {
+            idle = None;
+        }
+        if st.conn.is_none() {
+            st.conn = Some(conn);
+        }
+        let dir = Dir::of(&kind);
+        let stats = &mut core.sink.stats;
+        match dir {
+            Dir::Read => stats.reads_in_flight += 1,
+            Dir::Write => stats.writes_in_flight += 1,
+        }
+        let timed = deadline.is_some() || idle.is_some();
+        if !timed && matches!(kind, Kind::ReadInternal) && st.reads.is_empty() && !st.parked {
+            st.parked = true;
+            st.parked_tag = tag;
+        } else {
+            if dir == Dir::Read {
+                st.unpark(&mut core.ops);
+            }
+            core.seq += 1;
+            let seq = core.seq;
+            if timed {
+                stats.deadlines_armed += 1;
+                let idle_at = idle.and_then(|d| Some((core.now.checked_add(d)?, d)));
+                debug_assert_eq!(idle.is_some(), idle_at.is_some());
+                let timers = [
+                    deadline.map(|at| (at, None)),
+                    idle_at.map(|(at, d)| (at, Some(d))),
+                ];
+                for (when, idle) in timers.into_iter().flatten() {
+                    core.timers.push(Timer {
+                        when,
+                        seq,
+                        id,
+                        dir,
+                        idle,
+                    });
+                }
+            }
+            let p = Pending {
+                kind,
+                done: 0,
+                tag,
+                seq,
+                timed,
+                late: None,
+            };
+            core.ops.push_back(st.queue(dir), p);
+        }
+        let engine = &self.engine;
+        core.mark(id, |st, ops| engine.runnable(st, ops));
+    }
+
+    fn run_ready(&mut self) {
+        let n = self.core.ready.len();
+        if n == 0 {
+            return;
+        }
+        for i in 0..n {
+            let id = self.core.ready[i];
+            let core = &mut self.core;
+            let Some(st) = core.conns.get_mut(id) else {
                 continue;
             };
-            st.readable |= ev.readable;
-            st.writable |= ev.writable;
-            st.hup |= ev.hup;
-            mark_runnable(&mut self.ready, st, &self.ops, id);
+            st.queued = false;
+            let moved = (core.sink.stats.bytes_read, core.sink.stats.bytes_written);
+            self.engine.run(core, id);
+            let Some(st) = core.conns.get_mut(id) else {
+                continue;
+            };
+            // Progress is stamped with the time the bytes moved, read now: the round's start
+            // may be long past (a long round, a preempted poller), and a stamp that early
+            // would let an idle timeout fire early. One clock read per connection that moved.
+            let stats = &core.sink.stats;
+            let (read, written) = (stats.bytes_read != moved.0, stats.bytes_written != moved.1);
+            if read || written {
+                let t = stamp(core.epoch, Instant::now());
+                if read {
+                    st.read_progress = t;
+                }
+                if written {
+                    st.write_progress = t;
+                }
+            }
+            let engine = &self.engine;
+            core.mark(id, |st, ops| engine.runnable(st, ops));
+            core.finish_accepts();
         }
+        let ready = &mut self.core.ready;
+        if ready.len() == n {
+            ready.clear();
+        } else {
+            ready.drain(..n);
+        }
+    }
+
+    fn expire(&mut self) {
+        let core = &mut self.core;
+        let now = core.now;
+        while core.timers.peek().is_some_and(|t| t.when <= now) {
+            let Some(t) = core.timers.pop() else { break };
+            let Some(st) = core.conns.get_mut(t.id) else {
+                continue;
+            };
+            if st.closing {
+                continue;
+            }
+            if t.seq == RESUME {
+                st.paused = false;
+                st.readable = true;
+                let engine = &self.engine;
+                core.mark(t.id, |st, ops| engine.runnable(st, ops));
+                continue;
+            }
+            let q = st.queue(t.dir);
+            let Some(p) = core.ops.iter(q).find(|p| p.seq == t.seq) else {
+                continue;
+            };
+            if p.late.is_some() {
+                continue; // already ended, waiting for the kernel
+            }
+            if let Some(idle) = t.idle {
+                // The timer fired no earlier than `idle` after the command was taken (or
+                // after the progress that last re-armed it); it is over unless bytes moved in
+                // this direction within the last `idle`.
+                let progress = match t.dir {
+                    Dir::Read => st.read_progress,
+                    Dir::Write => st.write_progress,
+                };
+                let since = since_progress(stamp(core.epoch, now).wrapping_sub(1), progress);
+                if since < idle {
+                    core.timers.push(Timer {
+                        when: now + (idle - since),
+                        ..t
+                    });
+                    continue;
+                }
+            }
+            let late = if t.idle.is_some() {
+                Late::Idle
+            } else {
+                Late::Deadline
+            };
+            if t.dir == Dir::Write && self.engine.hold(st, &mut core.ops, t.seq) {
+                // The kernel holds it: it completes when the kernel gives it back.
+                let q = st.queue(t.dir);
+                if let Some(p) = core.ops.find_mut(q, |p| p.seq == t.seq) {
+                    p.late = Some(late);
+                }
+                continue;
+            }
+            let q = st.queue(t.dir);
+            let Some(p) = core.ops.remove(q, |p| p.seq == t.seq) else {
+                continue;
+            };
+            core.sink.complete(st, p, Err(late.error()), None);
+            // What was behind it may run now without a new event (a `Shutdown` after a
+            // write cut short by its deadline, against a peer that reads nothing).
+            let engine = &self.engine;
+            core.mark(t.id, |st, ops| engine.runnable(st, ops));
+        }
+        // Compact when completed operations' timers dominate the heap.
+        let armed = core.sink.stats.deadlines_armed as usize;
+        if core.timers.len() > 2 * armed + 1024 {
+            let (conns, ops) = (&mut core.conns, &core.ops);
+            core.timers.retain(|t| {
+                conns.get_mut(t.id).is_some_and(|st| {
+                    t.seq == RESUME || ops.iter(st.queue(t.dir)).any(|p| p.seq == t.seq)
+                })
+            });
+        }
+    }
+
+    fn flush(&mut self) {
+        let core = &mut self.core;
+        let stats = &mut core.sink.stats;
+        if core.sink.made > 0 {
+            stats.batches += 1;
+            stats.completions += core.sink.made;
+            core.sink.made = 0;
+        }
+        // Whether anything reached a channel: a waiter must then be woken, also when all of
+        // it came from the backlog (room was made) and this round completed nothing.
+        let mut posted = false;
+        // The stalled channels first: what waits there is older.
+        if !core.backlog.is_empty() {
+            let mut cx = Context::from_waker(&core.room);
+            posted |= delivery::pump_all(&mut core.backlog, &mut cx);
+        }
+        // (Skipped when empty, as an inline watcher's is: a drain costs its set-up.)
+        if !core.sink.out.is_empty() {
+            let mailbox = &core.mailbox;
+            for (c, to) in core.sink.out.drain(..) {
+                let to = to.as_ref().unwrap_or(mailbox);
+                posted |= delivery::deliver(&mut core.backlog, to, c);
+            }
+            if !core.backlog.is_empty() {
+                // A queue that started this round: its head waits for room with our waker.
+                let mut cx = Context::from_waker(&core.room);
+                posted |= delivery::pump_all(&mut core.backlog, &mut cx);
+            }
+        }
+        core.sink.stats.stalled_completions = delivery::waiting(&core.backlog) as u64;
+        core.sink.stats.timer_entries = core.timers.len() as u64;
+        core.shared.stats.publish(&core.sink.stats);
+        if posted && core.sink.direct.is_none() {
+            core.shared.rounds.ended();
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let core = &self.core;
+        if !core.ready.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        core.timers
+            .peek()
+            .map(|t| t.when.saturating_duration_since(core.now))
     }
 
     pub(crate) fn shutdown(&mut self) {
         // Nobody may come to take direct completions any more (`Watcher::close`): what is
         // kept goes to the mailbox, ahead of what the shutdown completes.
-        if let Some(direct) = self.sink.direct.take() {
+        if let Some(direct) = self.core.sink.direct.take() {
             for c in direct {
-                let _ = self.mailbox.send(c); // unbounded (inline), or nobody receives
+                let _ = self.core.mailbox.send(c); // unbounded (inline), or nobody receives
             }
         }
         // The last take: later pushes fail with `Closed`.
         self.take_inbox(true);
         self.run_ctl();
         // Pending operations first: they were submitted before anything still queued.
-        let ids: Vec<Key> = self.conns.keys().collect();
+        let ids: Vec<Key> = self.core.conns.keys().collect();
         for id in ids {
-            drop(self.retire(id, || Error::WatcherClosed));
+            self.retire(id, Retire::Close);
         }
-        for (conn, cmd) in std::mem::take(&mut self.ops_in) {
-            self.sink.reject(conn, cmd, Error::WatcherClosed);
+        for (conn, cmd) in std::mem::take(&mut self.core.ops_in) {
+            self.core.sink.reject(conn, cmd, Error::WatcherClosed);
         }
+        // What the kernel still held comes back, and those connections settle.
+        self.engine.drain(&mut self.core);
         self.flush();
         self.drain_backlog();
     }
@@ -1034,8 +1290,8 @@ impl Driver {
     /// (`delivery::drain`), which ends a round for `wait_io` after each delivery and at the
     /// end, so waiters see the mailbox closed after the last completion.
     fn drain_backlog(&mut self) {
-        let shared = self.shared.clone();
-        delivery::drain(std::mem::take(&mut self.backlog), move || {
+        let shared = self.core.shared.clone();
+        delivery::drain(std::mem::take(&mut self.core.backlog), move || {
             shared.rounds.ended()
         });
     }
@@ -1061,142 +1317,6 @@ fn stamp(epoch: Instant, t: Instant) -> u32 {
     (t.saturating_duration_since(epoch).as_millis() as u32).wrapping_add(1)
 }
 
-/// Runs the read FIFO (a parked read moved into it first, by the caller). Returns `true` if a
-/// listener hit a resource limit and must pause.
-fn do_reads(
-    st: &mut ConnState,
-    ops: &mut Slab<Pending>,
-    sink: &mut Sink,
-    arena: &mut Arena,
-) -> bool {
-    if reads_held(st, ops) {
-        return false;
-    }
-    let mut budget = BUDGET;
-    while let Some(p) = ops.front_mut(&st.reads) {
-        if st.eof {
-            let p = ops.pop_front(&mut st.reads).expect("front exists");
-            sink.complete(st, p, Err(Error::Eof), None);
-            continue;
-        }
-        if (!st.readable && !st.misdirected(&p.kind)) || budget == 0 {
-            break;
-        }
-        budget -= 1;
-        let fd = st.fd.as_fd();
-        let (res, asked) = match &mut p.kind {
-            Kind::Read(buf) => (sys::recv(fd, &mut buf[..]), buf.len()),
-            Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
-            Kind::ReadInternal => arena.recv(fd, &mut sink.stats),
-            Kind::Write(_) | Kind::Connect | Kind::Shutdown | Kind::Free | Kind::Detach => {
-                unreachable!("only reads and accepts wait in the read FIFO")
-            }
-            Kind::Accept => {
-                let result = sys::accept(fd);
-                if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                    st.readable = false;
-                    continue;
-                }
-                let pause = matches!(&result, Err(e) if is_resource_error(e));
-                let p = ops.pop_front(&mut st.reads).expect("front exists");
-                let listener = st.handle();
-                sink.accepted.push((p, listener, result));
-                if pause {
-                    // Until the pause ends: a readiness event collected after this failure
-                    // (the connection that made the listener readable arrived before it)
-                    // must not start a second round of attempts.
-                    st.paused = true;
-                    st.readable = false;
-                    return true;
-                }
-                continue;
-            }
-        };
-        match read_outcome(st, res, asked, &mut sink.stats) {
-            None => {} // drained: `readable` is down, the loop ends
-            Some(Ok(n)) => {
-                let mut data = None;
-                match p.kind {
-                    Kind::ReadFull(ref buf) => {
-                        p.done += n;
-                        if p.done < buf.len() {
-                            continue;
-                        }
-                    }
-                    Kind::ReadInternal => {
-                        p.done = n;
-                        data = Some(arena.take(n));
-                    }
-                    _ => p.done = n,
-                }
-                let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(st, p, Ok(()), data);
-            }
-            Some(Err(e)) => {
-                let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(st, p, Err(e), None);
-            }
-        }
-    }
-    false
-}
-
-/// What one `recv` of `asked` bytes means for the read that made it, with the connection's
-/// flags and counters updated: `Some(Ok(n))` bytes arrived (n > 0), `Some(Err(..))` the read
-/// ends (end of stream, an error), `None` the socket is drained and the read waits.
-fn read_outcome(
-    st: &mut ConnState,
-    res: io::Result<usize>,
-    asked: usize,
-    stats: &mut Stats,
-) -> Option<Result<usize, Error>> {
-    match res {
-        Ok(0) => {
-            st.eof = true;
-            Some(Err(Error::Eof))
-        }
-        Ok(n) => {
-            stats.bytes_read += n as u64;
-            // A short read drained the socket; the next arrival is a new edge. After a
-            // hang-up no edge will come, so keep reading until the socket says EOF.
-            if n < asked && !st.hup {
-                st.readable = false;
-            }
-            Some(Ok(n))
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            st.readable = false;
-            st.hup = false;
-            None
-        }
-        Err(e) => Some(Err(Error::Io(e))),
-    }
-}
-
-/// Runs a parked read where it is, without the trip through the read FIFO that `do_reads`
-/// would take (unpark, run, park again): the read of every idle connection of an echo or
-/// chat server, so the common case. The caller checked that it may run (not a listener,
-/// readable or at end of stream, reads not held).
-fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena) {
-    let outcome = if st.eof {
-        Some(Err(Error::Eof))
-    } else {
-        let (res, asked) = arena.recv(st.fd.as_fd(), &mut sink.stats);
-        read_outcome(st, res, asked, &mut sink.stats)
-    };
-    let Some(outcome) = outcome else {
-        return; // drained: it stays parked
-    };
-    let mut p = st.take_parked().expect("the caller saw it parked");
-    match outcome {
-        Ok(n) => {
-            p.done = n;
-            sink.complete(st, p, Ok(()), Some(arena.take(n)));
-        }
-        Err(e) => sink.complete(st, p, Err(e), None),
-    }
-}
-
 /// Out of descriptors or kernel memory: retrying at once would fail the same way.
 fn is_resource_error(e: &io::Error) -> bool {
     matches!(
@@ -1212,54 +1332,6 @@ fn write_buf(p: &Pending) -> &[u8] {
     }
 }
 
-/// Sends the plain writes at the head of `q`: one `send` for a lone write (the common case,
-/// without building an iovec array), else up to `MAX_IOV` in one `sendmsg`. Returns the
-/// result and how many bytes were asked for.
-fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result<usize>, usize) {
-    let is_write = |p: &Pending| matches!(p.kind, Kind::Write(_));
-    let mut writes = ops.iter(q).take_while(|p| is_write(p));
-    let first = writes.next().map_or(&[][..], write_buf);
-    if !matches!(ops.iter(q).nth(1), Some(p) if is_write(p)) {
-        return (sys::send(fd, first), first.len());
-    }
-    let mut iov = [IoSlice::new(&[]); MAX_IOV];
-    iov[0] = IoSlice::new(first);
-    let (mut k, mut asked) = (1, first.len());
-    for p in writes.take(MAX_IOV - 1) {
-        iov[k] = IoSlice::new(write_buf(p));
-        asked += iov[k].len();
-        k += 1;
-    }
-    (sys::send_vectored(fd, &iov[..k]), asked)
-}
-
-/// Whether `st` can make progress now: reads that are not held and either have readiness
-/// or cannot succeed anyway (`ConnState::misdirected`), or writes on a writable socket; a
-/// `Shutdown` at the head needs no buffer space, so it runs whether or not the socket is
-/// writable.
-fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    let next_read = match ops.front(&st.reads) {
-        Some(p) => Some(&p.kind),
-        None if st.parked => Some(&Kind::ReadInternal),
-        None => None,
-    };
-    let reads = next_read.is_some_and(|k| st.readable || st.eof || st.misdirected(k))
-        && !reads_held(st, ops);
-    let head = write_head(st, ops);
-    let writes = head.is_some() && (st.writable || matches!(head, Some(Kind::Shutdown)));
-    reads || writes
-}
-
-/// Puts `st` (connection `id`) in the runnable list if it can make progress now and is not
-/// there yet.
-#[inline]
-fn mark_runnable(ready: &mut Vec<Key>, st: &mut ConnState, ops: &Slab<Pending>, id: Key) {
-    if !st.queued && runnable(st, ops) {
-        st.queued = true;
-        ready.push(id);
-    }
-}
-
 /// Reads wait during an accept pause, and while a `Connect` heads the write FIFO: a read
 /// would take a failed connect's error from the socket, and the connect would then never
 /// learn it.
@@ -1269,72 +1341,6 @@ fn reads_held(st: &ConnState, ops: &Slab<Pending>) -> bool {
 
 fn write_head<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {
     ops.front(&st.writes).map(|p| &p.kind)
-}
-
-fn shutdown_at_head(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    matches!(write_head(st, ops), Some(Kind::Shutdown))
-}
-
-fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
-    let mut budget = BUDGET;
-    while budget > 0 && (st.writable || shutdown_at_head(st, ops)) {
-        let Some(head) = ops.front(&st.writes) else {
-            break;
-        };
-        budget -= 1;
-        let fd = st.fd.as_fd();
-        // Operations that are not plain writes run alone, when they reach the head.
-        let special = match head.kind {
-            // Writable (or errored) after a non-blocking connect: see how it went.
-            Kind::Connect => Some(sys::connect_finished(fd)),
-            // Every write before it is done: send FIN.
-            Kind::Shutdown => Some(sys::shutdown_write(fd).map(|()| true)),
-            _ => None,
-        };
-        if let Some(r) = special {
-            match r {
-                Ok(false) => st.writable = false,
-                Ok(true) => {
-                    let p = ops.pop_front(&mut st.writes).expect("front exists");
-                    sink.complete(st, p, Ok(()), None);
-                }
-                Err(e) => {
-                    let p = ops.pop_front(&mut st.writes).expect("front exists");
-                    sink.complete(st, p, Err(Error::Io(e)), None);
-                }
-            }
-            continue;
-        }
-        let (sent, asked) = send_writes(fd, ops, &st.writes);
-        match sent {
-            Ok(mut n) => {
-                sink.stats.bytes_written += n as u64;
-                // A short write filled the socket buffer; EPOLLOUT comes when it drains.
-                if n < asked {
-                    st.writable = false;
-                }
-                while n > 0 {
-                    let Some(p) = ops.front_mut(&st.writes) else {
-                        break;
-                    };
-                    let left = write_buf(p).len();
-                    if n < left {
-                        p.done += n;
-                        break;
-                    }
-                    p.done += left;
-                    n -= left;
-                    let p = ops.pop_front(&mut st.writes).expect("front exists");
-                    sink.complete(st, p, Ok(()), None);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.writable = false,
-            Err(e) => {
-                let p = ops.pop_front(&mut st.writes).expect("front exists");
-                sink.complete(st, p, Err(Error::Io(e)), None);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1384,7 +1390,7 @@ mod tests {
 
         let watcher = Watcher::builder().inline(true).build().unwrap();
         // A poller that has run for a minute (its stamps count from its start).
-        watcher.with_driver(|d| d.epoch = Instant::now() - Duration::from_secs(60));
+        watcher.with_driver(|d| d.core().epoch = Instant::now() - Duration::from_secs(60));
         let (mut peer, socket) = UnixStream::pair().unwrap();
         let conn = watcher.register(socket).unwrap();
         let idle = Duration::from_secs(60);
@@ -1394,13 +1400,16 @@ mod tests {
         watcher.with_driver(|d| assert!(d.step(Some(Instant::now()))));
         peer.write_all(b"x").unwrap();
         watcher.with_driver(|d| {
+            let super::AnyDriver::Readiness(d) = d else {
+                return; // (the readiness engine is the one this test drives)
+            };
             d.wait(Some(Duration::ZERO));
             // The round's clock as a long round or a preemption leaves it: long past.
             let moved_at = Instant::now();
-            d.now = moved_at - Duration::from_secs(5);
+            d.core.now = moved_at - Duration::from_secs(5);
             assert!(d.process());
-            let st = &d.conns[conn.inner.id];
-            let lag = st.read_progress.wrapping_sub(stamp(d.epoch, moved_at)) as i32;
+            let st = &d.core.conns[conn.inner.id];
+            let lag = st.read_progress.wrapping_sub(stamp(d.core.epoch, moved_at)) as i32;
             assert!(
                 lag >= 0,
                 "progress stamped {} ms before the bytes moved",

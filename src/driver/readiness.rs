@@ -1,0 +1,342 @@
+//! The readiness engine: epoll on Linux and Android, kqueue on macOS, iOS and FreeBSD. The
+//! poller makes the system calls: edge-triggered readiness marks a connection readable or
+//! writable, and its operations run until `EAGAIN` (or their budget), straight into the
+//! caller's buffers or the shared arena.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use slotmap::KeyData;
+
+use super::{
+    is_resource_error, reads_held, write_buf, write_head, Arena, ConnState, Core, Engine, Pending,
+    Sink, BUDGET, MAX_IOV,
+};
+use crate::cmd::Kind;
+use crate::conn::Key;
+use crate::fifo::{Fifo, Slab};
+use crate::shared::Shared;
+use crate::stats::Stats;
+use crate::{sys, Error};
+
+/// The waker's event token. Slotmap never hands out index `u32::MAX`, so no key maps to it.
+pub(crate) const WAKER_TOKEN: u64 = u64::MAX;
+
+/// The readiness engine's own state: the event buffer, and the selector (in `Shared`, where
+/// `register` adds sockets to it from user threads).
+pub(crate) struct Readiness {
+    shared: Arc<Shared>,
+    events: sys::Events,
+}
+
+impl Readiness {
+    pub(crate) fn new(shared: Arc<Shared>, events_capacity: usize) -> Readiness {
+        Readiness {
+            shared,
+            events: sys::Events::with_capacity(events_capacity),
+        }
+    }
+}
+
+impl Engine for Readiness {
+    fn runnable(&self, st: &ConnState, ops: &Slab<Pending>) -> bool {
+        runnable(st, ops)
+    }
+
+    fn run(&mut self, core: &mut Core, id: Key) {
+        let Core {
+            conns,
+            ops,
+            sink,
+            arena,
+            ..
+        } = core;
+        let Some(st) = conns.get_mut(id) else {
+            return;
+        };
+        // A parked read is the connection's only read (the read FIFO is empty).
+        let paused = if st.parked && !st.listener {
+            // The common case, an idle connection's one read: run it in place.
+            if (st.readable || st.eof) && !reads_held(st, ops) {
+                read_parked(st, sink, arena);
+            }
+            false
+        } else {
+            // (On a listener a parked read, a `ReadInternal`, fails at once.)
+            st.unpark(ops);
+            let paused = do_reads(st, ops, sink, arena);
+            st.park(ops);
+            paused
+        };
+        do_writes(st, ops, sink);
+        if paused {
+            core.pause_accepts(id);
+        }
+    }
+
+    fn wait(&mut self, core: &mut Core, timeout: Option<Duration>) {
+        let selector = (self.shared.selector.as_ref()).expect("a readiness watcher's selector");
+        if selector.select(&mut self.events, timeout).is_err() {
+            // Only EBADF/EFAULT/EINVAL remain, not expected with our own fd and buffer and a
+            // timeout the selector caps; do not spin if one happens all the same.
+            thread::sleep(Duration::from_millis(1));
+        }
+        core.after_wait();
+        for ev in self.events.iter() {
+            if ev.token == WAKER_TOKEN {
+                self.shared.waker.reset();
+                continue;
+            }
+            let id = Key::from(KeyData::from_ffi(ev.token));
+            // A stale key (freed connection, or one whose slot was reused) finds nothing.
+            let Some(st) = core.conns.get_mut(id) else {
+                continue;
+            };
+            st.readable |= ev.readable;
+            st.writable |= ev.writable;
+            st.hup |= ev.hup;
+            core.mark(id, runnable);
+        }
+    }
+}
+
+/// One internal read from `fd` into the arena: the result and how much it asked for.
+#[inline]
+fn arena_recv(
+    arena: &mut Arena,
+    fd: BorrowedFd<'_>,
+    stats: &mut Stats,
+) -> (io::Result<usize>, usize) {
+    let max = arena.refill(stats);
+    (sys::recv_spare(fd, &mut arena.buf, max), max)
+}
+
+/// Runs the read FIFO (a parked read moved into it first, by the caller). Returns `true` if a
+/// listener hit a resource limit and must pause.
+fn do_reads(
+    st: &mut ConnState,
+    ops: &mut Slab<Pending>,
+    sink: &mut Sink,
+    arena: &mut Arena,
+) -> bool {
+    if reads_held(st, ops) {
+        return false;
+    }
+    let mut budget = BUDGET;
+    while let Some(p) = ops.front_mut(&st.reads) {
+        if st.eof {
+            let p = ops.pop_front(&mut st.reads).expect("front exists");
+            sink.complete(st, p, Err(Error::Eof), None);
+            continue;
+        }
+        if (!st.readable && !st.misdirected(&p.kind)) || budget == 0 {
+            break;
+        }
+        budget -= 1;
+        let fd = st.fd.as_fd();
+        let (res, asked) = match &mut p.kind {
+            Kind::Read(buf) => (sys::recv(fd, &mut buf[..]), buf.len()),
+            Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
+            Kind::ReadInternal => arena_recv(arena, fd, &mut sink.stats),
+            Kind::Write(_) | Kind::Connect | Kind::Shutdown | Kind::Free | Kind::Detach => {
+                unreachable!("only reads and accepts wait in the read FIFO")
+            }
+            Kind::Accept => {
+                let result = sys::accept(fd);
+                if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                    st.readable = false;
+                    continue;
+                }
+                let pause = matches!(&result, Err(e) if is_resource_error(e));
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                let listener = st.handle();
+                sink.accepted.push((p, listener, result));
+                if pause {
+                    // Until the pause ends: a readiness event collected after this failure
+                    // (the connection that made the listener readable arrived before it)
+                    // must not start a second round of attempts.
+                    st.paused = true;
+                    st.readable = false;
+                    return true;
+                }
+                continue;
+            }
+        };
+        match read_outcome(st, res, asked, &mut sink.stats) {
+            None => {} // drained: `readable` is down, the loop ends
+            Some(Ok(n)) => {
+                let mut data = None;
+                match p.kind {
+                    Kind::ReadFull(ref buf) => {
+                        p.done += n;
+                        if p.done < buf.len() {
+                            continue;
+                        }
+                    }
+                    Kind::ReadInternal => {
+                        p.done = n;
+                        data = Some(arena.take(n));
+                    }
+                    _ => p.done = n,
+                }
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                sink.complete(st, p, Ok(()), data);
+            }
+            Some(Err(e)) => {
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                sink.complete(st, p, Err(e), None);
+            }
+        }
+    }
+    false
+}
+
+/// What one `recv` of `asked` bytes means for the read that made it, with the connection's
+/// flags and counters updated: `Some(Ok(n))` bytes arrived (n > 0), `Some(Err(..))` the read
+/// ends (end of stream, an error), `None` the socket is drained and the read waits.
+fn read_outcome(
+    st: &mut ConnState,
+    res: io::Result<usize>,
+    asked: usize,
+    stats: &mut Stats,
+) -> Option<Result<usize, Error>> {
+    match res {
+        Ok(0) => {
+            st.eof = true;
+            Some(Err(Error::Eof))
+        }
+        Ok(n) => {
+            stats.bytes_read += n as u64;
+            // A short read drained the socket; the next arrival is a new edge. After a
+            // hang-up no edge will come, so keep reading until the socket says EOF.
+            if n < asked && !st.hup {
+                st.readable = false;
+            }
+            Some(Ok(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            st.readable = false;
+            st.hup = false;
+            None
+        }
+        Err(e) => Some(Err(Error::Io(e))),
+    }
+}
+
+/// Runs a parked read where it is, without the trip through the read FIFO that `do_reads`
+/// would take (unpark, run, park again): the read of every idle connection of an echo or
+/// chat server, so the common case. The caller checked that it may run (not a listener,
+/// readable or at end of stream, reads not held).
+fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena) {
+    let outcome = if st.eof {
+        Some(Err(Error::Eof))
+    } else {
+        let (res, asked) = arena_recv(arena, st.fd.as_fd(), &mut sink.stats);
+        read_outcome(st, res, asked, &mut sink.stats)
+    };
+    let Some(outcome) = outcome else {
+        return; // drained: it stays parked
+    };
+    let mut p = st.take_parked().expect("the caller saw it parked");
+    match outcome {
+        Ok(n) => {
+            p.done = n;
+            sink.complete(st, p, Ok(()), Some(arena.take(n)));
+        }
+        Err(e) => sink.complete(st, p, Err(e), None),
+    }
+}
+
+/// Sends the plain writes at the head of `q`: one `send` for a lone write (the common case,
+/// without building an iovec array), else up to `MAX_IOV` in one `sendmsg`. Returns the
+/// result and how many bytes were asked for.
+fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result<usize>, usize) {
+    let is_write = |p: &Pending| matches!(p.kind, Kind::Write(_));
+    let mut writes = ops.iter(q).take_while(|p| is_write(p));
+    let first = writes.next().map_or(&[][..], write_buf);
+    if !matches!(ops.iter(q).nth(1), Some(p) if is_write(p)) {
+        return (sys::send(fd, first), first.len());
+    }
+    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+    iov[0] = IoSlice::new(first);
+    let (mut k, mut asked) = (1, first.len());
+    for p in writes.take(MAX_IOV - 1) {
+        iov[k] = IoSlice::new(write_buf(p));
+        asked += iov[k].len();
+        k += 1;
+    }
+    (sys::send_vectored(fd, &iov[..k]), asked)
+}
+
+/// Whether `st` can make progress now: reads that are not held and either have readiness
+/// or cannot succeed anyway (`ConnState::misdirected`), or writes on a writable socket; a
+/// `Shutdown` at the head needs no buffer space, so it runs whether or not the socket is
+/// writable.
+fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    let next_read = match ops.front(&st.reads) {
+        Some(p) => Some(&p.kind),
+        None if st.parked => Some(&Kind::ReadInternal),
+        None => None,
+    };
+    let reads = next_read.is_some_and(|k| st.readable || st.eof || st.misdirected(k))
+        && !reads_held(st, ops);
+    let head = write_head(st, ops);
+    let writes = head.is_some() && (st.writable || matches!(head, Some(Kind::Shutdown)));
+    reads || writes
+}
+
+fn shutdown_at_head(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    matches!(write_head(st, ops), Some(Kind::Shutdown))
+}
+
+fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
+    let mut budget = BUDGET;
+    while budget > 0 && (st.writable || shutdown_at_head(st, ops)) {
+        let Some(head) = ops.front(&st.writes) else {
+            break;
+        };
+        budget -= 1;
+        let fd = st.fd.as_fd();
+        // Operations that are not plain writes run alone, when they reach the head.
+        let special = match head.kind {
+            // Writable (or errored) after a non-blocking connect: see how it went.
+            Kind::Connect => Some(sys::connect_finished(fd)),
+            // Every write before it is done: send FIN.
+            Kind::Shutdown => Some(sys::shutdown_write(fd).map(|()| true)),
+            _ => None,
+        };
+        if let Some(r) = special {
+            match r {
+                Ok(false) => st.writable = false,
+                Ok(true) => {
+                    let p = ops.pop_front(&mut st.writes).expect("front exists");
+                    sink.complete(st, p, Ok(()), None);
+                }
+                Err(e) => {
+                    let p = ops.pop_front(&mut st.writes).expect("front exists");
+                    sink.complete(st, p, Err(Error::Io(e)), None);
+                }
+            }
+            continue;
+        }
+        let (sent, asked) = send_writes(fd, ops, &st.writes);
+        match sent {
+            Ok(n) => {
+                sink.stats.bytes_written += n as u64;
+                // A short write filled the socket buffer; EPOLLOUT comes when it drains.
+                if n < asked {
+                    st.writable = false;
+                }
+                Core::advance_writes(st, ops, sink, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.writable = false,
+            Err(e) => {
+                let p = ops.pop_front(&mut st.writes).expect("front exists");
+                sink.complete(st, p, Err(Error::Io(e)), None);
+            }
+        }
+    }
+}
