@@ -14,7 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use proactor::bytes::Bytes;
-use proactor::{Cmd, Completion, Conn, ConnId, Error, Op, Pool, SendError};
+use proactor::{Cmd, Completion, Conn, ConnId, Engine, Error, Op, Pool, SendError, Watcher};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -31,6 +31,7 @@ const LAST: u64 = 1;
 struct Options {
     addr: String,
     watchers: usize,
+    engine: Option<Engine>,
     idle: Option<Duration>,
     max_backlog: usize,
 }
@@ -40,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("chat-server: {e}");
         eprintln!(
             "usage: chat-server [--addr HOST:PORT] [--watchers N] [--idle-timeout SECS] \
-             [--max-backlog BYTES]"
+             [--max-backlog BYTES] [--engine auto|uring|epoll]"
         );
         std::process::exit(2)
     });
@@ -51,7 +52,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     io::stdout().flush()?;
 
     // N pollers (default 1) sharing one mailbox: the chat state stays on one thread.
-    let pool = Pool::builder().watchers(opts.watchers).build()?;
+    let mut options = Watcher::builder();
+    if let Some(engine) = opts.engine {
+        options = options.engine(engine); // else PROACTOR_ENGINE, else auto
+    }
+    let pool = Pool::builder()
+        .watchers(opts.watchers)
+        .watcher_options(options)
+        .build()
+        .unwrap_or_else(|e| fail(&e));
+    eprintln!(
+        "chat-server: engine {}",
+        pool.watchers()[0].stats().engine_summary()
+    );
     // One accept at a time, so clients are numbered in the order they connected.
     pool.listen(listener)?.send(Cmd::Accept)?;
     let mailbox = pool.mailbox().expect("the pool shares one mailbox");
@@ -359,6 +372,7 @@ fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         addr: "127.0.0.1:7000".into(),
         watchers: 1,
+        engine: None,
         idle: None,
         max_backlog: 1 << 20,
     };
@@ -378,8 +392,16 @@ fn parse_args() -> Result<Options, String> {
                 opts.idle = Some(number()?).filter(|&s| s > 0).map(Duration::from_secs)
             }
             "--max-backlog" => opts.max_backlog = number()? as usize,
+            "--engine" => opts.engine = Some(value.parse().map_err(|e| format!("--engine: {e}"))?),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
     Ok(opts)
+}
+
+/// A watcher that cannot be built (an engine asked for and unavailable, say): its reason,
+/// which names the cause and the fix, and exit status 1.
+fn fail(e: &std::io::Error) -> ! {
+    eprintln!("chat-server: {e}");
+    std::process::exit(1)
 }

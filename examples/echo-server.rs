@@ -8,13 +8,16 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::thread;
 
-use proactor::{Cmd, Error, Op, Pool, Watcher};
+use proactor::{Cmd, Engine, Error, Op, Pool, Watcher};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (addr, n) = parse_args().unwrap_or_else(|e| {
-        eprintln!("echo-server: {e}\nusage: echo-server [--addr HOST:PORT] [--watchers N]");
+    let (addr, n, engine) = parse_args().unwrap_or_else(|e| {
+        eprintln!(
+            "echo-server: {e}\nusage: echo-server [--addr HOST:PORT] [--watchers N] \
+             [--engine auto|uring|epoll]"
+        );
         std::process::exit(2)
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
@@ -27,12 +30,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // connection it accepts goes to the watcher with the fewest connections, and that
     // connection's completions to that watcher's own mailbox. The watchers are inline: each
     // loop thread runs its watcher's poller inside `wait_io`, so no thread hand-off per batch.
+    let mut options = Watcher::builder().inline(true);
+    if let Some(engine) = engine {
+        options = options.engine(engine); // else PROACTOR_ENGINE, else auto
+    }
     let pool = Arc::new(
         Pool::builder()
             .watchers(n)
             .per_watcher_mailboxes()
-            .watcher_options(Watcher::builder().inline(true))
-            .build()?,
+            .watcher_options(options)
+            .build()
+            .unwrap_or_else(|e| fail(&e)),
+    );
+    eprintln!(
+        "echo-server: engine {}",
+        pool.watchers()[0].stats().engine_summary()
     );
     let listener = pool.listen(listener)?;
     listener.send(Cmd::Accept)?;
@@ -94,8 +106,8 @@ fn echo_loop(watcher: &Watcher) {
     }
 }
 
-fn parse_args() -> Result<(String, usize), String> {
-    let (mut addr, mut watchers) = ("127.0.0.1:7000".to_string(), 1);
+fn parse_args() -> Result<(String, usize, Option<Engine>), String> {
+    let (mut addr, mut watchers, mut engine) = ("127.0.0.1:7000".to_string(), 1, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -108,8 +120,16 @@ fn parse_args() -> Result<(String, usize), String> {
                     .filter(|&n| n > 0)
                     .ok_or("--watchers needs a number > 0")?
             }
+            "--engine" => engine = Some(value.parse().map_err(|e| format!("--engine: {e}"))?),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
-    Ok((addr, watchers))
+    Ok((addr, watchers, engine))
+}
+
+/// A watcher that cannot be built (an engine asked for and unavailable, say): its reason,
+/// which names the cause and the fix, and exit status 1.
+fn fail(e: &std::io::Error) -> ! {
+    eprintln!("echo-server: {e}");
+    std::process::exit(1)
 }

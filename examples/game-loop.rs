@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use proactor::bytes::Bytes;
 use proactor::flume::{self, Receiver, Selector, TrySendError};
-use proactor::{Cmd, Completion, Conn, ConnId, Error, Op, SendError, Watcher};
+use proactor::{Cmd, Completion, Conn, ConnId, Engine, Error, Op, SendError, Watcher};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -31,8 +31,10 @@ const MAX_REPLIES: usize = 64;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = parse_args().unwrap_or_else(|e| {
-        eprintln!("game-loop: {e}\nusage: game-loop [--addr HOST:PORT]");
+    let (addr, engine) = parse_args().unwrap_or_else(|e| {
+        eprintln!(
+            "game-loop: {e}\nusage: game-loop [--addr HOST:PORT] [--engine auto|uring|epoll]"
+        );
         std::process::exit(2)
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
@@ -41,7 +43,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 
-    let watcher = Arc::new(Watcher::new()?);
+    let mut options = Watcher::builder();
+    if let Some(engine) = engine {
+        options = options.engine(engine); // else PROACTOR_ENGINE, else auto
+    }
+    let watcher = Arc::new(options.build().unwrap_or_else(|e| fail(&e)));
+    eprintln!("game-loop: engine {}", watcher.stats().engine_summary());
     watcher.listen(listener)?.send(Cmd::Accept)?;
     // The clock. A bounded(1) channel: if the game thread falls behind, ticks are dropped
     // rather than queued up and then run in a burst.
@@ -248,15 +255,23 @@ fn parse_move(line: &[u8]) -> Option<(i32, i32)> {
     }
 }
 
-fn parse_args() -> Result<String, String> {
-    let mut addr = "127.0.0.1:7000".to_string();
+fn parse_args() -> Result<(String, Option<Engine>), String> {
+    let (mut addr, mut engine) = ("127.0.0.1:7000".to_string(), None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--addr" => addr = value,
+            "--engine" => engine = Some(value.parse().map_err(|e| format!("--engine: {e}"))?),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
-    Ok(addr)
+    Ok((addr, engine))
+}
+
+/// A watcher that cannot be built (an engine asked for and unavailable, say): its reason,
+/// which names the cause and the fix, and exit status 1.
+fn fail(e: &std::io::Error) -> ! {
+    eprintln!("game-loop: {e}");
+    std::process::exit(1)
 }

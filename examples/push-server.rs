@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proactor::bytes::Bytes;
-use proactor::{Cmd, Conn, ConnId, Error, Op, Watcher};
+use proactor::{Cmd, Conn, ConnId, Engine, Error, Op, Watcher};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -23,12 +23,16 @@ struct Options {
     interval: Duration,
     write_timeout: Option<Duration>,
     size: usize,
+    engine: Option<Engine>,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = parse_args().unwrap_or_else(|e| {
         eprintln!("push-server: {e}");
-        eprintln!("usage: push-server [--addr HOST:PORT] [--interval-ms MS] [--write-timeout-ms MS] [--size BYTES]");
+        eprintln!(
+            "usage: push-server [--addr HOST:PORT] [--interval-ms MS] [--write-timeout-ms MS] \
+             [--size BYTES] [--engine auto|uring|epoll]"
+        );
         std::process::exit(2)
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
@@ -37,7 +41,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 
-    let watcher = Arc::new(Watcher::new()?);
+    let mut options = Watcher::builder();
+    if let Some(engine) = opts.engine {
+        options = options.engine(engine); // else PROACTOR_ENGINE, else auto
+    }
+    let watcher = Arc::new(options.build().unwrap_or_else(|e| fail(&e)));
+    eprintln!("push-server: engine {}", watcher.stats().engine_summary());
     watcher.listen(listener)?.send(Cmd::Accept)?;
     let w = watcher.clone();
     let pusher = thread::spawn(move || run(&opts, &w));
@@ -134,6 +143,7 @@ fn parse_args() -> Result<Options, String> {
         interval: Duration::from_secs(1),
         write_timeout: None,
         size: 0,
+        engine: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -144,8 +154,16 @@ fn parse_args() -> Result<Options, String> {
             "--interval-ms" => opts.interval = Duration::from_millis(number()?.max(1)),
             "--write-timeout-ms" => opts.write_timeout = Some(Duration::from_millis(number()?)),
             "--size" => opts.size = number()? as usize,
+            "--engine" => opts.engine = Some(value.parse().map_err(|e| format!("--engine: {e}"))?),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
     Ok(opts)
+}
+
+/// A watcher that cannot be built (an engine asked for and unavailable, say): its reason,
+/// which names the cause and the fix, and exit status 1.
+fn fail(e: &std::io::Error) -> ! {
+    eprintln!("push-server: {e}");
+    std::process::exit(1)
 }

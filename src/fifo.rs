@@ -1,7 +1,8 @@
 //! Many FIFO queues threaded through one slab.
 //!
 //! Every pending operation of every connection lives in one `Vec`; each connection's read and
-//! write queues are singly linked lists through it, held as two `u32` indices. A connection
+//! write queues are doubly linked lists through it, held as two `u32` indices (the links
+//! back let a timer remove its operation, by index, without walking the queue). A connection
 //! with nothing pending costs 8 bytes per queue and no allocation, and a steady load reuses
 //! freed slots instead of allocating (the slab keeps its peak size).
 
@@ -36,6 +37,8 @@ struct Entry<T> {
     value: Option<T>,
     /// The next entry of the same queue, or of the free list.
     next: u32,
+    /// The previous entry of the same queue.
+    prev: u32,
 }
 
 /// The storage shared by all queues. A queue must only ever be used with one slab.
@@ -52,24 +55,24 @@ impl<T> Slab<T> {
         }
     }
 
-    pub(crate) fn push_back(&mut self, q: &mut Fifo, value: T) {
+    /// Appends `value` to `q`; returns its index (for `get` and `unlink`).
+    pub(crate) fn push_back(&mut self, q: &mut Fifo, value: T) -> u32 {
+        let entry = Entry {
+            value: Some(value),
+            next: NIL,
+            prev: q.tail,
+        };
         let idx = if self.free != NIL {
             let idx = self.free;
             let e = &mut self.entries[idx as usize];
             self.free = e.next;
-            *e = Entry {
-                value: Some(value),
-                next: NIL,
-            };
+            *e = entry;
             idx
         } else {
             let idx =
                 u32::try_from(self.entries.len()).expect("fewer than 2^32 pending operations");
             assert!(idx != NIL, "fewer than 2^32 - 1 pending operations");
-            self.entries.push(Entry {
-                value: Some(value),
-                next: NIL,
-            });
+            self.entries.push(entry);
             idx
         };
         if q.tail == NIL {
@@ -78,6 +81,37 @@ impl<T> Slab<T> {
             self.entries[q.tail as usize].next = idx;
         }
         q.tail = idx;
+        idx
+    }
+
+    /// The entry at `idx`, if it holds one.
+    pub(crate) fn get(&self, idx: u32) -> Option<&T> {
+        self.entries.get(idx as usize)?.value.as_ref()
+    }
+
+    pub(crate) fn get_mut(&mut self, idx: u32) -> Option<&mut T> {
+        self.entries.get_mut(idx as usize)?.value.as_mut()
+    }
+
+    /// Takes the entry at `idx` out of `q` (which must be the queue it is in).
+    pub(crate) fn unlink(&mut self, q: &mut Fifo, idx: u32) -> Option<T> {
+        let e = self.entries.get_mut(idx as usize)?;
+        let value = e.value.take()?;
+        let (prev, next) = (e.prev, e.next);
+        e.next = self.free;
+        self.free = idx;
+        if prev == NIL {
+            debug_assert_eq!(q.head, idx, "the entry heads the queue it is taken from");
+            q.head = next;
+        } else {
+            self.entries[prev as usize].next = next;
+        }
+        if next == NIL {
+            q.tail = prev;
+        } else {
+            self.entries[next as usize].prev = prev;
+        }
+        Some(value)
     }
 
     pub(crate) fn front(&self, q: &Fifo) -> Option<&T> {
@@ -89,15 +123,7 @@ impl<T> Slab<T> {
     }
 
     pub(crate) fn pop_front(&mut self, q: &mut Fifo) -> Option<T> {
-        let idx = q.head;
-        let e = self.entries.get_mut(idx as usize)?;
-        let value = e.value.take();
-        q.head = std::mem::replace(&mut e.next, self.free);
-        self.free = idx;
-        if q.head == NIL {
-            q.tail = NIL;
-        }
-        value
+        self.unlink(q, q.head)
     }
 
     pub(crate) fn iter<'a>(&'a self, q: &Fifo) -> impl Iterator<Item = &'a T> + 'a {
@@ -109,40 +135,31 @@ impl<T> Slab<T> {
         })
     }
 
-    /// The first entry of `q` matching `pred`.
-    pub(crate) fn find_mut(&mut self, q: &Fifo, pred: impl Fn(&T) -> bool) -> Option<&mut T> {
+    /// Calls `f` on the entries of `q`, in order, until it returns `false`.
+    pub(crate) fn walk_mut(&mut self, q: &Fifo, mut f: impl FnMut(&mut T) -> bool) {
+        let mut idx = q.head;
+        while idx != NIL {
+            let e = &mut self.entries[idx as usize];
+            let next = e.next;
+            if let Some(v) = e.value.as_mut() {
+                if !f(v) {
+                    break;
+                }
+            }
+            idx = next;
+        }
+    }
+
+    /// Unlinks and returns the first entry matching `pred` (a walk of the queue).
+    #[cfg(test)]
+    pub(crate) fn remove(&mut self, q: &mut Fifo, pred: impl Fn(&T) -> bool) -> Option<T> {
         let mut idx = q.head;
         while idx != NIL {
             let e = &self.entries[idx as usize];
             if e.value.as_ref().is_some_and(&pred) {
-                return self.entries[idx as usize].value.as_mut();
+                return self.unlink(q, idx);
             }
             idx = e.next;
-        }
-        None
-    }
-
-    /// Unlinks and returns the first entry matching `pred` (a walk of the queue).
-    pub(crate) fn remove(&mut self, q: &mut Fifo, pred: impl Fn(&T) -> bool) -> Option<T> {
-        let (mut prev, mut idx) = (NIL, q.head);
-        while idx != NIL {
-            let e = &self.entries[idx as usize];
-            let next = e.next;
-            if e.value.as_ref().is_some_and(&pred) {
-                if prev == NIL {
-                    q.head = next;
-                } else {
-                    self.entries[prev as usize].next = next;
-                }
-                if q.tail == idx {
-                    q.tail = prev;
-                }
-                let e = &mut self.entries[idx as usize];
-                e.next = self.free;
-                self.free = idx;
-                return e.value.take();
-            }
-            (prev, idx) = (idx, next);
         }
         None
     }
@@ -181,6 +198,21 @@ mod tests {
                         next += 1;
                     }
                     5..=7 => assert_eq!(slab.pop_front(&mut queues[q]), model[q].pop_front()),
+                    8 if rng.next() % 2 == 0 => {
+                        // By index, as a timer does: the k-th entry of the queue.
+                        let k = (rng.next() % (model[q].len() as u64 + 1)) as usize;
+                        let mut idx = queues[q].head;
+                        for _ in 0..k {
+                            if idx == NIL {
+                                break;
+                            }
+                            idx = slab.entries[idx as usize].next;
+                        }
+                        if idx != NIL {
+                            let got = slab.unlink(&mut queues[q], idx);
+                            assert_eq!(got, model[q].remove(k), "seed {seed} step {step}");
+                        }
+                    }
                     8 => {
                         let pick = rng.next() % (next + 1);
                         let got = slab.remove(&mut queues[q], |&v| v == pick);
@@ -202,6 +234,17 @@ mod tests {
                 }
                 for (q, m) in queues.iter().zip(&model) {
                     assert!(slab.iter(q).eq(m.iter()), "seed {seed} step {step}");
+                    // And backwards, through the links back.
+                    let mut back = Vec::new();
+                    let mut idx = q.tail;
+                    while idx != NIL {
+                        back.push(slab.entries[idx as usize].value.as_ref().unwrap());
+                        idx = slab.entries[idx as usize].prev;
+                    }
+                    assert!(
+                        back.into_iter().rev().eq(m.iter()),
+                        "seed {seed} step {step}"
+                    );
                     assert_eq!(q.is_empty(), m.is_empty());
                     assert_eq!(slab.front(q), m.front());
                 }

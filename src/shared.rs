@@ -15,7 +15,9 @@ use slotmap::{Key as _, SlotMap};
 
 use crate::conn::{Key, COUNT, FREED};
 use crate::stats::StatCells;
-use crate::{sys, Cmd, Completion, Conn, Connect, Error, RegisterError, SendError};
+use crate::{
+    sys, Cmd, Completion, Conn, Connect, EngineKind, Error, RegisterError, SendError, Unavailable,
+};
 
 /// Control messages: never refused (only after shutdown), so a drop never leaks a socket.
 pub(crate) enum Ctl {
@@ -138,6 +140,10 @@ pub(crate) struct Shared {
     /// Registered connections, counted at once (the stats trail by a round): the load
     /// measure for spreading connections over a pool.
     pub(crate) live: AtomicUsize,
+    /// The engine the poller runs.
+    pub(crate) engine: EngineKind,
+    /// Why not io_uring (set at build).
+    fallback: Mutex<Option<Unavailable>>,
 }
 
 /// Where a connection's completions go, and, for a listener, where accepted connections go.
@@ -194,6 +200,8 @@ impl Shared {
         ops_capacity: usize,
         max_ops: u32,
         watcher_id: u32,
+        engine: EngineKind,
+        fallback: Option<Unavailable>,
     ) -> Shared {
         Shared {
             inbox: Mutex::new(Inbox::default()),
@@ -208,7 +216,18 @@ impl Shared {
             watcher_id,
             live: AtomicUsize::new(0),
             rounds: Rounds::default(),
+            engine,
+            fallback: Mutex::new(fallback),
         }
+    }
+
+    /// Why `auto` did not pick io_uring, if it did not.
+    pub(crate) fn fallback(&self) -> Option<Unavailable> {
+        *self.fallback.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_fallback(&self, why: Unavailable) {
+        *self.fallback.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
     /// The queues. Nothing can panic while the lock is held (and no `Conn` is dropped under

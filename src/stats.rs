@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::{EngineKind, Unavailable};
+
 macro_rules! stats {
     ($($(#[doc = $doc:literal])* $field:ident,)*) => {
         /// A snapshot of a watcher's counters ([`Watcher::stats`](crate::Watcher::stats)).
@@ -11,6 +13,12 @@ macro_rules! stats {
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct Stats {
+            /// The engine this watcher runs on.
+            pub engine: EngineKind,
+            /// Why this watcher does not run on io_uring, when it was built with
+            /// [`Engine::Auto`](crate::Engine::Auto) (or `PROACTOR_ENGINE=auto`) and fell
+            /// back to the readiness engine; `None` otherwise.
+            pub uring_unavailable: Option<Unavailable>,
             $($(#[doc = $doc])* pub $field: u64,)*
         }
 
@@ -25,7 +33,11 @@ macro_rules! stats {
             }
 
             pub(crate) fn snapshot(&self) -> Stats {
-                Stats { $($field: self.$field.load(Relaxed),)* }
+                Stats {
+                    engine: EngineKind::default(),
+                    uring_unavailable: None,
+                    $($field: self.$field.load(Relaxed),)*
+                }
             }
         }
     };
@@ -49,7 +61,7 @@ stats! {
     bytes_read,
     /// Bytes written to sockets.
     bytes_written,
-    /// Times the poller returned from `epoll_wait`/`kevent`.
+    /// Times the poller returned from `epoll_wait`, `kevent` or `io_uring_enter`.
     wakeups,
     /// Batches of completions posted (rounds that completed something).
     batches,
@@ -65,6 +77,15 @@ stats! {
 }
 
 impl Stats {
+    /// The engine, and why not io_uring where `auto` fell back: `io_uring`, `epoll`, or
+    /// `epoll (io_uring unavailable: ...)`. For a log line.
+    pub fn engine_summary(&self) -> String {
+        match self.uring_unavailable {
+            Some(why) => format!("{} (io_uring unavailable: {why})", self.engine),
+            None => self.engine.to_string(),
+        }
+    }
+
     /// Average completions per posted batch.
     pub fn completions_per_batch(&self) -> f64 {
         if self.batches == 0 {

@@ -10,10 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+#[cfg(all(target_os = "linux", feature = "uring"))]
+use crate::driver::Uring;
 use crate::driver::{AnyDriver, Core, Driver, Readiness, WAKER_TOKEN};
 use crate::shared::{EndRounds, Route, Shared};
 use crate::stats::Stats;
-use crate::{sys, Completion, Conn, Connect, Error, Mailbox, RegisterError};
+use crate::{
+    sys, Completion, Conn, Connect, Engine, EngineKind, Error, Mailbox, RegisterError, Unavailable,
+};
 
 /// Numbers watchers, so `ConnId`s of different watchers never collide.
 static NEXT_WATCHER_ID: AtomicU32 = AtomicU32::new(0);
@@ -28,6 +32,10 @@ pub struct WatcherBuilder {
     cpu: Option<usize>,
     inline: bool,
     mailbox: Option<(flume::Sender<Completion>, flume::Receiver<Completion>)>,
+    engine: Option<Engine>,
+    uring_entries: u32,
+    uring_buffers: u16,
+    uring_buffer_size: u32,
 }
 
 impl Default for WatcherBuilder {
@@ -40,6 +48,10 @@ impl Default for WatcherBuilder {
             cpu: None,
             inline: false,
             mailbox: None,
+            engine: None,
+            uring_entries: 1024,
+            uring_buffers: 64,
+            uring_buffer_size: 64 * 1024,
         }
     }
 }
@@ -49,7 +61,61 @@ const MAX_BUFFER_SIZE: usize = 1 << 30;
 /// The largest [`WatcherBuilder::events_capacity`].
 const MAX_EVENTS: usize = 1 << 16;
 
+/// The engine `build` settled on: the readiness engine (and why not io_uring, if `auto`
+/// tried it), or io_uring.
+enum Chosen {
+    Readiness(Option<Unavailable>),
+    #[cfg(all(target_os = "linux", feature = "uring"))]
+    Uring,
+}
+
+/// Whether io_uring can run the engine in this process (probed once).
+#[cfg(all(target_os = "linux", feature = "uring"))]
+fn uring_probe() -> Result<(), Unavailable> {
+    static PROBE: std::sync::OnceLock<Result<(), Unavailable>> = std::sync::OnceLock::new();
+    // On a thread of its own: the kernel may notify the thread that used a ring of task
+    // work (for its teardown) after it is gone, which makes a blocking socket call with a
+    // timeout on that thread fail with EINTR.
+    *PROBE.get_or_init(|| {
+        thread::Builder::new()
+            .name("proactor-probe".into())
+            .spawn(sys::uring::probe)
+            .ok()
+            .and_then(|t| t.join().ok())
+            .unwrap_or(Err(Unavailable::Other { errno: 0 }))
+    })
+}
+
 impl WatcherBuilder {
+    fn engine_for(&self, choice: Engine) -> io::Result<Chosen> {
+        #[cfg(all(target_os = "linux", feature = "uring"))]
+        let probed = uring_probe();
+        #[cfg(not(all(target_os = "linux", feature = "uring")))]
+        let probed: Result<(), Unavailable> = Err(Unavailable::NotBuilt);
+        Ok(match (choice, probed) {
+            (Engine::Readiness, _) => Chosen::Readiness(None),
+            #[cfg(all(target_os = "linux", feature = "uring"))]
+            (Engine::Auto | Engine::Uring, Ok(())) => Chosen::Uring,
+            (Engine::Uring, Err(why)) => return Err(why.into_io_error()),
+            // (Elsewhere than Linux the readiness engine is the only one: nothing fell back.)
+            (Engine::Auto, Err(why)) => Chosen::Readiness(
+                cfg!(any(target_os = "linux", target_os = "android")).then_some(why),
+            ),
+            #[cfg(not(all(target_os = "linux", feature = "uring")))]
+            (Engine::Auto | Engine::Uring, Ok(())) => Chosen::Readiness(None),
+        })
+    }
+
+    /// `build` on the readiness engine, after `auto` found io_uring unusable for `why`.
+    fn build_readiness(mut self, why: Unavailable) -> io::Result<Watcher> {
+        self.engine = Some(Engine::Readiness);
+        let watcher = self.build()?;
+        // (`Shared` is read-only after build: set through a fresh one would be cleaner, but
+        // the fallback reason is all that differs.)
+        watcher.shared.set_fallback(why);
+        Ok(watcher)
+    }
+
     /// Size of each internal read-buffer chunk, the most one
     /// [`Cmd::ReadInternal`](crate::Cmd::ReadInternal) returns (default: 64 KiB; from 1 byte
     /// to 1 GiB, values outside are clamped).
@@ -94,6 +160,40 @@ impl WatcherBuilder {
     /// [`io::ErrorKind::Unsupported`].
     pub fn poller_cpu(mut self, cpu: usize) -> Self {
         self.cpu = Some(cpu);
+        self
+    }
+
+    /// The I/O engine (default: what the environment variable `PROACTOR_ENGINE` says, `auto`,
+    /// `uring` or `epoll` (`kqueue` on BSD and macOS), else [`Engine::Auto`]: io_uring where
+    /// the kernel allows it, else the readiness engine). See [`Engine`].
+    pub fn engine(mut self, engine: Engine) -> Self {
+        self.engine = Some(engine);
+        self
+    }
+
+    /// io_uring engine: submission queue entries (default: 1,024; a power of two from 8 to
+    /// 32,768, values outside are rounded and clamped); the completion queue has four times
+    /// more. The ring's memory, about 128 bytes per entry (`RLIMIT_MEMLOCK` counts it on
+    /// recent kernels), comes on top of the receive buffers.
+    pub fn uring_entries(mut self, entries: u32) -> Self {
+        self.uring_entries = entries.clamp(8, 1 << 15).next_power_of_two();
+        self
+    }
+
+    /// io_uring engine: the receive buffers the kernel fills, how many and how large
+    /// (default: 64 of 64 KiB, 4 MiB in all; `count` a power of two from 2 to 32,768 and
+    /// `size` from 64 bytes to 1 MiB, values outside are rounded and clamped). This is the
+    /// engine's fixed memory: an idle connection holds none of it, and what a receive brings
+    /// is copied out at once (into the internal read arena, or the caller's buffer), so the
+    /// kernel needs room for what arrives between two rounds; less only costs a re-armed
+    /// receive, never a lost byte. On Linux 6.12 and later the buffers are consumed
+    /// incrementally, so small messages share one; before, each receive takes a whole
+    /// buffer, and many small buffers suit many connections better than a few large ones.
+    /// The memory is touched, and so counts in the resident size, as the kernel first uses
+    /// it.
+    pub fn uring_buffers(mut self, count: u16, size: u32) -> Self {
+        self.uring_buffers = count.clamp(2, 1 << 15).next_power_of_two();
+        self.uring_buffer_size = size.clamp(64, 1 << 20);
         self
     }
 
@@ -157,21 +257,68 @@ impl WatcherBuilder {
                        (in a pool: per_watcher_mailboxes)";
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
         }
-        let selector = sys::Selector::new()?;
-        let waker = sys::Waker::new(&selector, WAKER_TOKEN)?;
+        let choice = match self.engine {
+            Some(engine) => engine,
+            None => match std::env::var("PROACTOR_ENGINE") {
+                Ok(v) if !v.trim().is_empty() => v.parse().map_err(|e: io::Error| {
+                    io::Error::new(e.kind(), format!("PROACTOR_ENGINE: {e}"))
+                })?,
+                _ => Engine::Auto,
+            },
+        };
+        let mut engine = self.engine_for(choice)?;
         let own_mailbox = self.mailbox.is_none();
-        let (mail_tx, mail_rx) = self.mailbox.unwrap_or_else(flume::unbounded);
+        let (mail_tx, mail_rx) = self.mailbox.clone().unwrap_or_else(flume::unbounded);
         let watcher_id = NEXT_WATCHER_ID.fetch_add(1, Relaxed);
+        let (selector, waker) = match &engine {
+            Chosen::Readiness(_) => {
+                let selector = sys::Selector::new()?;
+                let waker = sys::Waker::new(&selector, WAKER_TOKEN)?;
+                (Some(selector), waker)
+            }
+            #[cfg(all(target_os = "linux", feature = "uring"))]
+            Chosen::Uring => (None, sys::Waker::eventfd()?),
+        };
+        let (kind, fallback) = match &engine {
+            Chosen::Readiness(why) => (EngineKind::READINESS, *why),
+            #[cfg(all(target_os = "linux", feature = "uring"))]
+            Chosen::Uring => (EngineKind::Uring, None),
+        };
         let shared = Arc::new(Shared::new(
-            Some(selector),
+            selector,
             waker,
             self.command_capacity,
             self.max_ops_per_conn,
             watcher_id,
+            kind,
+            fallback,
         ));
         let core = Core::new(shared.clone(), mail_tx, self.buffer_size);
-        let engine = Readiness::new(shared.clone(), self.events_capacity);
-        let mut driver = AnyDriver::Readiness(Driver::new(core, engine));
+        let mut driver = match &mut engine {
+            Chosen::Readiness(_) => {
+                let engine = Readiness::new(shared.clone(), self.events_capacity);
+                AnyDriver::Readiness(Driver::new(core, engine))
+            }
+            #[cfg(all(target_os = "linux", feature = "uring"))]
+            Chosen::Uring => {
+                let setup = sys::uring::Setup {
+                    single_issuer: !self.inline,
+                    entries: self.uring_entries,
+                    buffers: self.uring_buffers,
+                    buffer_size: self.uring_buffer_size,
+                };
+                match Uring::new(&shared, setup) {
+                    Ok(engine) => AnyDriver::Uring(Driver::new(core, engine)),
+                    // This watcher's ring could not be made (its memory, most likely) where
+                    // the probe's could: as if the probe had failed.
+                    Err(why) if choice == Engine::Auto => {
+                        drop((core, shared));
+                        return self.build_readiness(why);
+                    }
+                    Err(why) => return Err(why.into_io_error()),
+                }
+            }
+        };
         if self.inline {
             driver.deliver_direct();
             return Ok(Watcher {
@@ -189,8 +336,11 @@ impl WatcherBuilder {
             .name("proactor-poller".into())
             .spawn(move || {
                 let pinned = cpu.map_or(Ok(()), sys::pin_to_cpu);
-                let ok = pinned.is_ok();
-                let _ = ready_tx.send(pinned);
+                // The engine starts on the thread that drives it (io_uring: the ring's one
+                // submitter).
+                let started = pinned.and_then(|()| driver.start());
+                let ok = started.is_ok();
+                let _ = ready_tx.send(started);
                 // Dropped after the driver (and its mailbox sender), panic or not, so waiters
                 // wake to see the mailbox closed.
                 let _end = EndRounds(poller_shared);
@@ -207,6 +357,9 @@ impl WatcherBuilder {
             })?;
         if let Ok(Err(e)) = ready_rx.recv() {
             let _ = thread.join();
+            if kind == EngineKind::Uring && choice == Engine::Auto {
+                return self.build_readiness(Unavailable::from_setup(&e));
+            }
             return Err(e);
         }
         Ok(Watcher {
@@ -627,7 +780,10 @@ impl Watcher {
 
     /// A snapshot of the poller's counters.
     pub fn stats(&self) -> Stats {
-        self.shared.stats.snapshot()
+        let mut stats = self.shared.stats.snapshot();
+        stats.engine = self.shared.engine;
+        stats.uring_unavailable = self.shared.fallback();
+        stats
     }
 
     /// Whether the thread driving this watcher (its poller thread, or for an

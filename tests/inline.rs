@@ -55,6 +55,13 @@ fn echo_on_many_connections_byte_exact() {
             "timed out"
         );
         for c in batch.drain(..) {
+            // The writer may close as soon as it has read the last echo, before the last
+            // write's completion is taken (with io_uring the kernel completes the send and
+            // the peer's close can be reaped in the same batch): end of stream on a read sent
+            // after an echo is fine. A read that really lost its bytes fails the writer.
+            if c.is_eof() && c.op == Op::Read {
+                continue;
+            }
             assert!(c.is_ok(), "{}", describe(&c));
             match c.op {
                 Op::Read => c.conn.send(Cmd::Write(c.buf.into_bytes())).unwrap(),

@@ -251,6 +251,8 @@ impl ConnState {
 struct Timer {
     when: Instant,
     seq: u64,
+    /// Where the operation is in the slab (`seq` tells whether it is still there).
+    slot: u32,
     id: Key,
     dir: Dir,
     /// An idle check, of this period; `None` for a deadline.
@@ -424,8 +426,6 @@ impl Arena {
 }
 
 /// Wakes the poller (its eventfd) when a full channel it waits on makes room.
-
-/// Wakes the poller (its eventfd) when a full channel it waits on makes room.
 struct RoomWaker(Arc<Shared>);
 
 impl Wake for RoomWaker {
@@ -438,6 +438,14 @@ impl Wake for RoomWaker {
 /// The I/O underneath the rounds. Each engine is a child module of this one, so it reaches
 /// the connection state directly.
 pub(crate) trait Engine {
+    /// Called on the thread that will drive the engine, before its first round.
+    fn start(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// A connection was registered.
+    fn register(&mut self, _id: Key) {}
+
     /// Whether `st` has work this engine can start or do now (it joins the runnable list).
     fn runnable(&self, st: &ConnState, ops: &Slab<Pending>) -> bool;
 
@@ -459,9 +467,10 @@ pub(crate) trait Engine {
     /// `Core::settle` once the last of it came back.
     fn cancel(&mut self, _id: Key, _st: &mut ConnState) {}
 
-    /// A timer ends write `seq` of `st`. `true` if the kernel holds it: the engine then
-    /// completes it with `late` once the kernel gives it back, with the bytes done by then.
-    fn hold(&mut self, _st: &mut ConnState, _ops: &mut Slab<Pending>, _seq: u64) -> bool {
+    /// A timer ends write `seq` of connection `id`. `true` if the kernel holds it: the
+    /// engine then completes it (with the error in its `late`) once the kernel gives it back,
+    /// with the bytes done by then.
+    fn hold(&mut self, _id: Key, _st: &mut ConnState, _ops: &mut Slab<Pending>, _seq: u64) -> bool {
         false
     }
 
@@ -519,7 +528,9 @@ pub(crate) struct Driver<E> {
     engine: E,
 }
 
-/// A driver over whichever engine the watcher was built with.
+/// A driver over whichever engine the watcher was built with. (One per watcher, never
+/// moved once built: the size difference between the variants costs nothing.)
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AnyDriver {
     Readiness(Driver<Readiness>),
     #[cfg(all(target_os = "linux", feature = "uring"))]
@@ -545,6 +556,11 @@ impl AnyDriver {
     /// See [`Driver::take_direct`].
     pub(crate) fn take_direct(&mut self, out: &mut Vec<Completion>) {
         each!(self, d => d.take_direct(out))
+    }
+
+    /// See [`Driver::start`].
+    pub(crate) fn start(&mut self) -> io::Result<()> {
+        each!(self, d => d.start())
     }
 
     /// See [`Driver::run`].
@@ -744,6 +760,7 @@ impl Core {
         self.timers.push(Timer {
             when: Instant::now() + ACCEPT_PAUSE,
             seq: RESUME,
+            slot: 0,
             id,
             dir: Dir::Read,
             idle: None,
@@ -796,6 +813,11 @@ impl<E: Engine> Driver<E> {
                 out.append(direct);
             }
         }
+    }
+
+    /// See [`Engine::start`].
+    pub(crate) fn start(&mut self) -> io::Result<()> {
+        self.engine.start()
     }
 
     /// The poller thread's loop: rounds until the watcher is closed.
@@ -941,6 +963,7 @@ impl<E: Engine> Driver<E> {
                     st.listener = listener;
                     core.conns.insert(id, st);
                     core.sink.stats.connections += 1;
+                    self.engine.register(id);
                     if let Some(route) = route {
                         core.sink.routes.insert(id, route);
                     }
@@ -1062,6 +1085,15 @@ impl<E: Engine> Driver<E> {
             }
             core.seq += 1;
             let seq = core.seq;
+            let p = Pending {
+                kind,
+                done: 0,
+                tag,
+                seq,
+                timed,
+                late: None,
+            };
+            let slot = core.ops.push_back(st.queue(dir), p);
             if timed {
                 stats.deadlines_armed += 1;
                 let idle_at = idle.and_then(|d| Some((core.now.checked_add(d)?, d)));
@@ -1074,21 +1106,13 @@ impl<E: Engine> Driver<E> {
                     core.timers.push(Timer {
                         when,
                         seq,
+                        slot,
                         id,
                         dir,
                         idle,
                     });
                 }
             }
-            let p = Pending {
-                kind,
-                done: 0,
-                tag,
-                seq,
-                timed,
-                late: None,
-            };
-            core.ops.push_back(st.queue(dir), p);
         }
         let engine = &self.engine;
         core.mark(id, |st, ops| engine.runnable(st, ops));
@@ -1155,8 +1179,8 @@ impl<E: Engine> Driver<E> {
                 core.mark(t.id, |st, ops| engine.runnable(st, ops));
                 continue;
             }
-            let q = st.queue(t.dir);
-            let Some(p) = core.ops.iter(q).find(|p| p.seq == t.seq) else {
+            // O(1): the timer knows where its operation is, and `seq` says if it still is.
+            let Some(p) = core.ops.get(t.slot).filter(|p| p.seq == t.seq) else {
                 continue;
             };
             if p.late.is_some() {
@@ -1184,16 +1208,14 @@ impl<E: Engine> Driver<E> {
             } else {
                 Late::Deadline
             };
-            if t.dir == Dir::Write && self.engine.hold(st, &mut core.ops, t.seq) {
+            if t.dir == Dir::Write && self.engine.hold(t.id, st, &mut core.ops, t.seq) {
                 // The kernel holds it: it completes when the kernel gives it back.
-                let q = st.queue(t.dir);
-                if let Some(p) = core.ops.find_mut(q, |p| p.seq == t.seq) {
+                if let Some(p) = core.ops.get_mut(t.slot) {
                     p.late = Some(late);
                 }
                 continue;
             }
-            let q = st.queue(t.dir);
-            let Some(p) = core.ops.remove(q, |p| p.seq == t.seq) else {
+            let Some(p) = core.ops.unlink(st.queue(t.dir), t.slot) else {
                 continue;
             };
             core.sink.complete(st, p, Err(late.error()), None);
@@ -1205,11 +1227,10 @@ impl<E: Engine> Driver<E> {
         // Compact when completed operations' timers dominate the heap.
         let armed = core.sink.stats.deadlines_armed as usize;
         if core.timers.len() > 2 * armed + 1024 {
-            let (conns, ops) = (&mut core.conns, &core.ops);
+            let (conns, ops) = (&core.conns, &core.ops);
             core.timers.retain(|t| {
-                conns.get_mut(t.id).is_some_and(|st| {
-                    t.seq == RESUME || ops.iter(st.queue(t.dir)).any(|p| p.seq == t.seq)
-                })
+                conns.contains_key(t.id)
+                    && (t.seq == RESUME || ops.get(t.slot).is_some_and(|p| p.seq == t.seq))
             });
         }
     }
@@ -1277,11 +1298,12 @@ impl<E: Engine> Driver<E> {
         for id in ids {
             self.retire(id, Retire::Close);
         }
+        // What the kernel still held comes back, and those connections settle, before the
+        // commands still queued complete: they were sent after.
+        self.engine.drain(&mut self.core);
         for (conn, cmd) in std::mem::take(&mut self.core.ops_in) {
             self.core.sink.reject(conn, cmd, Error::WatcherClosed);
         }
-        // What the kernel still held comes back, and those connections settle.
-        self.engine.drain(&mut self.core);
         self.flush();
         self.drain_backlog();
     }
@@ -1357,6 +1379,7 @@ mod tests {
         let timer = |ms, seq, idle: Option<u64>| Timer {
             when: t0 + Duration::from_millis(ms),
             seq,
+            slot: 0,
             id: Key::default(),
             dir: Dir::Read,
             idle: idle.map(Duration::from_millis),

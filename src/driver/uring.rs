@@ -1,17 +1,885 @@
-//! The io_uring engine (work in progress).
+//! The io_uring engine: the kernel does the I/O and posts completions; the poller submits
+//! operations and applies their completions, one `io_uring_enter` per round.
+//!
+//! - Reads: one receive in flight per connection with reads pending, into the ring's
+//!   provided buffers (so an idle connection holds no buffer), asking for no more than the
+//!   reads pending can take. Its bytes are copied out at once, into the reads in order (an
+//!   internal read into the shared arena, a caller's buffer directly), and the buffer goes
+//!   back to the kernel. Bytes the round's budget leaves for later wait in `buffered`: no
+//!   byte waits in user space that no read asked for, the rest stays in the kernel's
+//!   socket buffer (the back-pressure of epoll's reads). A multishot receive would save
+//!   re-arming per message, but reads ahead up to 32 buffers at a time, whatever the reads
+//!   pending want: measured in docs/benchmarks.md.
+//! - Writes: one send in flight per connection, gathering up to 64 queued writes; the ring
+//!   keeps a clone of each buffer until its completion.
+//! - Accepts: one multishot accept per listener with accepts pending; sockets accepted
+//!   beyond them wait in a queue of at most `ACCEPT_BACKLOG` (the multishot is cancelled when
+//!   it is full), never dropped.
+//! - Connect: a poll for writability, then `SO_ERROR` as on epoll. Shutdown: the system call
+//!   itself, at once (it never blocks).
+//! - Ownership: a connection whose operations the kernel still holds (`armed`, `sending`) is
+//!   not retired until they come back: `Free`, `Detach`, a release or `close` cancel them and
+//!   wait. A timer that ends a write in flight cancels the send and completes the write when
+//!   the send's completion says how much was written.
 
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ConnState, Core, Engine, Pending};
+use bytes::{Bytes, BytesMut};
+use slotmap::{Key as _, KeyData};
+
+use super::{
+    is_resource_error, reads_held, stamp, write_head, Arena, ConnState, Core, Engine, Pending,
+    Sink, BUDGET,
+};
+use crate::cmd::Kind;
 use crate::conn::Key;
 use crate::fifo::Slab;
+use crate::shared::Shared;
+use crate::sys::uring::{Cqe, Op, Ring, SendSlot, Setup, MAX_IOV};
+use crate::{sys, Buf, Error, Unavailable};
 
-pub(crate) struct Uring;
+/// Sockets a listener accepts ahead of its `Accept` commands, at most.
+const ACCEPT_BACKLOG: usize = 64;
+
+/// The io_uring engine's own state.
+pub(crate) struct Uring {
+    ring: Ring,
+    /// The version of the key in each slot index: a completion's user data carries only the
+    /// index (a slot is never reused while the kernel holds something of its connection).
+    versions: Vec<u32>,
+    /// Bytes received that no read has taken yet (the connection is marked `readable`): a
+    /// slice of the arena, like an internal read's buffer.
+    buffered: HashMap<Key, Bytes>,
+    /// Sockets accepted ahead of the listener's accepts (the listener is marked `readable`).
+    accepted: HashMap<Key, VecDeque<OwnedFd>>,
+    /// An error a receive or an accept ended with, for the next read or accept.
+    errors: HashMap<Key, io::Error>,
+    /// Multishots to cancel once the completions at hand are applied.
+    cancels: Vec<(Op, u32)>,
+    /// Receives to arm again at once (descriptor, index, length): a receive that stopped
+    /// short of what the reads want while more bytes were there.
+    rearms: Vec<(std::os::fd::RawFd, u32, u32)>,
+    /// Reads each connection may still complete from the completions at hand: the round's
+    /// share (`BUDGET`), so that one flooding peer cannot hold a round up.
+    fed: HashMap<Key, u32>,
+    /// The buffers of the next send, on their way into the ring (kept for its allocation).
+    scratch: Vec<(Bytes, usize)>,
+}
+
+impl Uring {
+    /// The engine, with its ring (see `sys::uring::Ring::new`).
+    pub(crate) fn new(shared: &Arc<Shared>, setup: Setup) -> Result<Uring, Unavailable> {
+        let ring = Ring::new(setup, shared.waker.raw_fd())?;
+        // (Sized up front: the steady state allocates nothing.)
+        Ok(Uring {
+            ring,
+            versions: Vec::new(),
+            buffered: HashMap::with_capacity(64),
+            accepted: HashMap::with_capacity(4),
+            errors: HashMap::with_capacity(4),
+            cancels: Vec::with_capacity(64),
+            rearms: Vec::with_capacity(64),
+            fed: HashMap::with_capacity(256),
+            scratch: Vec::with_capacity(MAX_IOV),
+        })
+    }
+
+    fn key(&self, idx: u32) -> Option<Key> {
+        let version = *self.versions.get(idx as usize)?;
+        Some(KeyData::from_ffi(u64::from(version) << 32 | u64::from(idx)).into())
+    }
+}
+
+fn idx_of(id: Key) -> u32 {
+    id.data().as_ffi() as u32
+}
+
+/// The kind of the read that runs next (the FIFO's head, or the parked read).
+fn next_read<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {
+    match ops.front(&st.reads) {
+        Some(p) => Some(&p.kind),
+        None if st.parked => Some(&Kind::ReadInternal),
+        None => None,
+    }
+}
 
 impl Engine for Uring {
-    fn runnable(&self, _st: &ConnState, _ops: &Slab<Pending>) -> bool {
-        false
+    fn start(&mut self) -> io::Result<()> {
+        self.ring.enable()
     }
-    fn run(&mut self, _core: &mut Core, _id: Key) {}
-    fn wait(&mut self, _core: &mut Core, _timeout: Option<Duration>) {}
+
+    fn register(&mut self, id: Key) {
+        let ffi = id.data().as_ffi();
+        let idx = ffi as u32 as usize;
+        if self.versions.len() <= idx {
+            self.versions.resize(idx + 1, 0);
+        }
+        self.versions[idx] = (ffi >> 32) as u32;
+    }
+
+    fn runnable(&self, st: &ConnState, ops: &Slab<Pending>) -> bool {
+        if st.closing {
+            return false;
+        }
+        runnable(st, ops)
+    }
+
+    fn run(&mut self, core: &mut Core, id: Key) {
+        let Core {
+            conns,
+            ops,
+            sink,
+            arena,
+            epoch,
+            ..
+        } = core;
+        let Some(st) = conns.get_mut(id) else {
+            return;
+        };
+        let idx = idx_of(id);
+        let fd = st.fd.as_raw_fd();
+        let mut pause = false;
+        if !reads_held(st, ops) {
+            st.unpark(ops);
+            let completed = sink.made;
+            pause = self.serve_reads(id, st, ops, sink, arena);
+            st.park(ops);
+            if sink.made != completed {
+                // Bytes read ahead reached reads now: that is progress too (an idle timeout
+                // counts from it), as a read of the socket would be on epoll.
+                st.read_progress = stamp(*epoch, std::time::Instant::now());
+            }
+            if next_read(st, ops).is_some() && !st.armed && !st.eof && !st.readable && !pause {
+                if matches!(next_read(st, ops), Some(Kind::Accept)) {
+                    self.ring.accept_multi(fd, idx);
+                } else {
+                    self.ring.recv(fd, idx, wanted(st, ops, arena.chunk));
+                }
+                st.armed = true;
+            }
+        }
+        while !st.sending {
+            let Some(head) = ops.front(&st.writes) else {
+                break;
+            };
+            match head.kind {
+                Kind::Connect => {
+                    self.ring.poll_out(fd, idx);
+                    st.sending = true;
+                }
+                Kind::Shutdown => {
+                    let r = sys::shutdown_write(st.fd.as_fd());
+                    let p = ops.pop_front(&mut st.writes).expect("front exists");
+                    sink.complete(st, p, r.map_err(Error::Io), None);
+                }
+                _ => {
+                    // The buffers move into the ring for the send's time (the writes keep
+                    // empty ones), so that nothing can drop them while the kernel reads them.
+                    let scratch = &mut self.scratch;
+                    ops.walk_mut(&st.writes, |p| match &mut p.kind {
+                        Kind::Write(b) if scratch.len() < MAX_IOV => {
+                            scratch.push((std::mem::take(b), p.done));
+                            true
+                        }
+                        _ => false,
+                    });
+                    self.ring.send(fd, idx, scratch.drain(..));
+                    st.sending = true;
+                }
+            }
+        }
+        if pause {
+            st.paused = true;
+            core.pause_accepts(id);
+        }
+    }
+
+    fn wait(&mut self, core: &mut Core, timeout: Option<Duration>) {
+        if let Err(e) = self.ring.submit_and_wait(timeout) {
+            // Not expected (ETIME, EINTR, EBUSY and EAGAIN are taken care of): do not spin.
+            debug_assert!(false, "io_uring_enter: {e}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        core.after_wait();
+        self.reap(core);
+    }
+
+    fn busy(&self, st: &ConnState) -> bool {
+        st.armed || st.sending
+    }
+
+    fn cancel(&mut self, id: Key, st: &mut ConnState) {
+        let idx = idx_of(id);
+        if st.armed && !st.cancelling {
+            st.cancelling = true;
+            self.ring
+                .cancel(if st.listener { Op::Accept } else { Op::Recv }, idx);
+        }
+        if st.sending {
+            // (A timer may have cancelled it already: a second cancel finds nothing.)
+            self.ring.cancel(Op::Send, idx);
+            self.ring.cancel(Op::Poll, idx);
+        }
+    }
+
+    fn hold(&mut self, id: Key, st: &mut ConnState, ops: &mut Slab<Pending>, _seq: u64) -> bool {
+        if !st.sending {
+            return false;
+        }
+        match write_head(st, ops) {
+            // A connect's poll holds no buffer: the connect ends now, its poll is cancelled.
+            Some(Kind::Connect) => {
+                self.ring.cancel(Op::Poll, idx_of(id));
+                false
+            }
+            // Any write may be in the send: it ends with the bytes the send's completion
+            // reports, which the cancel brings at once.
+            _ => {
+                self.ring.cancel(Op::Send, idx_of(id));
+                true
+            }
+        }
+    }
+
+    fn drain(&mut self, core: &mut Core) {
+        let limit = Duration::from_secs(10);
+        let mut handled = Vec::new();
+        let quiet = self
+            .ring
+            .quiesce(limit, |cqe| handled.push(Owned::from(cqe)));
+        for c in handled {
+            self.apply(core, c);
+        }
+        // Whatever the kernel did not give back in time: retire anyway (the ring leaks the
+        // memory it still lends rather than free it).
+        let _ = quiet;
+        let left: Vec<Key> = core.closing.keys().copied().collect();
+        for id in left {
+            if let Some(how) = core.closing.remove(&id) {
+                core.settle(id, how);
+            }
+        }
+    }
+}
+
+/// A completion taken out of the ring (its bytes copied), to apply once the ring is free.
+struct Owned {
+    op: Op,
+    idx: u32,
+    res: i32,
+    more: bool,
+    nonempty: bool,
+    data: Option<Vec<u8>>,
+    accepted: Option<OwnedFd>,
+    sent: Vec<(Bytes, usize)>,
+}
+
+impl From<Cqe<'_>> for Owned {
+    fn from(c: Cqe<'_>) -> Owned {
+        Owned {
+            op: c.op,
+            idx: c.idx,
+            res: c.res,
+            more: c.more,
+            nonempty: c.nonempty,
+            data: c.data.map(<[u8]>::to_vec),
+            accepted: c.accepted,
+            sent: c.sent.map(|s| s.drain().collect()).unwrap_or_default(),
+        }
+    }
+}
+
+impl Uring {
+    /// Applies every completion that has arrived, then asks for the cancels they called for.
+    fn reap(&mut self, core: &mut Core) {
+        let Uring {
+            ring,
+            versions,
+            buffered,
+            accepted,
+            errors,
+            cancels,
+            rearms,
+            fed,
+            ..
+        } = self;
+        fed.clear();
+        let now = stamp(core.epoch, core.now);
+        ring.complete(|cqe| {
+            let version = versions.get(cqe.idx as usize).copied();
+            let Some(version) = version else {
+                return;
+            };
+            let id: Key = KeyData::from_ffi(u64::from(version) << 32 | u64::from(cqe.idx)).into();
+            let mut parts = Parts {
+                buffered,
+                rearms,
+                fed,
+                accepted,
+                errors,
+                cancels,
+            };
+            let c = Done {
+                op: cqe.op,
+                res: cqe.res,
+                more: cqe.more,
+                nonempty: cqe.nonempty,
+                data: cqe.data,
+                accepted: cqe.accepted,
+                sent: cqe.sent.map_or(Sent::None, Sent::Slot),
+            };
+            parts.apply(core, id, c, now);
+        });
+        for (op, idx) in self.cancels.drain(..) {
+            self.ring.cancel(op, idx);
+        }
+        for (fd, idx, len) in self.rearms.drain(..) {
+            self.ring.recv(fd, idx, len);
+        }
+    }
+
+    fn apply(&mut self, core: &mut Core, c: Owned) {
+        let Some(id) = self.key(c.idx) else {
+            return;
+        };
+        let now = stamp(core.epoch, core.now);
+        let mut parts = Parts {
+            buffered: &mut self.buffered,
+            rearms: &mut self.rearms,
+            fed: &mut self.fed,
+            accepted: &mut self.accepted,
+            errors: &mut self.errors,
+            cancels: &mut self.cancels,
+        };
+        let done = Done {
+            op: c.op,
+            res: c.res,
+            more: c.more,
+            nonempty: c.nonempty,
+            data: c.data.as_deref(),
+            accepted: c.accepted,
+            sent: Sent::Owned(c.sent),
+        };
+        parts.apply(core, id, done, now);
+    }
+
+    /// Serves the read FIFO from what waits in user space (bytes, accepted sockets, an error,
+    /// end of stream). Returns `true` if an accept failed for lack of resources (pause).
+    fn serve_reads(
+        &mut self,
+        id: Key,
+        st: &mut ConnState,
+        ops: &mut Slab<Pending>,
+        sink: &mut Sink,
+        arena: &mut Arena,
+    ) -> bool {
+        // The round's share, less what the completions at hand already took.
+        let mut budget = self.fed.get(&id).copied().unwrap_or(BUDGET);
+        let pause = self.serve(id, st, ops, sink, arena, &mut budget);
+        self.fed.insert(id, budget);
+        pause
+    }
+
+    fn serve(
+        &mut self,
+        id: Key,
+        st: &mut ConnState,
+        ops: &mut Slab<Pending>,
+        sink: &mut Sink,
+        arena: &mut Arena,
+        budget: &mut u32,
+    ) -> bool {
+        loop {
+            let Some(p) = ops.front(&st.reads) else {
+                return false;
+            };
+            if *budget == 0 {
+                return false; // the rest next round
+            }
+            let accept = matches!(p.kind, Kind::Accept);
+            if accept != st.listener {
+                // An accept on a stream, a read on a listener: what epoll's system calls say.
+                let errno = if accept { libc::EINVAL } else { libc::ENOTCONN };
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                let e = io::Error::from_raw_os_error(errno);
+                sink.complete(st, p, Err(Error::Io(e)), None);
+                continue;
+            }
+            if accept {
+                if let Some(fd) = self.accepted.get_mut(&id).and_then(VecDeque::pop_front) {
+                    let p = ops.pop_front(&mut st.reads).expect("front exists");
+                    let peer = sys::peer_addr(fd.as_fd());
+                    let listener = st.handle();
+                    sink.accepted.push((p, listener, Ok((fd, peer))));
+                    continue;
+                }
+                if let Some(e) = self.errors.remove(&id) {
+                    let pause = is_resource_error(&e);
+                    let p = ops.pop_front(&mut st.reads).expect("front exists");
+                    let listener = st.handle();
+                    sink.accepted.push((p, listener, Err(e)));
+                    if pause {
+                        st.readable = self.accepted.get(&id).is_some_and(|q| !q.is_empty());
+                        return true;
+                    }
+                    continue;
+                }
+                st.readable = false;
+                return false;
+            }
+            if st.armed && self.buffered.contains_key(&id) {
+                return false; // a receive tops the bytes up: the reads wait for it
+            }
+            if let Some(buf) = self.buffered.get_mut(&id) {
+                feed_buffered(st, ops, sink, buf, arena.chunk, budget);
+                if buf.is_empty() {
+                    self.buffered.remove(&id);
+                } else {
+                    // No read wants more, or the round's budget is spent: what is left
+                    // waits.
+                    return false;
+                }
+                continue;
+            }
+            if let Some(e) = self.errors.remove(&id) {
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                sink.complete(st, p, Err(Error::Io(e)), None);
+                continue;
+            }
+            st.readable = false;
+            if st.eof {
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                sink.complete(st, p, Err(Error::Eof), None);
+                continue;
+            }
+            return false;
+        }
+    }
+}
+
+/// The parts of the engine a completion updates (the ring itself being busy delivering it).
+struct Parts<'a> {
+    buffered: &'a mut HashMap<Key, Bytes>,
+    rearms: &'a mut Vec<(std::os::fd::RawFd, u32, u32)>,
+    fed: &'a mut HashMap<Key, u32>,
+    accepted: &'a mut HashMap<Key, VecDeque<OwnedFd>>,
+    errors: &'a mut HashMap<Key, io::Error>,
+    cancels: &'a mut Vec<(Op, u32)>,
+}
+
+/// A completion as `Parts::apply` takes it.
+struct Done<'a> {
+    op: Op,
+    res: i32,
+    more: bool,
+    nonempty: bool,
+    data: Option<&'a [u8]>,
+    accepted: Option<OwnedFd>,
+    sent: Sent<'a>,
+}
+
+/// A send's buffers coming back.
+enum Sent<'a> {
+    None,
+    Slot(&'a mut SendSlot),
+    Owned(Vec<(Bytes, usize)>),
+}
+
+impl Sent<'_> {
+    /// Buffer `i` (each once).
+    fn take(&mut self, i: usize) -> Option<Bytes> {
+        match self {
+            Sent::None => None,
+            Sent::Slot(s) => s.take(i),
+            Sent::Owned(v) => v.get_mut(i).map(|(b, _)| std::mem::take(b)),
+        }
+    }
+}
+
+impl Parts<'_> {
+    fn apply(&mut self, core: &mut Core, id: Key, done: Done<'_>, now: u32) {
+        let Done {
+            op,
+            res,
+            more,
+            nonempty,
+            data,
+            accepted,
+            sent,
+        } = done;
+        let Core {
+            conns,
+            ops,
+            sink,
+            arena,
+            ..
+        } = &mut *core;
+        let Some(st) = conns.get_mut(id) else {
+            return; // (not expected: a slot outlives what the kernel holds of it)
+        };
+        let idx = idx_of(id);
+        match op {
+            Op::Recv => {
+                if !more {
+                    st.armed = false;
+                }
+                if let Some(data) = data {
+                    sink.stats.bytes_read += data.len() as u64;
+                    st.read_progress = now;
+                    if st.closing {
+                        // Read before the cancel took effect, for a connection that goes:
+                        // nobody will read these.
+                        return self.settle_if_done(core, id);
+                    }
+                    let want = wanted(st, ops, arena.chunk) as usize;
+                    // (An internal read is topped up; a read into a caller's buffer takes
+                    // what came, as a short read of the socket would give it.)
+                    let internal = matches!(next_read(st, ops), Some(Kind::ReadInternal));
+                    match self.buffered.get_mut(&id) {
+                        // Older bytes wait: these go behind them.
+                        Some(buf) => *buf = arena.concat(&[buf, data], &mut sink.stats),
+                        // The receive stopped short of what an internal read wants (at the end
+                        // of a buffer consumed incrementally, say) though more bytes are
+                        // there: take those too before the read sees any, so that bytes that
+                        // arrived together are read together, as one read of the socket would.
+                        None if nonempty && data.len() < want && internal && !st.armed => {
+                            let part = arena.concat(&[data], &mut sink.stats);
+                            self.buffered.insert(id, part);
+                        }
+                        None => {
+                            let budget = self.fed.entry(id).or_insert(BUDGET);
+                            let n = feed(st, ops, sink, arena, data, budget);
+                            if n < data.len() {
+                                let rest = arena.concat(&[&data[n..]], &mut sink.stats);
+                                self.buffered.insert(id, rest);
+                            }
+                        }
+                    }
+                    if let Some(buf) = self.buffered.get(&id) {
+                        st.readable = true;
+                        if nonempty && buf.len() < want && internal && !st.armed {
+                            // Top it up at once (the reads wait for that receive).
+                            let more = (want - buf.len()).min(u32::MAX as usize) as u32;
+                            self.rearms.push((st.fd.as_raw_fd(), idx, more));
+                            st.armed = true;
+                        }
+                    }
+                } else if res == 0 {
+                    st.eof = true;
+                } else if res < 0 {
+                    let errno = -res;
+                    // ENOBUFS (no provided buffer: the bytes wait in the socket; the buffers
+                    // are back by the next round), a cancel, a retry: the receive is armed
+                    // again while reads are pending. Anything else is the next read's error.
+                    if !matches!(
+                        errno,
+                        libc::ENOBUFS | libc::ECANCELED | libc::EAGAIN | libc::EINTR
+                    ) {
+                        self.errors
+                            .entry(id)
+                            .or_insert_with(|| io::Error::from_raw_os_error(errno));
+                        st.readable = true;
+                    }
+                }
+                if !st.armed {
+                    st.cancelling = false;
+                }
+            }
+            Op::Accept => {
+                if !more {
+                    st.armed = false;
+                    st.cancelling = false;
+                }
+                if let Some(fd) = accepted {
+                    let q = self.accepted.entry(id).or_default();
+                    q.push_back(fd);
+                    st.readable = true;
+                    if q.len() >= ACCEPT_BACKLOG && st.armed && !st.cancelling {
+                        st.cancelling = true;
+                        self.cancels.push((Op::Accept, idx));
+                    }
+                } else if res < 0 && !matches!(-res, libc::ECANCELED | libc::EAGAIN | libc::EINTR) {
+                    self.errors
+                        .entry(id)
+                        .or_insert_with(|| io::Error::from_raw_os_error(-res));
+                    st.readable = true;
+                }
+            }
+            Op::Send => {
+                st.sending = false;
+                // The buffers come back to their writes, first to last.
+                let (mut back, mut i) = (sent, 0);
+                ops.walk_mut(&st.writes, |p| match (&mut p.kind, back.take(i)) {
+                    (Kind::Write(b), Some(sent)) => {
+                        *b = sent;
+                        i += 1;
+                        true
+                    }
+                    _ => false,
+                });
+                match res {
+                    n if n >= 0 => {
+                        let n = n as usize;
+                        sink.stats.bytes_written += n as u64;
+                        if n > 0 {
+                            st.write_progress = now;
+                        }
+                        Core::advance_writes(st, ops, sink, n);
+                    }
+                    e if matches!(-e, libc::EAGAIN | libc::EINTR | libc::ECANCELED) => {}
+                    e => {
+                        if let Some(p) = ops.pop_front(&mut st.writes) {
+                            let err = io::Error::from_raw_os_error(-e);
+                            sink.complete(st, p, Err(Error::Io(err)), None);
+                        }
+                    }
+                }
+                // Writes a timer ended while the kernel held them complete now, with the
+                // bytes written by then.
+                while let Some(p) = ops.front(&st.writes) {
+                    let Some(late) = p.late else { break };
+                    let p = ops.pop_front(&mut st.writes).expect("front exists");
+                    sink.complete(st, p, Err(late.error()), None);
+                }
+            }
+            Op::Poll => {
+                st.sending = false;
+                if matches!(write_head(st, ops), Some(Kind::Connect)) && res >= 0 {
+                    match sys::connect_finished(st.fd.as_fd()) {
+                        Ok(false) => {} // a stale wake-up: polled again
+                        Ok(true) => {
+                            let p = ops.pop_front(&mut st.writes).expect("front exists");
+                            sink.complete(st, p, Ok(()), None);
+                        }
+                        Err(e) => {
+                            let p = ops.pop_front(&mut st.writes).expect("front exists");
+                            sink.complete(st, p, Err(Error::Io(e)), None);
+                        }
+                    }
+                }
+            }
+            Op::Cancel | Op::Wake => {}
+        }
+        if st.closing {
+            return self.settle_if_done(core, id);
+        }
+        core.mark(id, runnable);
+    }
+
+    /// A closing connection settles once the kernel holds nothing more of it.
+    fn settle_if_done(&mut self, core: &mut Core, id: Key) {
+        let Some(st) = core.conns.get(id) else {
+            return;
+        };
+        if st.armed || st.sending {
+            return;
+        }
+        if let Some(how) = core.closing.remove(&id) {
+            self.buffered.remove(&id);
+            self.accepted.remove(&id);
+            self.errors.remove(&id);
+            core.settle(id, how);
+        }
+    }
+}
+
+/// How many bytes the reads pending can take now (a receive asks for no more, so no byte
+/// waits in user space that no read asked for): a read into a caller's buffer its length, a
+/// read-full what is missing, an internal read a chunk; at most 4 GiB.
+fn wanted(st: &ConnState, ops: &Slab<Pending>, chunk: usize) -> u32 {
+    let internal = if st.parked { chunk } else { 0 };
+    let pending = ops.iter(&st.reads).take(MAX_IOV).map(|p| match &p.kind {
+        Kind::Read(v) => v.len(),
+        Kind::ReadFull(v) => v.len() - p.done,
+        _ => chunk,
+    });
+    let total = pending.fold(internal, usize::saturating_add);
+    total.min(u32::MAX as usize) as u32
+}
+
+/// What makes a connection runnable on this engine: reads pending that something waits for
+/// in user space (`readable`: bytes, accepted sockets or an error), or end of stream, or no
+/// receive armed yet, or that cannot succeed on this socket (they fail at once); a write
+/// and no send in flight.
+fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    if st.closing {
+        return false;
+    }
+    // (Bytes waiting on a stream while a receive is armed wait for it: it tops them up.)
+    let waiting = st.readable && (st.listener || !st.armed);
+    let reads = next_read(st, ops).is_some_and(|k| {
+        !reads_held(st, ops) && (waiting || st.eof || !st.armed || st.misdirected(k))
+    });
+    let writes = write_head(st, ops).is_some() && !st.sending;
+    reads || writes
+}
+
+/// Gives `data` to the reads pending, in order (the parked read, else the FIFO's), as far as
+/// they take it: an internal read takes up to a chunk into the arena, a read into a caller's
+/// buffer what fits, a read-full until its buffer is full. Returns how many bytes they took.
+fn feed(
+    st: &mut ConnState,
+    ops: &mut Slab<Pending>,
+    sink: &mut Sink,
+    arena: &mut Arena,
+    data: &[u8],
+    budget: &mut u32,
+) -> usize {
+    let mut taken = 0;
+    while taken < data.len() && *budget > 0 {
+        let rest = &data[taken..];
+        if st.parked {
+            let mut p = st.take_parked().expect("parked");
+            let n = rest.len().min(arena.chunk);
+            let buf = arena.copy(&rest[..n], &mut sink.stats);
+            taken += n;
+            p.done = n;
+            *budget -= 1;
+            sink.complete(st, p, Ok(()), Some(buf));
+            continue;
+        }
+        let Some(p) = ops.front_mut(&st.reads) else {
+            break;
+        };
+        let complete = match &mut p.kind {
+            Kind::ReadInternal => {
+                let n = rest.len().min(arena.chunk);
+                let buf = arena.copy(&rest[..n], &mut sink.stats);
+                taken += n;
+                p.done = n;
+                Some(Some(buf))
+            }
+            Kind::Read(v) => {
+                let n = rest.len().min(v.len());
+                v[..n].copy_from_slice(&rest[..n]);
+                taken += n;
+                p.done = n;
+                Some(None)
+            }
+            Kind::ReadFull(v) => {
+                let n = rest.len().min(v.len() - p.done);
+                v[p.done..p.done + n].copy_from_slice(&rest[..n]);
+                taken += n;
+                p.done += n;
+                (p.done == v.len()).then_some(None)
+            }
+            _ => break, // an accept: not for bytes
+        };
+        match complete {
+            Some(buf) => {
+                let p = ops.pop_front(&mut st.reads).expect("front exists");
+                *budget -= 1;
+                sink.complete(st, p, Ok(()), buf);
+            }
+            None => break, // a read-full still short: it took everything
+        }
+    }
+    taken
+}
+
+/// Gives the bytes waiting in `buf` to the reads pending, as `feed` does, but without a
+/// copy for internal reads (they take slices of it); what they took is gone from `buf`.
+fn feed_buffered(
+    st: &mut ConnState,
+    ops: &mut Slab<Pending>,
+    sink: &mut Sink,
+    buf: &mut Bytes,
+    chunk: usize,
+    budget: &mut u32,
+) {
+    while !buf.is_empty() && *budget > 0 {
+        let internal = match ops.front(&st.reads) {
+            _ if st.parked => true,
+            Some(p) => matches!(p.kind, Kind::ReadInternal),
+            None => break,
+        };
+        if internal {
+            let mut p = match st.take_parked() {
+                Some(p) => p,
+                None => ops.pop_front(&mut st.reads).expect("front exists"),
+            };
+            let part = buf.split_to(buf.len().min(chunk));
+            p.done = part.len();
+            *budget -= 1;
+            sink.complete(st, p, Ok(()), Some(Buf::Bytes(part)));
+            continue;
+        }
+        let n = feed_copy(st, ops, sink, buf, budget);
+        if n == 0 {
+            break;
+        }
+        let _ = buf.split_to(n);
+    }
+}
+
+/// `feed` for reads into callers' buffers only (it stops at an internal read).
+fn feed_copy(
+    st: &mut ConnState,
+    ops: &mut Slab<Pending>,
+    sink: &mut Sink,
+    data: &[u8],
+    budget: &mut u32,
+) -> usize {
+    let mut taken = 0;
+    while taken < data.len() && *budget > 0 {
+        let rest = &data[taken..];
+        let Some(p) = ops.front_mut(&st.reads) else {
+            break;
+        };
+        let complete = match &mut p.kind {
+            Kind::Read(v) => {
+                let n = rest.len().min(v.len());
+                v[..n].copy_from_slice(&rest[..n]);
+                taken += n;
+                p.done = n;
+                true
+            }
+            Kind::ReadFull(v) => {
+                let n = rest.len().min(v.len() - p.done);
+                v[p.done..p.done + n].copy_from_slice(&rest[..n]);
+                taken += n;
+                p.done += n;
+                p.done == v.len()
+            }
+            _ => break,
+        };
+        if !complete {
+            break;
+        }
+        let p = ops.pop_front(&mut st.reads).expect("front exists");
+        *budget -= 1;
+        sink.complete(st, p, Ok(()), None);
+    }
+    taken
+}
+
+impl Arena {
+    /// Copies `data` (at most a chunk) into the arena: the internal read's buffer.
+    fn copy(&mut self, data: &[u8], stats: &mut crate::stats::Stats) -> Buf {
+        Buf::Bytes(self.concat(&[data], stats))
+    }
+
+    /// Copies `parts`, one after the other, into the arena (into a buffer of their own if
+    /// they are larger than a chunk), as one `Bytes`.
+    fn concat(&mut self, parts: &[&[u8]], stats: &mut crate::stats::Stats) -> Bytes {
+        let len = parts.iter().map(|p| p.len()).sum();
+        if len > self.chunk {
+            let mut own = BytesMut::with_capacity(len);
+            parts.iter().for_each(|p| own.extend_from_slice(p));
+            return own.freeze();
+        }
+        if self.spare() < len {
+            self.buf.clear();
+            if !self.buf.try_reclaim(self.chunk) {
+                self.buf = BytesMut::with_capacity(self.chunk);
+                stats.chunks_allocated += 1;
+            }
+        }
+        parts.iter().for_each(|p| self.buf.extend_from_slice(p));
+        self.buf.split_to(len).freeze()
+    }
 }

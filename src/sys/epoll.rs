@@ -105,11 +105,24 @@ pub(crate) struct Waker {
 }
 
 impl Waker {
-    pub(crate) fn new(selector: &Selector, token: u64) -> io::Result<Waker> {
+    /// An eventfd alone, for the io_uring engine (which reads it with an operation of its
+    /// ring).
+    pub(crate) fn eventfd() -> io::Result<Waker> {
         // SAFETY: no pointers; the returned fd is new and owned by nothing else.
         let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         // SAFETY: `fd` was just returned by eventfd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Waker {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// The eventfd.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub(crate) fn new(selector: &Selector, token: u64) -> io::Result<Waker> {
+        let Waker { fd } = Waker::eventfd()?;
         selector.ctl(
             libc::EPOLL_CTL_ADD,
             fd.as_raw_fd(),

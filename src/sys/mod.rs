@@ -13,6 +13,8 @@
 use std::io;
 
 mod socket;
+#[cfg(all(target_os = "linux", feature = "uring"))]
+pub(crate) use socket::peer_addr;
 pub(crate) use socket::{
     accept, connect_finished, is_listener, listener, prepare_stream, recv, recv_spare, send,
     send_vectored, shutdown_write, start_connect,
@@ -20,6 +22,8 @@ pub(crate) use socket::{
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod epoll;
+#[cfg(all(target_os = "linux", feature = "uring"))]
+pub(crate) mod uring;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) use epoll::{Events, Selector, Waker};
 

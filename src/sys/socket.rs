@@ -282,6 +282,22 @@ pub(crate) fn connect_finished(fd: BorrowedFd<'_>) -> io::Result<bool> {
     has_peer(raw)
 }
 
+/// The peer's address (`getpeername`), if it has one that `SocketAddr` can hold.
+pub(crate) fn peer_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    // SAFETY: all-zero sockaddr_storage is valid; `len` says how much the kernel may write.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is live and `len` is its size.
+    let r = cvt(unsafe {
+        libc::getpeername(
+            fd.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    });
+    r.ok().and_then(|_| from_raw(&storage))
+}
+
 /// Whether the socket is connected to a peer (`getpeername`): `Ok(false)` on ENOTCONN.
 fn has_peer(raw: RawFd) -> io::Result<bool> {
     // SAFETY: all-zero sockaddr_storage is valid; `len` says how much the kernel may write.
