@@ -1,7 +1,9 @@
 //! A proactor-pattern I/O library: submit reads and writes as messages, receive their
 //! completions in a mailbox.
 //!
-//! A [`Watcher`] owns one poller thread (epoll on Linux, kqueue on macOS and FreeBSD). Each
+//! A [`Watcher`] owns one poller thread, which drives an [`Engine`]: io_uring on Linux where
+//! the kernel allows it (the kernel does the I/O and posts completions), else epoll (Linux)
+//! or kqueue (macOS, FreeBSD), chosen at run time with the same semantics on each. Each
 //! registered socket becomes a [`Conn`], a cheap cloneable handle: no thread, no task per
 //! connection. You send it typed commands ([`Cmd::Read`], [`Cmd::ReadInternal`],
 //! [`Cmd::ReadFull`], [`Cmd::Write`], [`Cmd::Shutdown`], [`Cmd::Free`], [`Cmd::Detach`],
@@ -123,11 +125,21 @@
 //!
 //! # Platform notes
 //!
-//! | OS | readiness | wake-up | no SIGPIPE |
+//! | OS | engine | wake-up | no SIGPIPE |
 //! |----|-----------|---------|------------|
+//! | Linux 5.19+ (the `uring` feature) | io_uring: receives into provided buffers, multishot accept | eventfd read on the ring | `MSG_NOSIGNAL` |
 //! | Linux, Android | epoll, edge-triggered, `EPOLLRDHUP` | eventfd | `MSG_NOSIGNAL` |
 //! | macOS, iOS | kqueue, `EV_CLEAR` | `EVFILT_USER` | `SO_NOSIGPIPE` |
 //! | FreeBSD | kqueue, `EV_CLEAR` | `EVFILT_USER` | `MSG_NOSIGNAL` |
+//!
+//! [`Engine::Auto`] (the default) picks io_uring where it works and falls back to epoll where
+//! it is missing or forbidden (a seccomp filter such as Docker's default profile, the
+//! `kernel.io_uring_disabled` sysctl, an old kernel, a low `RLIMIT_MEMLOCK`), saying why in
+//! [`Stats::uring_unavailable`]; `PROACTOR_ENGINE=auto|uring|epoll` sets it for every
+//! watcher built without an explicit choice. A thread that drove an
+//! [`inline`](WatcherBuilder::inline) io_uring watcher may see `EINTR` from its own blocking
+//! system calls with a timeout while its completions are pending (the kernel signals the
+//! thread that submitted an operation to complete it); `read_exact` and `write_all` retry it.
 //!
 //! The kqueue backend is type-checked for FreeBSD and macOS in CI but has not been run on
 //! either: the project has no such machine. See `docs/architecture.md`.

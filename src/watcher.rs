@@ -18,6 +18,8 @@ use crate::stats::Stats;
 use crate::{
     sys, Completion, Conn, Connect, Engine, EngineKind, Error, Mailbox, RegisterError, Unavailable,
 };
+#[cfg(doc)]
+use crate::{Cmd, SendError};
 
 /// Numbers watchers, so `ConnId`s of different watchers never collide.
 static NEXT_WATCHER_ID: AtomicU32 = AtomicU32::new(0);

@@ -105,8 +105,7 @@ pub(crate) struct Waker {
 }
 
 impl Waker {
-    /// An eventfd alone, for the io_uring engine (which reads it with an operation of its
-    /// ring).
+    /// An eventfd alone (the io_uring engine reads it with an operation of its ring).
     pub(crate) fn eventfd() -> io::Result<Waker> {
         // SAFETY: no pointers; the returned fd is new and owned by nothing else.
         let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
@@ -117,6 +116,7 @@ impl Waker {
     }
 
     /// The eventfd.
+    #[cfg(feature = "uring")]
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

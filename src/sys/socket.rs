@@ -283,6 +283,7 @@ pub(crate) fn connect_finished(fd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 /// The peer's address (`getpeername`), if it has one that `SocketAddr` can hold.
+#[cfg(all(target_os = "linux", feature = "uring"))]
 pub(crate) fn peer_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
     // SAFETY: all-zero sockaddr_storage is valid; `len` says how much the kernel may write.
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
