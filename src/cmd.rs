@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::completion::{Buf, Op};
+use crate::Framing;
 
 /// A command for one connection: read, read-full, write, accept, shutdown, free or detach,
 /// with an optional deadline, idle timeout and user tag. (A connect is no command: it is
@@ -40,6 +41,9 @@ pub(crate) enum Kind {
     ReadInternal,
     ReadFull(Vec<u8>),
     Write(Bytes),
+    ReadFrame(Framing),
+    /// Up to this many frames (at least 1).
+    ReadFrames(Framing, u32),
     Free,
     Detach,
     Accept,
@@ -83,6 +87,47 @@ impl Cmd {
         plain(Kind::ReadFull(buf))
     }
 
+    /// Reads exactly one frame, cut by `framing` (lines, length-prefixed frames, a decoder of
+    /// your own): the completion's buffer is [`Buf::Bytes`] of the frame's bytes (without its
+    /// delimiter or header), a slice of the arena where the frame arrived in one read (no
+    /// copy), `n` its length.
+    ///
+    /// Bytes read past the frame stay with the connection and are served first by its next
+    /// read of any kind, in order, so a protocol can switch framings mid-stream (lines of
+    /// headers, then a body of known length with [`Cmd::ReadFull`]). Deadlines and idle
+    /// timeouts apply per frame.
+    ///
+    /// # Errors (in the completion)
+    ///
+    /// - [`Error::FrameTooLong`](crate::Error::FrameTooLong) as soon as the bytes that prove
+    ///   a frame longer than [`Framing::max`] arrived: the `max + 1` bytes of a line without
+    ///   its delimiter, or a length prefix announcing more; they are dropped (with a length
+    ///   prefix, the rest of that frame is still in the stream: free the connection, or skip
+    ///   it with a read of your own). The connection stays usable.
+    /// - [`Error::BadFrame`](crate::Error::BadFrame) when the bytes can never be a frame (a
+    ///   negative length, a decoder's `Invalid`, a decoder that panicked); the bytes buffered
+    ///   for the frame are dropped.
+    /// - [`Error::Eof`](crate::Error::Eof) at end of stream, with the partial frame's bytes
+    ///   (if any) in the buffer and `n`.
+    ///
+    /// Refused on datagram sockets. A peer that trickles one byte at a time cannot make the
+    /// poller hold more than the maximum frame length for it.
+    #[inline]
+    pub fn ReadFrame(framing: Framing) -> Cmd {
+        plain(Kind::ReadFrame(framing))
+    }
+
+    /// Reads every whole frame already received, at most `max` (at least one: it completes
+    /// once one is there), for small frames, where a completion per frame would cost more
+    /// than the frame: the completion's buffer is [`Buf::Frames`], `n` their total length.
+    /// As [`Cmd::ReadFrame`] otherwise; an error after some frames completes with those
+    /// frames, and the next framed read meets the error.
+    #[inline]
+    pub fn ReadFrames(framing: Framing, max: usize) -> Cmd {
+        let max = max.clamp(1, u32::MAX as usize) as u32;
+        plain(Kind::ReadFrames(framing, max))
+    }
+
     /// Writes every byte of `buf` (a `Vec<u8>`, `&'static [u8]`, `&'static str`, `String`,
     /// `Bytes`...). Writes queued on one connection go out in order, several per `writev`.
     pub fn Write(buf: impl Into<Bytes>) -> Cmd {
@@ -101,7 +146,10 @@ impl Cmd {
     /// Like [`Cmd::Free`] but hands the socket back instead of closing it: the completion's
     /// buffer is [`Buf::Fd`], deregistered and still non-blocking, ready to be registered on
     /// another watcher or sent to another process. Bytes the peer sent and nobody read yet
-    /// stay in the socket.
+    /// stay in the socket, except those the watcher had already taken from it (the start of
+    /// a frame a [`Cmd::ReadFrame`] waited to complete, say): they come back in the
+    /// completion, as [`Buf::Fd`]'s bytes and `n` (see
+    /// [`Buf::into_detached`](crate::Buf::into_detached)).
     pub const Detach: Cmd = plain(Kind::Detach);
 
     /// Accepts one connection on a listener registered with
@@ -194,6 +242,8 @@ impl Kind {
         match self {
             Kind::Read(_) | Kind::ReadInternal => Op::Read,
             Kind::ReadFull(_) => Op::ReadFull,
+            Kind::ReadFrame(_) => Op::ReadFrame,
+            Kind::ReadFrames(..) => Op::ReadFrames,
             Kind::Write(_) => Op::Write,
             Kind::Free => Op::Free,
             Kind::Detach => Op::Detach,

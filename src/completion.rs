@@ -15,6 +15,10 @@ pub enum Op {
     Read,
     /// [`Cmd::ReadFull`](crate::Cmd::ReadFull).
     ReadFull,
+    /// [`Cmd::ReadFrame`](crate::Cmd::ReadFrame).
+    ReadFrame,
+    /// [`Cmd::ReadFrames`](crate::Cmd::ReadFrames).
+    ReadFrames,
     /// [`Cmd::Write`](crate::Cmd::Write).
     Write,
     /// [`Cmd::Free`](crate::Cmd::Free).
@@ -39,23 +43,38 @@ pub enum Buf {
     None,
     /// The caller's buffer of a `Read` or `ReadFull`, at its original length.
     Vec(Vec<u8>),
-    /// A `Write`'s buffer, or exactly the bytes an internal read got (a slice of the arena).
+    /// A `Write`'s buffer, exactly the bytes an internal read got (a slice of the arena), or
+    /// a frame.
     Bytes(Bytes),
-    /// The socket handed back by [`Cmd::Detach`](crate::Cmd::Detach).
-    Fd(OwnedFd),
+    /// The frames of a [`Cmd::ReadFrames`](crate::Cmd::ReadFrames), in order.
+    Frames(Vec<Bytes>),
+    /// The socket handed back by [`Cmd::Detach`](crate::Cmd::Detach), and the bytes the
+    /// watcher had already taken from it that no read consumed (the rest of a frame begun,
+    /// say): they come before anything still in the socket. `n` is their length.
+    Fd(OwnedFd, Bytes),
     /// A connection from [`Cmd::Accept`](crate::Cmd::Accept), already registered, and its
     /// peer's address (`None` for Unix-domain listeners).
     Accepted(Conn, Option<SocketAddr>),
 }
 
 impl Buf {
-    /// The bytes held (the whole caller buffer for `Vec`; empty for `None` and `Fd`).
+    /// The bytes held (the whole caller buffer for `Vec`; a detached socket's unread bytes
+    /// for `Fd`; empty for `None`, `Accepted` and `Frames`: see [`Buf::frames`]).
     #[inline]
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Buf::Vec(v) => v,
-            Buf::Bytes(b) => b,
-            Buf::None | Buf::Fd(_) | Buf::Accepted(..) => &[],
+            Buf::Bytes(b) | Buf::Fd(_, b) => b,
+            Buf::None | Buf::Accepted(..) | Buf::Frames(_) => &[],
+        }
+    }
+
+    /// The frames of a `ReadFrames` (empty otherwise).
+    #[inline]
+    pub fn frames(&self) -> &[Bytes] {
+        match self {
+            Buf::Frames(f) => f,
+            _ => &[],
         }
     }
 
@@ -68,8 +87,8 @@ impl Buf {
         }
     }
 
-    /// The whole buffer as [`Bytes`] (a `Vec` is converted without copying; the others give
-    /// empty).
+    /// The whole buffer as [`Bytes`] (a `Vec` is converted without copying; a detached
+    /// socket gives its unread bytes; the others give empty).
     ///
     /// For a read into a caller's `Vec` that is the whole `Vec`, not just the bytes read: use
     /// [`Completion::into_data`] for those.
@@ -77,8 +96,8 @@ impl Buf {
     pub fn into_bytes(self) -> Bytes {
         match self {
             Buf::Vec(v) => Bytes::from(v),
-            Buf::Bytes(b) => b,
-            Buf::None | Buf::Fd(_) | Buf::Accepted(..) => Bytes::new(),
+            Buf::Bytes(b) | Buf::Fd(_, b) => b,
+            Buf::None | Buf::Accepted(..) | Buf::Frames(_) => Bytes::new(),
         }
     }
 
@@ -91,11 +110,32 @@ impl Buf {
         }
     }
 
-    /// The detached socket, if this is one.
+    /// The detached socket, if this is one, dropping the bytes already taken from it that
+    /// no read consumed: use [`Buf::into_detached`] where a read may have begun a frame.
     #[inline]
     pub fn into_fd(self) -> Option<OwnedFd> {
+        self.into_detached().map(|(fd, _)| fd)
+    }
+
+    /// The detached socket and the bytes already taken from it that no read consumed, which
+    /// come before anything still in the socket (empty unless framed reads, or a receive
+    /// larger than the reads that asked for it, left some).
+    ///
+    /// ```no_run
+    /// # use proactor::{Buf, Completion};
+    /// # #[allow(dead_code)]
+    /// # fn demo(c: Completion) {
+    /// if let Some((fd, unread)) = c.buf.into_detached() {
+    ///     let mut stream = std::net::TcpStream::from(fd);
+    ///     // `unread` first, then whatever `stream` reads.
+    /// #   let _ = (&mut stream, unread);
+    /// }
+    /// # }
+    /// ```
+    #[inline]
+    pub fn into_detached(self) -> Option<(OwnedFd, Bytes)> {
         match self {
-            Buf::Fd(fd) => Some(fd),
+            Buf::Fd(fd, unread) => Some((fd, unread)),
             _ => None,
         }
     }
@@ -157,11 +197,11 @@ impl Completion {
                 v.truncate(n);
                 Bytes::from(v)
             }
-            Buf::Bytes(mut b) => {
+            Buf::Bytes(mut b) | Buf::Fd(_, mut b) => {
                 b.truncate(n);
                 b
             }
-            Buf::None | Buf::Fd(_) | Buf::Accepted(..) => Bytes::new(),
+            Buf::None | Buf::Accepted(..) | Buf::Frames(_) => Bytes::new(),
         }
     }
 

@@ -32,6 +32,14 @@ pub enum Error {
     /// The watcher was closed before the operation finished.
     #[error("watcher is closed")]
     WatcherClosed,
+    /// A framed read met a frame longer than its [`Framing`](crate::Framing)'s maximum (see
+    /// [`Cmd::ReadFrame`](crate::Cmd::ReadFrame) for what happens to its bytes).
+    #[error("frame longer than the maximum")]
+    FrameTooLong,
+    /// A framed read met bytes that can never be a frame: a negative length, or a decoder
+    /// that said `Invalid` (its message) or panicked.
+    #[error("bad frame: {0}")]
+    BadFrame(String),
     /// The system call failed.
     #[error(transparent)]
     Io(#[from] io::Error),

@@ -73,7 +73,7 @@ trait BufIsFd {
 
 impl BufIsFd for proactor::Completion {
     fn buf_is_fd(&self) -> bool {
-        matches!(self.buf, proactor::Buf::Fd(_))
+        matches!(self.buf, proactor::Buf::Fd(..))
     }
 }
 

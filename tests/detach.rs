@@ -36,7 +36,7 @@ fn pending_ops_complete_freed_before_the_detach() {
     }
     assert_eq!(cs[2].op, Op::Detach);
     assert!(cs[2].is_ok());
-    assert!(matches!(cs[2].buf, Buf::Fd(_)), "{}", describe(&cs[2]));
+    assert!(matches!(cs[2].buf, Buf::Fd(..)), "{}", describe(&cs[2]));
     assert!(matches!(
         conn.send(Cmd::ReadInternal),
         Err(SendError::Freed(_))
@@ -147,4 +147,51 @@ fn dropping_the_detached_fd_closes_the_socket() {
     assert_eq!(&got, b"direct");
     drop(s);
     assert_eq!(read_to_eof(&mut client), b"");
+}
+
+/// Bytes the watcher took from the socket that no read consumed (the start of a frame a
+/// `ReadFrame` waits to complete) come back with the fd, before what is still in the
+/// socket: nothing is lost, nothing is read twice.
+#[test]
+fn detach_hands_back_the_start_of_a_frame_with_the_socket() {
+    let (watcher, conn, mut client) = watcher_pair();
+    let mut ledger = Ledger::new();
+    let r = ledger.must(&conn, Cmd::ReadFrame(proactor::Framing::lines(64)));
+    client.write_all(b"half a ").unwrap();
+    wait_stats(&watcher, "the half line read", |s| s.bytes_read == 7);
+    let d = ledger.must(&conn, Cmd::Detach);
+    let cs = collect(&watcher, 2, TIMEOUT);
+    ledger.record_all(&cs);
+    ledger.assert_all_done();
+    assert_eq!((cs[0].tag, cs[1].tag), (r, d));
+    assert!(
+        matches!(cs[0].result, Err(Error::Freed)),
+        "{}",
+        describe(&cs[0])
+    );
+    assert_eq!((cs[1].n, cs[1].data()), (7, &b"half a "[..]));
+    let (fd, unread) = cs.into_iter().nth(1).unwrap().buf.into_detached().unwrap();
+    assert_eq!(&unread[..], b"half a ");
+    client.write_all(b"line\n").unwrap();
+    let mut stream = TcpStream::from(fd);
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut rest = [0u8; 5];
+    stream.read_exact(&mut rest).unwrap();
+    assert_eq!(&rest, b"line\n");
+}
+
+/// With nothing kept, the detached socket comes back with no bytes.
+#[test]
+fn detach_without_a_frame_begun_hands_back_no_bytes() {
+    let (watcher, conn, _client) = watcher_pair();
+    conn.send(Cmd::Detach).unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    assert!(
+        c.is_ok() && c.n == 0 && c.data().is_empty(),
+        "{}",
+        describe(&c)
+    );
+    let (_fd, unread) = c.buf.into_detached().unwrap();
+    assert!(unread.is_empty());
 }

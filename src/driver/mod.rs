@@ -15,6 +15,7 @@
 //! connection is retired. `AnyDriver` picks one at run time, with a `match` per entry point.
 
 mod readiness;
+mod reads;
 #[cfg(all(target_os = "linux", feature = "uring"))]
 mod uring;
 
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use slotmap::SecondaryMap;
 
 use crate::cmd::Kind;
@@ -49,6 +50,8 @@ const BUDGET: u32 = 16;
 const MAX_IOV: usize = 64;
 /// The arena is refilled when less than this is left (or less than a whole chunk, if smaller).
 const MIN_ARENA: usize = 2048;
+/// What a connection keeps of bytes no read took is copied out of the arena up to this size.
+const SMALL_LEFTOVER: usize = 4096;
 /// How long a listener waits after a resource error (EMFILE and friends) before accepting again.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The sequence number of a listener's "resume accepting" timer; operations start at 1.
@@ -101,10 +104,55 @@ impl Late {
     }
 }
 
+/// A connection's flags (`ConnState::flags`), one bit each.
+type Flags = u16;
+
+/// A plain `ReadInternal` (no timer) that is the connection's only read, kept in `ConnState`
+/// instead of in the slab: an idle connection waiting for input then costs no slab entry. It
+/// runs where it is (`read_parked`), and moves to the read FIFO only when another read queues
+/// behind it (or on a listener, where it fails at once).
+const PARKED: Flags = 1 << 0;
+/// Readiness engine: the last event (or a new socket's assumption) says a read may make
+/// progress. io_uring engine: bytes, accepted sockets or an error wait in user space for the
+/// next read or accept.
+const READABLE: Flags = 1 << 1;
+/// Readiness engine: a write may make progress.
+const WRITABLE: Flags = 1 << 2;
+/// Readiness engine: a short read does not prove the socket drained: the peer hung up or the
+/// socket errored (no further edge would come to say otherwise), or no read has seen `EAGAIN`
+/// since registration (events that arrived before the poller knew the key were dropped, a
+/// hang-up among them). Cleared by `EAGAIN`, which proves the socket drained with no end of
+/// stream waiting, so any later arrival is a new edge.
+const HUP: Flags = 1 << 3;
+/// A read returned 0: every later read completes with `Eof` without a syscall.
+const EOF: Flags = 1 << 4;
+/// In the runnable list.
+const QUEUED: Flags = 1 << 5;
+/// A listening socket: only `Accept` can succeed on it, and only `Accept` fails on a stream
+/// (see `ConnState::misdirected`).
+const LISTENER: Flags = 1 << 6;
+/// Accepts failed for lack of descriptors or memory: no read runs until the `RESUME` timer
+/// ends the pause, whatever readiness events say meanwhile.
+const PAUSED: Flags = 1 << 7;
+/// io_uring engine: a receive (or the multishot accept, on a listener) is in the kernel.
+const ARMED: Flags = 1 << 8;
+/// io_uring engine: a send (or a connect's poll) is in the kernel.
+const SENDING: Flags = 1 << 9;
+/// io_uring engine: a cancel of what the kernel holds was asked for.
+const CANCELLING: Flags = 1 << 10;
+/// Free, Detach, a release or `close` waits for the kernel to give back what it holds
+/// (`Core::closing` says which); every command that reaches it meanwhile is refused.
+const CLOSING: Flags = 1 << 11;
+/// Bytes received and not taken by a read wait in `Core::leftover`: the next read of any
+/// kind is served from them first.
+const LEFTOVER: Flags = 1 << 12;
+/// What `LEFTOVER` holds is all the read at the head can use until more bytes arrive (a
+/// frame's beginning): the leftover alone does not make the connection runnable.
+const PARTIAL: Flags = 1 << 13;
+
 /// What the poller keeps per connection. Its size is most of what an idle connection costs
-/// (docs/benchmarks.md), hence the parked read and the millisecond progress stamps.
-// (The io_uring engine's fields are unused where it is not built.)
-#[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
+/// (docs/benchmarks.md), hence the parked read, the millisecond progress stamps and the flags
+/// packed in one word.
 pub(crate) struct ConnState {
     fd: OwnedFd,
     /// Pending operations, in `Driver::ops`.
@@ -114,45 +162,13 @@ pub(crate) struct ConnState {
     /// clones, the last one gets this one, so the connection is released (after the user
     /// drops it) only when nothing is pending.
     conn: Option<Conn>,
-    /// The tag of the parked read (see `parked`).
+    /// The tag of the parked read (see `PARKED`).
     parked_tag: u64,
     /// When bytes last moved in each direction (`Driver::stamp`), for idle timeouts.
     read_progress: u32,
     write_progress: u32,
-    /// A plain `ReadInternal` (no timer) that is the connection's only read, kept here
-    /// instead of in the slab: an idle connection waiting for input then costs no slab entry.
-    /// It runs where it is (`read_parked`), and moves to the read FIFO only when another read
-    /// queues behind it (or on a listener, where it fails at once).
-    parked: bool,
-    /// Readiness engine: the last event (or a new socket's assumption) says a read or a
-    /// write may make progress.
-    readable: bool,
-    writable: bool,
-    /// A short read does not prove the socket drained: the peer hung up or the socket
-    /// errored (no further edge would come to say otherwise), or no read has seen `EAGAIN`
-    /// since registration (events that arrived before the poller knew the key were dropped,
-    /// a hang-up among them). Cleared by `EAGAIN`, which proves the socket drained with no
-    /// end of stream waiting, so any later arrival is a new edge.
-    hup: bool,
-    /// A read returned 0: every later read completes with `Eof` without a syscall.
-    eof: bool,
-    /// In the runnable list.
-    queued: bool,
-    /// A listening socket: only `Accept` can succeed on it, and only `Accept` fails on a
-    /// stream (see `ConnState::misdirected`).
-    listener: bool,
-    /// Accepts failed for lack of descriptors or memory: no read runs until the `RESUME`
-    /// timer ends the pause, whatever readiness events say meanwhile.
-    paused: bool,
-    /// io_uring engine: a multishot receive (or accept, on a listener) is in the kernel.
-    armed: bool,
-    /// io_uring engine: a send (or a connect's poll) is in the kernel.
-    sending: bool,
-    /// io_uring engine: a cancel of what the kernel holds was asked for.
-    cancelling: bool,
-    /// Free, Detach, a release or `close` waits for the kernel to give back what it holds
-    /// (`Core::closing` says which); every command that reaches it meanwhile is refused.
-    closing: bool,
+    /// `PARKED`, `READABLE`, ...
+    flags: Flags,
 }
 
 impl ConnState {
@@ -165,19 +181,22 @@ impl ConnState {
             parked_tag: 0,
             read_progress: now,
             write_progress: now,
-            parked: false,
-            readable: true,
-            writable: true,
-            // Until a read sees EAGAIN: see the field.
-            hup: true,
-            eof: false,
-            queued: false,
-            listener: false,
-            paused: false,
-            armed: false,
-            sending: false,
-            cancelling: false,
-            closing: false,
+            // (`HUP` until a read sees EAGAIN: see the flag.)
+            flags: READABLE | WRITABLE | HUP,
+        }
+    }
+
+    #[inline(always)]
+    fn is(&self, flag: Flags) -> bool {
+        self.flags & flag != 0
+    }
+
+    #[inline(always)]
+    fn set(&mut self, flag: Flags, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
         }
     }
 
@@ -192,11 +211,11 @@ impl ConnState {
     /// It fails at once with the OS's error (`EINVAL`, `ENOTCONN`), so it runs without
     /// waiting for readiness that may never come.
     fn misdirected(&self, kind: &Kind) -> bool {
-        matches!(kind, Kind::Accept) != self.listener
+        matches!(kind, Kind::Accept) != self.is(LISTENER)
     }
 
     fn idle(&self) -> bool {
-        self.reads.is_empty() && self.writes.is_empty() && !self.parked
+        self.reads.is_empty() && self.writes.is_empty() && !self.is(PARKED)
     }
 
     /// The handle for the completion of an operation just taken out of its queue: a clone
@@ -212,10 +231,10 @@ impl ConnState {
 
     /// Takes the parked read out of its parking place, as the operation it stands for.
     fn take_parked(&mut self) -> Option<Pending> {
-        if !self.parked {
+        if !self.is(PARKED) {
             return None;
         }
-        self.parked = false;
+        self.set(PARKED, false);
         Some(Pending {
             kind: Kind::ReadInternal,
             done: 0,
@@ -238,7 +257,7 @@ impl ConnState {
         let plain = |p: &Pending| matches!(p.kind, Kind::ReadInternal) && !p.timed;
         if self.reads.is_single() && ops.front(&self.reads).is_some_and(plain) {
             let p = ops.pop_front(&mut self.reads).expect("front exists");
-            self.parked = true;
+            self.set(PARKED, true);
             self.parked_tag = p.tag;
         }
     }
@@ -420,6 +439,19 @@ impl Arena {
         self.buf.capacity() - self.buf.len()
     }
 
+    /// As `refill`, with room for `first` bytes before a useful read.
+    #[inline]
+    fn refill_for(&mut self, first: usize, stats: &mut Stats) {
+        let want = (first + self.chunk.min(MIN_ARENA)).min(self.chunk);
+        if self.spare() < want {
+            self.buf.clear();
+            if !self.buf.try_reclaim(self.chunk) {
+                self.buf = BytesMut::with_capacity(self.chunk);
+                stats.chunks_allocated += 1;
+            }
+        }
+    }
+
     /// The `n` bytes the last read got, as the internal read's buffer.
     #[inline]
     fn take(&mut self, n: usize) -> Buf {
@@ -511,6 +543,9 @@ pub(crate) struct Core {
     conns: SecondaryMap<Key, ConnState>,
     /// How connections in `closing` state end, once the kernel gave everything back.
     closing: HashMap<Key, Retire>,
+    /// Bytes received that no read took (the connection is marked `LEFTOVER`): a frame's
+    /// first part, what followed a frame, what the round's budget left.
+    leftover: HashMap<Key, Bytes>,
     /// Every connection's pending operations.
     ops: Slab<Pending>,
     /// Connections with work they can do now; entries past the round's start are next round's.
@@ -608,6 +643,8 @@ impl Core {
             skipped_wait: false,
             conns: SecondaryMap::new(),
             closing: HashMap::new(),
+            // (Sized so that the first connections to keep bytes do not grow it.)
+            leftover: HashMap::with_capacity(64),
             ops: Slab::new(),
             ready: Vec::new(),
             timers: BinaryHeap::new(),
@@ -634,11 +671,40 @@ impl Core {
     #[inline]
     fn mark(&mut self, id: Key, runnable: impl Fn(&ConnState, &Slab<Pending>) -> bool) {
         if let Some(st) = self.conns.get_mut(id) {
-            if !st.queued && runnable(st, &self.ops) {
-                st.queued = true;
+            if !st.is(QUEUED) && runnable(st, &self.ops) {
+                st.set(QUEUED, true);
                 self.ready.push(id);
             }
         }
+    }
+
+    /// Takes the bytes connection `id` kept (see `LEFTOVER`).
+    fn take_leftover(
+        leftover: &mut HashMap<Key, Bytes>,
+        id: Key,
+        st: &mut ConnState,
+    ) -> Option<Bytes> {
+        if !st.is(LEFTOVER) {
+            return None;
+        }
+        st.set(LEFTOVER, false);
+        leftover.remove(&id)
+    }
+
+    /// Keeps `rest` (bytes no read took) for connection `id`'s next reads. A small rest is
+    /// copied out of the arena, so that an idle connection pins no arena chunk.
+    fn keep_leftover(leftover: &mut HashMap<Key, Bytes>, id: Key, st: &mut ConnState, rest: Bytes) {
+        st.set(PARTIAL, false);
+        if rest.is_empty() {
+            return;
+        }
+        let rest = if rest.len() <= SMALL_LEFTOVER {
+            Bytes::copy_from_slice(&rest)
+        } else {
+            rest
+        };
+        st.set(LEFTOVER, true);
+        leftover.insert(id, rest);
     }
 
     fn remove(&mut self, id: Key) -> Option<ConnState> {
@@ -666,6 +732,7 @@ impl Core {
                 self.sink.complete(&mut st, p, Err(err()), None);
             }
         }
+        let unread = Core::take_leftover(&mut self.leftover, id, &mut st).unwrap_or_default();
         let fd = st.fd;
         match how {
             Retire::Free(conn, tag) => {
@@ -678,7 +745,15 @@ impl Core {
                 if let Some(selector) = &self.shared.selector {
                     let _ = selector.deregister(fd.as_raw_fd());
                 }
-                self.sink.post(conn, Op::Detach, tag, Buf::Fd(fd));
+                let n = unread.len();
+                self.sink.push(Completion {
+                    conn,
+                    op: Op::Detach,
+                    tag,
+                    buf: Buf::Fd(fd, unread),
+                    n,
+                    result: Ok(()),
+                });
             }
             Retire::Close => drop(fd),
             Retire::Release => {
@@ -962,7 +1037,7 @@ impl<E: Engine> Driver<E> {
                 } => {
                     let core = &mut self.core;
                     let mut st = ConnState::new(fd, stamp(core.epoch, core.now));
-                    st.listener = listener;
+                    st.set(LISTENER, listener);
                     core.conns.insert(id, st);
                     core.sink.stats.connections += 1;
                     self.engine.register(id);
@@ -1011,7 +1086,7 @@ impl<E: Engine> Driver<E> {
         let Some(st) = self.core.conns.get_mut(id) else {
             return false;
         };
-        if st.closing {
+        if st.is(CLOSING) {
             // (Only `close` can come twice: it then settles as it was going to, with
             // `WatcherClosed` for what is still pending.)
             if let Retire::Close = how {
@@ -1024,7 +1099,7 @@ impl<E: Engine> Driver<E> {
             return false;
         }
         if self.engine.busy(st) {
-            st.closing = true;
+            st.set(CLOSING, true);
             self.engine.cancel(id, st);
             self.core.closing.insert(id, how);
             return true;
@@ -1054,7 +1129,7 @@ impl<E: Engine> Driver<E> {
     fn enqueue(&mut self, id: Key, conn: Conn, cmd: Cmd) {
         let core = &mut self.core;
         let st = match core.conns.get_mut(id) {
-            Some(st) if !st.closing => st,
+            Some(st) if !st.is(CLOSING) => st,
             _ => return core.sink.reject(conn, cmd, Error::Freed),
         };
         let Cmd {
@@ -1072,14 +1147,19 @@ impl<E: Engine> Driver<E> {
             st.conn = Some(conn);
         }
         let dir = Dir::of(&kind);
+        if dir == Dir::Read {
+            // A new read may take bytes the head could not (a `Read` after a frame's
+            // beginning): look again.
+            st.set(PARTIAL, false);
+        }
         let stats = &mut core.sink.stats;
         match dir {
             Dir::Read => stats.reads_in_flight += 1,
             Dir::Write => stats.writes_in_flight += 1,
         }
         let timed = deadline.is_some() || idle.is_some();
-        if !timed && matches!(kind, Kind::ReadInternal) && st.reads.is_empty() && !st.parked {
-            st.parked = true;
+        if !timed && matches!(kind, Kind::ReadInternal) && st.reads.is_empty() && !st.is(PARKED) {
+            st.set(PARKED, true);
             st.parked_tag = tag;
         } else {
             if dir == Dir::Read {
@@ -1131,7 +1211,7 @@ impl<E: Engine> Driver<E> {
             let Some(st) = core.conns.get_mut(id) else {
                 continue;
             };
-            st.queued = false;
+            st.set(QUEUED, false);
             let moved = (core.sink.stats.bytes_read, core.sink.stats.bytes_written);
             self.engine.run(core, id);
             let Some(st) = core.conns.get_mut(id) else {
@@ -1171,12 +1251,12 @@ impl<E: Engine> Driver<E> {
             let Some(st) = core.conns.get_mut(t.id) else {
                 continue;
             };
-            if st.closing {
+            if st.is(CLOSING) {
                 continue;
             }
             if t.seq == RESUME {
-                st.paused = false;
-                st.readable = true;
+                st.set(PAUSED, false);
+                st.set(READABLE, true);
                 let engine = &self.engine;
                 core.mark(t.id, |st, ops| engine.runnable(st, ops));
                 continue;
@@ -1360,7 +1440,7 @@ fn write_buf(p: &Pending) -> &[u8] {
 /// would take a failed connect's error from the socket, and the connect would then never
 /// learn it.
 fn reads_held(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    st.paused || matches!(write_head(st, ops), Some(Kind::Connect))
+    st.is(PAUSED) || matches!(write_head(st, ops), Some(Kind::Connect))
 }
 
 fn write_head<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {

@@ -3,7 +3,10 @@
 //! writable, and its operations run until `EAGAIN` (or their budget), straight into the
 //! caller's buffers or the shared arena.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
+
+use bytes::Bytes;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::thread;
@@ -12,8 +15,9 @@ use std::time::Duration;
 use slotmap::KeyData;
 
 use super::{
-    is_resource_error, reads_held, write_buf, write_head, Arena, ConnState, Core, Engine, Pending,
-    Sink, BUDGET, MAX_IOV,
+    is_resource_error, reads, reads_held, write_buf, write_head, Arena, ConnState, Core, Engine,
+    Pending, Sink, BUDGET, EOF, HUP, LEFTOVER, LISTENER, MAX_IOV, MIN_ARENA, PARKED, PARTIAL,
+    PAUSED, READABLE, WRITABLE,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
@@ -52,22 +56,32 @@ impl Engine for Readiness {
             ops,
             sink,
             arena,
+            leftover,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
             return;
         };
+        let mut budget = BUDGET;
+        // Bytes the connection kept go to its reads first, in order.
+        if st.is(LEFTOVER) && !reads_held(st, ops) {
+            let kept = Core::take_leftover(leftover, id, st).expect("LEFTOVER");
+            let rest = reads::serve(st, ops, sink, arena.chunk, kept, &mut budget);
+            Core::keep_leftover(leftover, id, st, rest);
+            // What is left waits for more bytes, unless the budget cut the serving short.
+            st.set(PARTIAL, st.is(LEFTOVER) && budget > 0);
+        }
         // A parked read is the connection's only read (the read FIFO is empty).
-        let paused = if st.parked && !st.listener {
+        let paused = if st.is(PARKED) && !st.is(LISTENER) {
             // The common case, an idle connection's one read: run it in place.
-            if (st.readable || st.eof) && !reads_held(st, ops) {
+            if (st.is(READABLE) || st.is(EOF)) && !reads_held(st, ops) && budget > 0 {
                 read_parked(st, sink, arena);
             }
             false
         } else {
             // (On a listener a parked read, a `ReadInternal`, fails at once.)
             st.unpark(ops);
-            let paused = do_reads(st, ops, sink, arena);
+            let paused = do_reads(id, st, ops, sink, arena, leftover, &mut budget);
             st.park(ops);
             paused
         };
@@ -95,9 +109,15 @@ impl Engine for Readiness {
             let Some(st) = core.conns.get_mut(id) else {
                 continue;
             };
-            st.readable |= ev.readable;
-            st.writable |= ev.writable;
-            st.hup |= ev.hup;
+            if ev.readable {
+                st.set(READABLE, true)
+            }
+            if ev.writable {
+                st.set(WRITABLE, true)
+            }
+            if ev.hup {
+                st.set(HUP, true)
+            }
             core.mark(id, runnable);
         }
     }
@@ -114,40 +134,81 @@ fn arena_recv(
     (sys::recv_spare(fd, &mut arena.buf, max), max)
 }
 
-/// Runs the read FIFO (a parked read moved into it first, by the caller). Returns `true` if a
-/// listener hit a resource limit and must pause.
+/// Runs the read FIFO (a parked read moved into it first, by the caller), within what is
+/// left of the round's `budget`. Returns `true` if a listener hit a resource limit and must
+/// pause.
 fn do_reads(
+    id: Key,
     st: &mut ConnState,
     ops: &mut Slab<Pending>,
     sink: &mut Sink,
     arena: &mut Arena,
+    leftover: &mut HashMap<Key, Bytes>,
+    budget: &mut u32,
 ) -> bool {
     if reads_held(st, ops) {
         return false;
     }
-    let mut budget = BUDGET;
     while let Some(p) = ops.front_mut(&st.reads) {
-        if st.eof {
-            let p = ops.pop_front(&mut st.reads).expect("front exists");
-            sink.complete(st, p, Err(Error::Eof), None);
-            continue;
-        }
-        if (!st.readable && !st.misdirected(&p.kind)) || budget == 0 {
+        if st.is(EOF) {
+            let partial = Core::take_leftover(leftover, id, st);
+            reads::end(st, ops, sink, partial);
             break;
         }
-        budget -= 1;
+        if (!st.is(READABLE) && !st.misdirected(&p.kind)) || *budget == 0 {
+            break;
+        }
+        if matches!(p.kind, Kind::ReadFrame(_) | Kind::ReadFrames(..)) {
+            // A framed read: into the arena, after the bytes of a frame begun earlier.
+            let kept = Core::take_leftover(leftover, id, st);
+            let fd = st.fd.as_fd();
+            let (res, asked, bytes) = arena_recv_after(arena, fd, kept, &mut sink.stats);
+            match read_outcome(st, res, asked, &mut sink.stats) {
+                // Drained: what was kept is kept.
+                None => Core::keep_leftover(leftover, id, st, bytes),
+                Some(Ok(_)) => {
+                    let before = *budget;
+                    let rest = reads::serve(st, ops, sink, arena.chunk, bytes, budget);
+                    Core::keep_leftover(leftover, id, st, rest);
+                    st.set(PARTIAL, st.is(LEFTOVER) && *budget > 0);
+                    if *budget == before {
+                        // (A syscall's worth of the budget, even when no frame completed:
+                        // a peer trickling bytes gets its share, not more.)
+                        *budget -= 1;
+                    }
+                }
+                Some(Err(Error::Eof)) => {
+                    reads::end(st, ops, sink, (!bytes.is_empty()).then_some(bytes));
+                    break;
+                }
+                Some(Err(e)) => {
+                    Core::keep_leftover(leftover, id, st, bytes);
+                    let p = ops.pop_front(&mut st.reads).expect("front exists");
+                    *budget -= 1;
+                    sink.complete(st, p, Err(e), None);
+                }
+            }
+            continue;
+        }
+        *budget -= 1;
         let fd = st.fd.as_fd();
         let (res, asked) = match &mut p.kind {
             Kind::Read(buf) => (sys::recv(fd, &mut buf[..]), buf.len()),
             Kind::ReadFull(buf) => (sys::recv(fd, &mut buf[p.done..]), buf.len() - p.done),
             Kind::ReadInternal => arena_recv(arena, fd, &mut sink.stats),
-            Kind::Write(_) | Kind::Connect | Kind::Shutdown | Kind::Free | Kind::Detach => {
-                unreachable!("only reads and accepts wait in the read FIFO")
+            Kind::ReadFrame(_)
+            | Kind::ReadFrames(..)
+            | Kind::Write(_)
+            | Kind::Connect
+            | Kind::Shutdown
+            | Kind::Free
+            | Kind::Detach => {
+                unreachable!("framed reads are handled above; writes wait in the write FIFO")
             }
             Kind::Accept => {
                 let result = sys::accept(fd);
                 if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                    st.readable = false;
+                    st.set(READABLE, false);
                     continue;
                 }
                 let pause = matches!(&result, Err(e) if is_resource_error(e));
@@ -158,8 +219,8 @@ fn do_reads(
                     // Until the pause ends: a readiness event collected after this failure
                     // (the connection that made the listener readable arrived before it)
                     // must not start a second round of attempts.
-                    st.paused = true;
-                    st.readable = false;
+                    st.set(PAUSED, true);
+                    st.set(READABLE, false);
                     return true;
                 }
                 continue;
@@ -194,6 +255,41 @@ fn do_reads(
     false
 }
 
+/// One read from `fd` into the arena, after `kept` (the first bytes of a frame, read
+/// earlier), so that the frame is one slice: the result, how much it asked for, and the
+/// bytes (`kept` and what arrived; on failure `kept` alone). `kept` is copied (it is small,
+/// or the frame is large and its bytes get a buffer of their own).
+fn arena_recv_after(
+    arena: &mut Arena,
+    fd: BorrowedFd<'_>,
+    kept: Option<Bytes>,
+    stats: &mut Stats,
+) -> (io::Result<usize>, usize, Bytes) {
+    let kept = kept.unwrap_or_default();
+    if kept.len() + MIN_ARENA > arena.chunk {
+        // A frame longer than a chunk: a buffer of its own, room for another chunk.
+        let mut own = bytes::BytesMut::with_capacity(kept.len() + arena.chunk);
+        own.extend_from_slice(&kept);
+        let res = sys::recv_spare(fd, &mut own, arena.chunk);
+        let bytes = match res {
+            Ok(_) => own.freeze(),
+            Err(_) => kept,
+        };
+        return (res, arena.chunk, bytes);
+    }
+    // (Room for the kept bytes and a useful read after them.)
+    arena.refill_for(kept.len(), stats);
+    arena.buf.extend_from_slice(&kept);
+    let max = arena.spare().min(arena.chunk);
+    let res = sys::recv_spare(fd, &mut arena.buf, max);
+    let got = *res.as_ref().unwrap_or(&0);
+    let bytes = arena.buf.split_to(kept.len() + got).freeze();
+    match res {
+        Ok(_) => (res, max, bytes),
+        Err(_) => (res, max, kept),
+    }
+}
+
 /// What one `recv` of `asked` bytes means for the read that made it, with the connection's
 /// flags and counters updated: `Some(Ok(n))` bytes arrived (n > 0), `Some(Err(..))` the read
 /// ends (end of stream, an error), `None` the socket is drained and the read waits.
@@ -205,21 +301,21 @@ fn read_outcome(
 ) -> Option<Result<usize, Error>> {
     match res {
         Ok(0) => {
-            st.eof = true;
+            st.set(EOF, true);
             Some(Err(Error::Eof))
         }
         Ok(n) => {
             stats.bytes_read += n as u64;
             // A short read drained the socket; the next arrival is a new edge. After a
             // hang-up no edge will come, so keep reading until the socket says EOF.
-            if n < asked && !st.hup {
-                st.readable = false;
+            if n < asked && !st.is(HUP) {
+                st.set(READABLE, false);
             }
             Some(Ok(n))
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            st.readable = false;
-            st.hup = false;
+            st.set(READABLE, false);
+            st.set(HUP, false);
             None
         }
         Err(e) => Some(Err(Error::Io(e))),
@@ -231,7 +327,7 @@ fn read_outcome(
 /// chat server, so the common case. The caller checked that it may run (not a listener,
 /// readable or at end of stream, reads not held).
 fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena) {
-    let outcome = if st.eof {
+    let outcome = if st.is(EOF) {
         Some(Err(Error::Eof))
     } else {
         let (res, asked) = arena_recv(arena, st.fd.as_fd(), &mut sink.stats);
@@ -278,13 +374,15 @@ fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result
 fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
     let next_read = match ops.front(&st.reads) {
         Some(p) => Some(&p.kind),
-        None if st.parked => Some(&Kind::ReadInternal),
+        None if st.is(PARKED) => Some(&Kind::ReadInternal),
         None => None,
     };
-    let reads = next_read.is_some_and(|k| st.readable || st.eof || st.misdirected(k))
+    let kept = st.is(LEFTOVER) && !st.is(PARTIAL);
+    let reads = next_read
+        .is_some_and(|k| st.is(READABLE) || st.is(EOF) || kept || st.misdirected(k))
         && !reads_held(st, ops);
     let head = write_head(st, ops);
-    let writes = head.is_some() && (st.writable || matches!(head, Some(Kind::Shutdown)));
+    let writes = head.is_some() && (st.is(WRITABLE) || matches!(head, Some(Kind::Shutdown)));
     reads || writes
 }
 
@@ -294,7 +392,7 @@ fn shutdown_at_head(st: &ConnState, ops: &Slab<Pending>) -> bool {
 
 fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
     let mut budget = BUDGET;
-    while budget > 0 && (st.writable || shutdown_at_head(st, ops)) {
+    while budget > 0 && (st.is(WRITABLE) || shutdown_at_head(st, ops)) {
         let Some(head) = ops.front(&st.writes) else {
             break;
         };
@@ -310,7 +408,7 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
         };
         if let Some(r) = special {
             match r {
-                Ok(false) => st.writable = false,
+                Ok(false) => st.set(WRITABLE, false),
                 Ok(true) => {
                     let p = ops.pop_front(&mut st.writes).expect("front exists");
                     sink.complete(st, p, Ok(()), None);
@@ -328,11 +426,11 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
                 sink.stats.bytes_written += n as u64;
                 // A short write filled the socket buffer; EPOLLOUT comes when it drains.
                 if n < asked {
-                    st.writable = false;
+                    st.set(WRITABLE, false);
                 }
                 Core::advance_writes(st, ops, sink, n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.writable = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.set(WRITABLE, false),
             Err(e) => {
                 let p = ops.pop_front(&mut st.writes).expect("front exists");
                 sink.complete(st, p, Err(Error::Io(e)), None);

@@ -32,15 +32,16 @@ use bytes::{Bytes, BytesMut};
 use slotmap::{Key as _, KeyData};
 
 use super::{
-    is_resource_error, reads_held, stamp, write_head, Arena, ConnState, Core, Engine, Pending,
-    Sink, BUDGET,
+    is_resource_error, reads, reads_held, stamp, write_head, Arena, ConnState, Core, Engine,
+    Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING, EOF, LEFTOVER, LISTENER, PARKED,
+    PARTIAL, PAUSED, READABLE, SENDING,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
 use crate::fifo::Slab;
 use crate::shared::Shared;
 use crate::sys::uring::{Cqe, Op, Ring, SendSlot, Setup, MAX_IOV};
-use crate::{sys, Buf, Error, Unavailable};
+use crate::{sys, Error, Unavailable};
 
 /// Sockets a listener accepts ahead of its `Accept` commands, at most.
 const ACCEPT_BACKLOG: usize = 64;
@@ -51,9 +52,6 @@ pub(crate) struct Uring {
     /// The version of the key in each slot index: a completion's user data carries only the
     /// index (a slot is never reused while the kernel holds something of its connection).
     versions: Vec<u32>,
-    /// Bytes received that no read has taken yet (the connection is marked `readable`): a
-    /// slice of the arena, like an internal read's buffer.
-    buffered: HashMap<Key, Bytes>,
     /// Sockets accepted ahead of the listener's accepts (the listener is marked `readable`).
     accepted: HashMap<Key, VecDeque<OwnedFd>>,
     /// An error a receive or an accept ended with, for the next read or accept.
@@ -78,7 +76,6 @@ impl Uring {
         Ok(Uring {
             ring,
             versions: Vec::new(),
-            buffered: HashMap::with_capacity(64),
             accepted: HashMap::with_capacity(4),
             errors: HashMap::with_capacity(4),
             cancels: Vec::with_capacity(64),
@@ -102,7 +99,7 @@ fn idx_of(id: Key) -> u32 {
 fn next_read<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {
     match ops.front(&st.reads) {
         Some(p) => Some(&p.kind),
-        None if st.parked => Some(&Kind::ReadInternal),
+        None if st.is(PARKED) => Some(&Kind::ReadInternal),
         None => None,
     }
 }
@@ -122,7 +119,7 @@ impl Engine for Uring {
     }
 
     fn runnable(&self, st: &ConnState, ops: &Slab<Pending>) -> bool {
-        if st.closing {
+        if st.is(CLOSING) {
             return false;
         }
         runnable(st, ops)
@@ -135,6 +132,7 @@ impl Engine for Uring {
             sink,
             arena,
             epoch,
+            leftover,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
@@ -146,30 +144,32 @@ impl Engine for Uring {
         if !reads_held(st, ops) {
             st.unpark(ops);
             let completed = sink.made;
-            pause = self.serve_reads(id, st, ops, sink, arena);
+            pause = self.serve_reads(id, st, ops, sink, arena, leftover);
             st.park(ops);
             if sink.made != completed {
                 // Bytes read ahead reached reads now: that is progress too (an idle timeout
                 // counts from it), as a read of the socket would be on epoll.
                 st.read_progress = stamp(*epoch, std::time::Instant::now());
             }
-            if next_read(st, ops).is_some() && !st.armed && !st.eof && !st.readable && !pause {
+            // Bytes kept that no read can use yet (a frame's beginning) do not stop a receive.
+            let waiting = st.is(READABLE) || (st.is(LEFTOVER) && !st.is(PARTIAL));
+            if next_read(st, ops).is_some() && !st.is(ARMED) && !st.is(EOF) && !waiting && !pause {
                 if matches!(next_read(st, ops), Some(Kind::Accept)) {
                     self.ring.accept_multi(fd, idx);
                 } else {
                     self.ring.recv(fd, idx, wanted(st, ops, arena.chunk));
                 }
-                st.armed = true;
+                st.set(ARMED, true);
             }
         }
-        while !st.sending {
+        while !st.is(SENDING) {
             let Some(head) = ops.front(&st.writes) else {
                 break;
             };
             match head.kind {
                 Kind::Connect => {
                     self.ring.poll_out(fd, idx);
-                    st.sending = true;
+                    st.set(SENDING, true);
                 }
                 Kind::Shutdown => {
                     let r = sys::shutdown_write(st.fd.as_fd());
@@ -188,12 +188,12 @@ impl Engine for Uring {
                         _ => false,
                     });
                     self.ring.send(fd, idx, scratch.drain(..));
-                    st.sending = true;
+                    st.set(SENDING, true);
                 }
             }
         }
         if pause {
-            st.paused = true;
+            st.set(PAUSED, true);
             core.pause_accepts(id);
         }
     }
@@ -209,17 +209,23 @@ impl Engine for Uring {
     }
 
     fn busy(&self, st: &ConnState) -> bool {
-        st.armed || st.sending
+        st.is(ARMED) || st.is(SENDING)
     }
 
     fn cancel(&mut self, id: Key, st: &mut ConnState) {
         let idx = idx_of(id);
-        if st.armed && !st.cancelling {
-            st.cancelling = true;
-            self.ring
-                .cancel(if st.listener { Op::Accept } else { Op::Recv }, idx);
+        if st.is(ARMED) && !st.is(CANCELLING) {
+            st.set(CANCELLING, true);
+            self.ring.cancel(
+                if st.is(LISTENER) {
+                    Op::Accept
+                } else {
+                    Op::Recv
+                },
+                idx,
+            );
         }
-        if st.sending {
+        if st.is(SENDING) {
             // (A timer may have cancelled it already: a second cancel finds nothing.)
             self.ring.cancel(Op::Send, idx);
             self.ring.cancel(Op::Poll, idx);
@@ -227,7 +233,7 @@ impl Engine for Uring {
     }
 
     fn hold(&mut self, id: Key, st: &mut ConnState, ops: &mut Slab<Pending>, _seq: u64) -> bool {
-        if !st.sending {
+        if !st.is(SENDING) {
             return false;
         }
         match write_head(st, ops) {
@@ -299,7 +305,6 @@ impl Uring {
         let Uring {
             ring,
             versions,
-            buffered,
             accepted,
             errors,
             cancels,
@@ -316,7 +321,6 @@ impl Uring {
             };
             let id: Key = KeyData::from_ffi(u64::from(version) << 32 | u64::from(cqe.idx)).into();
             let mut parts = Parts {
-                buffered,
                 rearms,
                 fed,
                 accepted,
@@ -348,7 +352,6 @@ impl Uring {
         };
         let now = stamp(core.epoch, core.now);
         let mut parts = Parts {
-            buffered: &mut self.buffered,
             rearms: &mut self.rearms,
             fed: &mut self.fed,
             accepted: &mut self.accepted,
@@ -376,14 +379,16 @@ impl Uring {
         ops: &mut Slab<Pending>,
         sink: &mut Sink,
         arena: &mut Arena,
+        leftover: &mut HashMap<Key, Bytes>,
     ) -> bool {
         // The round's share, less what the completions at hand already took.
         let mut budget = self.fed.get(&id).copied().unwrap_or(BUDGET);
-        let pause = self.serve(id, st, ops, sink, arena, &mut budget);
+        let pause = self.serve(id, st, ops, sink, arena, leftover, &mut budget);
         self.fed.insert(id, budget);
         pause
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn serve(
         &mut self,
         id: Key,
@@ -391,19 +396,21 @@ impl Uring {
         ops: &mut Slab<Pending>,
         sink: &mut Sink,
         arena: &mut Arena,
+        leftover: &mut HashMap<Key, Bytes>,
         budget: &mut u32,
     ) -> bool {
         loop {
-            let Some(p) = ops.front(&st.reads) else {
+            let Some(head) = next_read(st, ops) else {
                 return false;
             };
             if *budget == 0 {
                 return false; // the rest next round
             }
-            let accept = matches!(p.kind, Kind::Accept);
-            if accept != st.listener {
+            let accept = matches!(head, Kind::Accept);
+            if accept != st.is(LISTENER) {
                 // An accept on a stream, a read on a listener: what epoll's system calls say.
                 let errno = if accept { libc::EINVAL } else { libc::ENOTCONN };
+                st.unpark(ops);
                 let p = ops.pop_front(&mut st.reads).expect("front exists");
                 let e = io::Error::from_raw_os_error(errno);
                 sink.complete(st, p, Err(Error::Io(e)), None);
@@ -423,38 +430,52 @@ impl Uring {
                     let listener = st.handle();
                     sink.accepted.push((p, listener, Err(e)));
                     if pause {
-                        st.readable = self.accepted.get(&id).is_some_and(|q| !q.is_empty());
+                        st.set(
+                            READABLE,
+                            self.accepted.get(&id).is_some_and(|q| !q.is_empty()),
+                        );
                         return true;
                     }
                     continue;
                 }
-                st.readable = false;
+                st.set(READABLE, false);
                 return false;
             }
-            if st.armed && self.buffered.contains_key(&id) {
+            if st.is(ARMED) && st.is(LEFTOVER) {
                 return false; // a receive tops the bytes up: the reads wait for it
             }
-            if let Some(buf) = self.buffered.get_mut(&id) {
-                feed_buffered(st, ops, sink, buf, arena.chunk, budget);
-                if buf.is_empty() {
-                    self.buffered.remove(&id);
-                } else {
-                    // No read wants more, or the round's budget is spent: what is left
-                    // waits.
-                    return false;
+            if let Some(kept) = Core::take_leftover(leftover, id, st) {
+                let before = sink.made;
+                let rest = reads::serve(st, ops, sink, arena.chunk, kept, budget);
+                Core::keep_leftover(leftover, id, st, rest);
+                if st.is(LEFTOVER) {
+                    // No read can use what is left yet (or the budget is spent): it waits,
+                    // or, at the end of the stream, goes to the reads as partial bytes.
+                    st.set(PARTIAL, *budget > 0);
+                    if *budget == 0 {
+                        return false;
+                    }
+                    if sink.made == before {
+                        if st.is(EOF) {
+                            let partial = Core::take_leftover(leftover, id, st);
+                            reads::end(st, ops, sink, partial);
+                        }
+                        return false;
+                    }
                 }
                 continue;
             }
             if let Some(e) = self.errors.remove(&id) {
+                st.set(READABLE, false);
+                st.unpark(ops);
                 let p = ops.pop_front(&mut st.reads).expect("front exists");
                 sink.complete(st, p, Err(Error::Io(e)), None);
                 continue;
             }
-            st.readable = false;
-            if st.eof {
-                let p = ops.pop_front(&mut st.reads).expect("front exists");
-                sink.complete(st, p, Err(Error::Eof), None);
-                continue;
+            st.set(READABLE, false);
+            if st.is(EOF) {
+                let partial = Core::take_leftover(leftover, id, st);
+                reads::end(st, ops, sink, partial);
             }
             return false;
         }
@@ -463,7 +484,6 @@ impl Uring {
 
 /// The parts of the engine a completion updates (the ring itself being busy delivering it).
 struct Parts<'a> {
-    buffered: &'a mut HashMap<Key, Bytes>,
     rearms: &'a mut Vec<(std::os::fd::RawFd, u32, u32)>,
     fed: &'a mut HashMap<Key, u32>,
     accepted: &'a mut HashMap<Key, VecDeque<OwnedFd>>,
@@ -516,6 +536,8 @@ impl Parts<'_> {
             ops,
             sink,
             arena,
+            leftover,
+            closing,
             ..
         } = &mut *core;
         let Some(st) = conns.get_mut(id) else {
@@ -525,51 +547,64 @@ impl Parts<'_> {
         match op {
             Op::Recv => {
                 if !more {
-                    st.armed = false;
+                    st.set(ARMED, false);
                 }
                 if let Some(data) = data {
                     sink.stats.bytes_read += data.len() as u64;
                     st.read_progress = now;
-                    if st.closing {
+                    if st.is(CLOSING) {
                         // Read before the cancel took effect, for a connection that goes:
-                        // nobody will read these.
+                        // nobody will read these, unless the socket is handed back, with
+                        // the bytes taken from it.
+                        if let Some(Retire::Detach(..)) = closing.get(&id) {
+                            let kept = Core::take_leftover(leftover, id, st).unwrap_or_default();
+                            let bytes = arena.concat(&[&kept, data], &mut sink.stats);
+                            Core::keep_leftover(leftover, id, st, bytes);
+                        }
                         return self.settle_if_done(core, id);
                     }
                     let want = wanted(st, ops, arena.chunk) as usize;
                     // (An internal read is topped up; a read into a caller's buffer takes
                     // what came, as a short read of the socket would give it.)
                     let internal = matches!(next_read(st, ops), Some(Kind::ReadInternal));
-                    match self.buffered.get_mut(&id) {
-                        // Older bytes wait: these go behind them.
-                        Some(buf) => *buf = arena.concat(&[buf, data], &mut sink.stats),
-                        // The receive stopped short of what an internal read wants (at the end
-                        // of a buffer consumed incrementally, say) though more bytes are
-                        // there: take those too before the read sees any, so that bytes that
-                        // arrived together are read together, as one read of the socket would.
-                        None if nonempty && data.len() < want && internal && !st.armed => {
-                            let part = arena.concat(&[data], &mut sink.stats);
-                            self.buffered.insert(id, part);
-                        }
-                        None => {
-                            let budget = self.fed.entry(id).or_insert(BUDGET);
-                            let n = feed(st, ops, sink, arena, data, budget);
-                            if n < data.len() {
-                                let rest = arena.concat(&[&data[n..]], &mut sink.stats);
-                                self.buffered.insert(id, rest);
-                            }
-                        }
+                    let budget = self.fed.entry(id).or_insert(BUDGET);
+                    let kept = Core::take_leftover(leftover, id, st);
+                    let mut data = data;
+                    if kept.is_none() {
+                        // Reads into callers' buffers take their bytes straight from here.
+                        let n = reads::copy_into(st, ops, sink, data, budget);
+                        data = &data[n..];
                     }
-                    if let Some(buf) = self.buffered.get(&id) {
-                        st.readable = true;
-                        if nonempty && buf.len() < want && internal && !st.armed {
-                            // Top it up at once (the reads wait for that receive).
-                            let more = (want - buf.len()).min(u32::MAX as usize) as u32;
+                    let total = kept.as_ref().map_or(0, Bytes::len) + data.len();
+                    if total > 0 {
+                        // Into the arena (after the bytes kept), for internal reads' slices
+                        // and frames, or to wait for the next read.
+                        let kept = kept.unwrap_or_default();
+                        let bytes = arena.concat(&[&kept, data], &mut sink.stats);
+                        if nonempty && total < want && internal && !st.is(ARMED) {
+                            // The receive stopped short of what an internal read wants (at
+                            // the end of a buffer consumed incrementally, say) though more
+                            // bytes are there: take those too before the read sees any, so
+                            // that bytes that arrived together are read together, as one
+                            // read of the socket would. The read waits for that receive.
+                            // (Kept as they are, not copied out of the arena: the receive
+                            // is on its way.)
+                            st.set(LEFTOVER, true);
+                            st.set(PARTIAL, false);
+                            leftover.insert(id, bytes);
+                            let more = (want - total).min(u32::MAX as usize) as u32;
                             self.rearms.push((st.fd.as_raw_fd(), idx, more));
-                            st.armed = true;
+                            st.set(ARMED, true);
+                        } else {
+                            let rest = reads::serve(st, ops, sink, arena.chunk, bytes, budget);
+                            Core::keep_leftover(leftover, id, st, rest);
+                            // What is left waits for more bytes, unless the budget cut the
+                            // serving short.
+                            st.set(PARTIAL, st.is(LEFTOVER) && *budget > 0);
                         }
                     }
                 } else if res == 0 {
-                    st.eof = true;
+                    st.set(EOF, true);
                 } else if res < 0 {
                     let errno = -res;
                     // ENOBUFS (no provided buffer: the bytes wait in the socket; the buffers
@@ -582,35 +617,35 @@ impl Parts<'_> {
                         self.errors
                             .entry(id)
                             .or_insert_with(|| io::Error::from_raw_os_error(errno));
-                        st.readable = true;
+                        st.set(READABLE, true);
                     }
                 }
-                if !st.armed {
-                    st.cancelling = false;
+                if !st.is(ARMED) {
+                    st.set(CANCELLING, false);
                 }
             }
             Op::Accept => {
                 if !more {
-                    st.armed = false;
-                    st.cancelling = false;
+                    st.set(ARMED, false);
+                    st.set(CANCELLING, false);
                 }
                 if let Some(fd) = accepted {
                     let q = self.accepted.entry(id).or_default();
                     q.push_back(fd);
-                    st.readable = true;
-                    if q.len() >= ACCEPT_BACKLOG && st.armed && !st.cancelling {
-                        st.cancelling = true;
+                    st.set(READABLE, true);
+                    if q.len() >= ACCEPT_BACKLOG && st.is(ARMED) && !st.is(CANCELLING) {
+                        st.set(CANCELLING, true);
                         self.cancels.push((Op::Accept, idx));
                     }
                 } else if res < 0 && !matches!(-res, libc::ECANCELED | libc::EAGAIN | libc::EINTR) {
                     self.errors
                         .entry(id)
                         .or_insert_with(|| io::Error::from_raw_os_error(-res));
-                    st.readable = true;
+                    st.set(READABLE, true);
                 }
             }
             Op::Send => {
-                st.sending = false;
+                st.set(SENDING, false);
                 // The buffers come back to their writes, first to last.
                 let (mut back, mut i) = (sent, 0);
                 ops.walk_mut(&st.writes, |p| match (&mut p.kind, back.take(i)) {
@@ -647,7 +682,7 @@ impl Parts<'_> {
                 }
             }
             Op::Poll => {
-                st.sending = false;
+                st.set(SENDING, false);
                 if matches!(write_head(st, ops), Some(Kind::Connect)) && res >= 0 {
                     match sys::connect_finished(st.fd.as_fd()) {
                         Ok(false) => {} // a stale wake-up: polled again
@@ -664,7 +699,7 @@ impl Parts<'_> {
             }
             Op::Cancel | Op::Wake => {}
         }
-        if st.closing {
+        if st.is(CLOSING) {
             return self.settle_if_done(core, id);
         }
         core.mark(id, runnable);
@@ -675,11 +710,10 @@ impl Parts<'_> {
         let Some(st) = core.conns.get(id) else {
             return;
         };
-        if st.armed || st.sending {
+        if st.is(ARMED) || st.is(SENDING) {
             return;
         }
         if let Some(how) = core.closing.remove(&id) {
-            self.buffered.remove(&id);
             self.accepted.remove(&id);
             self.errors.remove(&id);
             core.settle(id, how);
@@ -691,7 +725,7 @@ impl Parts<'_> {
 /// waits in user space that no read asked for): a read into a caller's buffer its length, a
 /// read-full what is missing, an internal read a chunk; at most 4 GiB.
 fn wanted(st: &ConnState, ops: &Slab<Pending>, chunk: usize) -> u32 {
-    let internal = if st.parked { chunk } else { 0 };
+    let internal = if st.is(PARKED) { chunk } else { 0 };
     let pending = ops.iter(&st.reads).take(MAX_IOV).map(|p| match &p.kind {
         Kind::Read(v) => v.len(),
         Kind::ReadFull(v) => v.len() - p.done,
@@ -706,163 +740,19 @@ fn wanted(st: &ConnState, ops: &Slab<Pending>, chunk: usize) -> u32 {
 /// receive armed yet, or that cannot succeed on this socket (they fail at once); a write
 /// and no send in flight.
 fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    if st.closing {
+    if st.is(CLOSING) {
         return false;
     }
     // (Bytes waiting on a stream while a receive is armed wait for it: it tops them up.)
-    let waiting = st.readable && (st.listener || !st.armed);
+    let waiting = st.is(READABLE) && (st.is(LISTENER) || !st.is(ARMED));
     let reads = next_read(st, ops).is_some_and(|k| {
-        !reads_held(st, ops) && (waiting || st.eof || !st.armed || st.misdirected(k))
+        !reads_held(st, ops) && (waiting || st.is(EOF) || !st.is(ARMED) || st.misdirected(k))
     });
-    let writes = write_head(st, ops).is_some() && !st.sending;
+    let writes = write_head(st, ops).is_some() && !st.is(SENDING);
     reads || writes
 }
 
-/// Gives `data` to the reads pending, in order (the parked read, else the FIFO's), as far as
-/// they take it: an internal read takes up to a chunk into the arena, a read into a caller's
-/// buffer what fits, a read-full until its buffer is full. Returns how many bytes they took.
-fn feed(
-    st: &mut ConnState,
-    ops: &mut Slab<Pending>,
-    sink: &mut Sink,
-    arena: &mut Arena,
-    data: &[u8],
-    budget: &mut u32,
-) -> usize {
-    let mut taken = 0;
-    while taken < data.len() && *budget > 0 {
-        let rest = &data[taken..];
-        if st.parked {
-            let mut p = st.take_parked().expect("parked");
-            let n = rest.len().min(arena.chunk);
-            let buf = arena.copy(&rest[..n], &mut sink.stats);
-            taken += n;
-            p.done = n;
-            *budget -= 1;
-            sink.complete(st, p, Ok(()), Some(buf));
-            continue;
-        }
-        let Some(p) = ops.front_mut(&st.reads) else {
-            break;
-        };
-        let complete = match &mut p.kind {
-            Kind::ReadInternal => {
-                let n = rest.len().min(arena.chunk);
-                let buf = arena.copy(&rest[..n], &mut sink.stats);
-                taken += n;
-                p.done = n;
-                Some(Some(buf))
-            }
-            Kind::Read(v) => {
-                let n = rest.len().min(v.len());
-                v[..n].copy_from_slice(&rest[..n]);
-                taken += n;
-                p.done = n;
-                Some(None)
-            }
-            Kind::ReadFull(v) => {
-                let n = rest.len().min(v.len() - p.done);
-                v[p.done..p.done + n].copy_from_slice(&rest[..n]);
-                taken += n;
-                p.done += n;
-                (p.done == v.len()).then_some(None)
-            }
-            _ => break, // an accept: not for bytes
-        };
-        match complete {
-            Some(buf) => {
-                let p = ops.pop_front(&mut st.reads).expect("front exists");
-                *budget -= 1;
-                sink.complete(st, p, Ok(()), buf);
-            }
-            None => break, // a read-full still short: it took everything
-        }
-    }
-    taken
-}
-
-/// Gives the bytes waiting in `buf` to the reads pending, as `feed` does, but without a
-/// copy for internal reads (they take slices of it); what they took is gone from `buf`.
-fn feed_buffered(
-    st: &mut ConnState,
-    ops: &mut Slab<Pending>,
-    sink: &mut Sink,
-    buf: &mut Bytes,
-    chunk: usize,
-    budget: &mut u32,
-) {
-    while !buf.is_empty() && *budget > 0 {
-        let internal = match ops.front(&st.reads) {
-            _ if st.parked => true,
-            Some(p) => matches!(p.kind, Kind::ReadInternal),
-            None => break,
-        };
-        if internal {
-            let mut p = match st.take_parked() {
-                Some(p) => p,
-                None => ops.pop_front(&mut st.reads).expect("front exists"),
-            };
-            let part = buf.split_to(buf.len().min(chunk));
-            p.done = part.len();
-            *budget -= 1;
-            sink.complete(st, p, Ok(()), Some(Buf::Bytes(part)));
-            continue;
-        }
-        let n = feed_copy(st, ops, sink, buf, budget);
-        if n == 0 {
-            break;
-        }
-        let _ = buf.split_to(n);
-    }
-}
-
-/// `feed` for reads into callers' buffers only (it stops at an internal read).
-fn feed_copy(
-    st: &mut ConnState,
-    ops: &mut Slab<Pending>,
-    sink: &mut Sink,
-    data: &[u8],
-    budget: &mut u32,
-) -> usize {
-    let mut taken = 0;
-    while taken < data.len() && *budget > 0 {
-        let rest = &data[taken..];
-        let Some(p) = ops.front_mut(&st.reads) else {
-            break;
-        };
-        let complete = match &mut p.kind {
-            Kind::Read(v) => {
-                let n = rest.len().min(v.len());
-                v[..n].copy_from_slice(&rest[..n]);
-                taken += n;
-                p.done = n;
-                true
-            }
-            Kind::ReadFull(v) => {
-                let n = rest.len().min(v.len() - p.done);
-                v[p.done..p.done + n].copy_from_slice(&rest[..n]);
-                taken += n;
-                p.done += n;
-                p.done == v.len()
-            }
-            _ => break,
-        };
-        if !complete {
-            break;
-        }
-        let p = ops.pop_front(&mut st.reads).expect("front exists");
-        *budget -= 1;
-        sink.complete(st, p, Ok(()), None);
-    }
-    taken
-}
-
 impl Arena {
-    /// Copies `data` (at most a chunk) into the arena: the internal read's buffer.
-    fn copy(&mut self, data: &[u8], stats: &mut crate::stats::Stats) -> Buf {
-        Buf::Bytes(self.concat(&[data], stats))
-    }
-
     /// Copies `parts`, one after the other, into the arena (into a buffer of their own if
     /// they are larger than a chunk), as one `Bytes`.
     fn concat(&mut self, parts: &[&[u8]], stats: &mut crate::stats::Stats) -> Bytes {

@@ -109,7 +109,7 @@ pub fn describe(c: &Completion) -> String {
         Buf::None => "None".to_string(),
         Buf::Vec(v) => format!("Vec(len {})", v.len()),
         Buf::Bytes(b) => format!("Bytes(len {})", b.len()),
-        Buf::Fd(fd) => format!("Fd({})", fd.as_raw_fd()),
+        Buf::Fd(fd, unread) => format!("Fd({}, {} unread)", fd.as_raw_fd(), unread.len()),
         _ => "?".to_string(),
     };
     format!(
