@@ -7,7 +7,9 @@
 //!   --max-backlog 67108864` (see [`CHAT_SERVER_BACKLOG`]; build it first: `cargo build
 //!   --release --example chat-server`; `scripts/chat-bench.sh` does).
 //! - **tokio-batch**, **tokio-naive**: the two tokio servers of [`tokio_chat`], this binary
-//!   re-executed with `PROACTOR_BENCH_ROLE=chat-server`.
+//!   re-executed with `PROACTOR_BENCH_ROLE=chat-server`. Not run unless named:
+//!   **tokio-batch-main**, **tokio-naive-main**, the same with the accept loop on the main
+//!   thread (`#[tokio::main]`'s shape) instead of in a task.
 //!
 //! Any program that takes `--addr 127.0.0.1:0`, prints `listening on HOST:PORT` as its first
 //! line and speaks the chat contract's welcome, joined, chat and left lines can be added.
@@ -93,7 +95,7 @@ fn main() {
 /// `--addr HOST:PORT`.
 fn tokio_role() -> i32 {
     let kind = env::var(KIND).unwrap_or_default();
-    let Some(writer) = tokio_chat::Writer::parse(&kind) else {
+    let Some((writer, accept)) = tokio_chat::parse(&kind) else {
         eprintln!("chat: {KIND}={kind:?} is not a tokio chat server");
         return 2;
     };
@@ -108,7 +110,7 @@ fn tokio_role() -> i32 {
             }
         }
     }
-    match tokio_chat::main(writer, &addr) {
+    match tokio_chat::main(writer, accept, &addr) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("{kind}: {e}");
@@ -159,7 +161,7 @@ fn server_spec(name: &str) -> Option<ServerSpec> {
             args: vec!["--max-backlog".into(), CHAT_SERVER_BACKLOG.to_string()],
             ..spec(examples_dir().join("chat-server"), Vec::new())
         }),
-        "tokio-batch" | "tokio-naive" => Some(spec(
+        _ if tokio_chat::parse(name).is_some() => Some(spec(
             env::current_exe().ok()?,
             vec![
                 (ROLE.to_string(), "chat-server".to_string()),
