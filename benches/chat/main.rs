@@ -37,7 +37,10 @@
 //! is that case's. The server runs pinned to CPU `PROACTOR_BENCH_SERVER_CPU` (0), this process
 //! (the orchestrator and the single-threaded load generator of [`load`]) to
 //! `PROACTOR_BENCH_CLIENT_CPU` (1); `PROACTOR_BENCH_PIN=0` turns pinning off. Server CPU
-//! time is user + system from `/proc/PID/stat` before and after the measured part.
+//! time is user + system from `/proc/PID/stat` before and after the measured part (10 ms
+//! ticks); "server CPU busy" is that over the wall time. "Other processes on the server's
+//! CPU" is that CPU's user + system time in `/proc/stat` minus the server's, over the wall
+//! time: on a shared machine, the runs where something else took the server's CPU.
 //!
 //! ```text
 //! cargo bench --bench chat -- [--cases burst100,burst1000,join1000,trickle]
@@ -390,6 +393,8 @@ struct Sample {
     wall_s: f64,
     server_cpu_s: f64,
     gen_cpu_s: f64,
+    /// CPU time of other processes on the server's CPU (NaN when not pinned).
+    others_cpu_s: f64,
     p50_us: f64,
     p99_us: f64,
     peak_rss_kib: u64,
@@ -408,6 +413,9 @@ impl Sample {
     fn gen_busy(&self) -> f64 {
         self.gen_cpu_s / self.wall_s
     }
+    fn others_busy(&self) -> f64 {
+        self.others_cpu_s / self.wall_s
+    }
     fn rss_mib(&self) -> f64 {
         self.peak_rss_kib as f64 / 1024.0
     }
@@ -419,37 +427,80 @@ fn gen_cpu_s() -> f64 {
     (user + sys) as f64 / 1e6
 }
 
+/// Time CPU `cpu` spent in user and system mode (not idle, not in interrupts), every process
+/// together, in microseconds (`/proc/stat`).
+fn cpu_busy_us(cpu: usize) -> Option<u64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    (f.len() == 3).then(|| (f[0] + f[1] + f[2]) * 1_000_000 / hz) // user, nice, system
+}
+
+/// CPU times at one moment: the server's, the load generator's, and the server CPU's busy
+/// time (every process on it).
+struct Meter {
+    server_us: u64,
+    gen_s: f64,
+    cpu_us: Option<u64>,
+}
+
+impl Meter {
+    fn now(srv: &ServerProc) -> Result<Meter, String> {
+        Ok(Meter {
+            server_us: srv.cpu_us()?,
+            gen_s: gen_cpu_s(),
+            cpu_us: servers::pins().server.and_then(cpu_busy_us),
+        })
+    }
+
+    /// Fills in the CPU figures of `s` from `self` to `later`.
+    fn since(&self, later: &Meter, s: &mut Sample) {
+        let server_us = later.server_us.saturating_sub(self.server_us);
+        s.server_cpu_s = server_us as f64 / 1e6;
+        s.gen_cpu_s = later.gen_s - self.gen_s;
+        s.others_cpu_s = match (self.cpu_us, later.cpu_us) {
+            (Some(a), Some(b)) => b.saturating_sub(a).saturating_sub(server_us) as f64 / 1e6,
+            _ => f64::NAN,
+        };
+    }
+}
+
 fn run_one(spec: &ServerSpec, case: &Case, quickack: bool) -> Result<Sample, String> {
     let mut srv = ServerProc::start(spec)?;
     let trickle = matches!(case.work, Work::Trickle { .. });
     let mut gen = load::Gen::new(srv.addr, case.clients, trickle, quickack)
         .map_err(|e| format!("load generator: {e}"))?;
-    let (cpu0, gen0) = (srv.cpu_us()?, gen_cpu_s());
+    let m0 = Meter::now(&srv)?;
     let joined = gen.join(case.clients, Duration::from_secs(300))?;
-    let (cpu1, gen1) = (srv.cpu_us()?, gen_cpu_s());
+    let m1 = Meter::now(&srv)?;
     let mut s = Sample::default();
     match case.work {
         Work::Join => {
             s.lines = joined.lines;
             s.wall_s = joined.wall.as_secs_f64();
-            s.server_cpu_s = (cpu1 - cpu0) as f64 / 1e6;
-            s.gen_cpu_s = gen1 - gen0;
+            m0.since(&m1, &mut s);
         }
         Work::Burst(k) => {
             let d = gen.burst(k, Duration::from_secs(300))?;
-            let (cpu2, gen2) = (srv.cpu_us()?, gen_cpu_s());
+            m1.since(&Meter::now(&srv)?, &mut s);
             s.lines = d.deliveries;
             s.wall_s = d.wall.as_secs_f64();
-            s.server_cpu_s = (cpu2 - cpu1) as f64 / 1e6;
-            s.gen_cpu_s = gen2 - gen1;
         }
         Work::Trickle { period, secs } => {
             let d = gen.trickle(period, lines_in(period, secs))?;
-            let (cpu2, gen2) = (srv.cpu_us()?, gen_cpu_s());
+            m1.since(&Meter::now(&srv)?, &mut s);
             s.lines = d.deliveries;
             s.wall_s = d.wall.as_secs_f64();
-            s.server_cpu_s = (cpu2 - cpu1) as f64 / 1e6;
-            s.gen_cpu_s = gen2 - gen1;
             let q = |q: f64| servers::client::quantile(&d.latencies, q) as f64 / 1e3;
             (s.p50_us, s.p99_us) = (q(0.50), q(0.99));
         }
@@ -592,7 +643,11 @@ fn millions(v: f64) -> String {
     format!("{} M", sig3(v / 1e6))
 }
 fn percent(v: f64) -> String {
-    format!("{:.0}%", v * 100.0)
+    if v.is_finite() {
+        format!("{:.0}%", v * 100.0)
+    } else {
+        "-".into()
+    }
 }
 
 fn metrics(work: Work) -> Vec<Metric> {
@@ -624,8 +679,14 @@ fn metrics(work: Work) -> Vec<Metric> {
     let rss = m("peak RSS, MiB", "peak_rss_mib", Sample::rss_mib, |v| {
         format!("{v:.0}")
     });
+    let others = m(
+        "other processes on the server's CPU",
+        "others_busy",
+        Sample::others_busy,
+        percent,
+    );
     match work {
-        Work::Burst(_) => vec![rate, cpu, busy, gen, rss],
+        Work::Burst(_) => vec![rate, cpu, busy, gen, others, rss],
         Work::Join => vec![
             m(
                 "server CPU µs per joined line",
@@ -636,6 +697,7 @@ fn metrics(work: Work) -> Vec<Metric> {
             m("joined lines/s", "per_s", Sample::per_s, millions),
             m("wall time, s", "wall_s", |s| s.wall_s, sig3),
             busy,
+            others,
             rss,
         ],
         Work::Trickle { .. } => vec![
@@ -644,6 +706,7 @@ fn metrics(work: Work) -> Vec<Metric> {
             m("p50 delivery latency, µs", "p50_us", |s| s.p50_us, sig3),
             m("p99 delivery latency, µs", "p99_us", |s| s.p99_us, sig3),
             busy,
+            others,
             rss,
         ],
     }
@@ -675,7 +738,7 @@ fn orchestrate() -> Result<bool, String> {
     print!("{header}");
     let started = Instant::now();
     let mut raw = String::from(
-        "rep,case,clients,server,ok,lines,wall_s,server_cpu_s,cpu_us_per_line,per_s,server_busy,gen_busy,p50_us,p99_us,peak_rss_kib,error\n",
+        "rep,case,clients,server,ok,lines,wall_s,server_cpu_s,cpu_us_per_line,per_s,server_busy,gen_busy,others_busy,p50_us,p99_us,peak_rss_kib,error\n",
     );
     // (case, server) -> samples.
     let mut got: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
@@ -702,7 +765,7 @@ fn orchestrate() -> Result<bool, String> {
                         println!("{label}: {line} ({took:.1} s)");
                         let _ = writeln!(
                             raw,
-                            "{rep},{},{},{},1,{},{:.6},{:.3},{:.4},{:.1},{:.4},{:.4},{:.1},{:.1},{},",
+                            "{rep},{},{},{},1,{},{:.6},{:.3},{:.4},{:.1},{:.4},{:.4},{:.4},{:.1},{:.1},{},",
                             case.name,
                             case.clients,
                             spec.name,
@@ -713,6 +776,7 @@ fn orchestrate() -> Result<bool, String> {
                             s.per_s(),
                             s.busy(),
                             s.gen_busy(),
+                            s.others_busy(),
                             s.p50_us,
                             s.p99_us,
                             s.peak_rss_kib
@@ -723,7 +787,7 @@ fn orchestrate() -> Result<bool, String> {
                         println!("{label}: FAILED ({took:.1} s): {e}");
                         let _ = writeln!(
                             raw,
-                            "{rep},{},{},{},0,,,,,,,,,,,\"{}\"",
+                            "{rep},{},{},{},0,,,,,,,,,,,,\"{}\"",
                             case.name,
                             case.clients,
                             spec.name,
@@ -817,7 +881,8 @@ fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, Str
             if let Some(b) = base {
                 for &i in &others {
                     let r = meds[i] / meds[b];
-                    if r.is_finite() {
+                    // (No ratio of the CPU shares that only say how a run went.)
+                    if r.is_finite() && !matches!(m.key, "gen_busy" | "others_busy") {
                         let _ = write!(md, " {r:.2}x |");
                     } else {
                         md.push_str(" - |");
