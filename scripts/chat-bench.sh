@@ -7,8 +7,8 @@
 #   scripts/chat-bench.sh --cases trickle --quickack --reps 5   (any of the bench's arguments)
 #
 # Bench arguments (see benches/chat/main.rs): --cases burst100,burst1000,join1000,trickle
-# --servers chat-server,tokio-batch,tokio-naive --reps N --quick --quickack --out DIR
-# --server NAME=COMMAND. Environment: PROACTOR_BENCH_PIN=0 (no pinning),
+# --servers chat-server,tokio-batch,tokio-naive --reps N --quick --quickack --max-others PCT
+# --retries N --out DIR --server NAME=COMMAND. Environment: PROACTOR_BENCH_PIN=0 (no pinning),
 # PROACTOR_BENCH_SERVER_CPU / PROACTOR_BENCH_CLIENT_CPU (0 and 1).
 # Writes target/bench/chat.md, chat.csv, chat_raw.csv, chat.txt and chat-machine.txt.
 set -euo pipefail
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
   esac
 done
 

@@ -39,13 +39,16 @@
 //! `PROACTOR_BENCH_CLIENT_CPU` (1); `PROACTOR_BENCH_PIN=0` turns pinning off. Server CPU
 //! time is user + system from `/proc/PID/stat` before and after the measured part (10 ms
 //! ticks); "server CPU busy" is that over the wall time. "Other processes on the server's
-//! CPU" is that CPU's user + system time in `/proc/stat` minus the server's, over the wall
-//! time: on a shared machine, the runs where something else took the server's CPU.
+//! CPU" is that CPU's user + system time in `/proc/stat` minus the server's, over the same
+//! span: on a shared machine, the runs where something else took the server's CPU; the same
+//! for the generator's CPU. A run in which other processes took more than `--max-others`
+//! percent (5) of either CPU is run again, up to `--retries` times (2); the last try is
+//! kept whatever it shows, and `chat_raw.csv` has every try (`kept` 0 or 1).
 //!
 //! ```text
 //! cargo bench --bench chat -- [--cases burst100,burst1000,join1000,trickle]
 //!     [--servers chat-server,tokio-batch,tokio-naive] [--reps 3] [--quick] [--quickack]
-//!     [--out DIR] [--server NAME=COMMAND]...
+//!     [--max-others 5] [--retries 2] [--out DIR] [--server NAME=COMMAND]...
 //! ```
 //!
 //! Each rep runs every case on every server (the server order reversed on odd reps), so the
@@ -393,8 +396,10 @@ struct Sample {
     wall_s: f64,
     server_cpu_s: f64,
     gen_cpu_s: f64,
-    /// CPU time of other processes on the server's CPU (NaN when not pinned).
-    others_cpu_s: f64,
+    /// The share of the server's CPU, and of the load generator's, that other processes
+    /// took over the measured part (NaN when not pinned).
+    others: f64,
+    others_gen: f64,
     p50_us: f64,
     p99_us: f64,
     peak_rss_kib: u64,
@@ -414,7 +419,19 @@ impl Sample {
         self.gen_cpu_s / self.wall_s
     }
     fn others_busy(&self) -> f64 {
-        self.others_cpu_s / self.wall_s
+        self.others
+    }
+    fn others_gen_busy(&self) -> f64 {
+        self.others_gen
+    }
+    /// The larger share of either CPU that other processes took (0 when not pinned).
+    fn noise(&self) -> f64 {
+        let n = self.others_busy().max(self.others_gen_busy());
+        if n.is_finite() {
+            n
+        } else {
+            0.0
+        }
     }
     fn rss_mib(&self) -> f64 {
         self.peak_rss_kib as f64 / 1024.0
@@ -446,20 +463,24 @@ fn cpu_busy_us(cpu: usize) -> Option<u64> {
     (f.len() == 3).then(|| (f[0] + f[1] + f[2]) * 1_000_000 / hz) // user, nice, system
 }
 
-/// CPU times at one moment: the server's, the load generator's, and the server CPU's busy
-/// time (every process on it).
+/// CPU times at one moment: the server's, the load generator's, and the busy time of their
+/// CPUs (every process on them).
 struct Meter {
+    at: Instant,
     server_us: u64,
     gen_s: f64,
     cpu_us: Option<u64>,
+    gen_cpu_us: Option<u64>,
 }
 
 impl Meter {
     fn now(srv: &ServerProc) -> Result<Meter, String> {
         Ok(Meter {
+            at: Instant::now(),
             server_us: srv.cpu_us()?,
             gen_s: gen_cpu_s(),
             cpu_us: servers::pins().server.and_then(cpu_busy_us),
+            gen_cpu_us: servers::pins().client.and_then(cpu_busy_us),
         })
     }
 
@@ -468,10 +489,16 @@ impl Meter {
         let server_us = later.server_us.saturating_sub(self.server_us);
         s.server_cpu_s = server_us as f64 / 1e6;
         s.gen_cpu_s = later.gen_s - self.gen_s;
-        s.others_cpu_s = match (self.cpu_us, later.cpu_us) {
-            (Some(a), Some(b)) => b.saturating_sub(a).saturating_sub(server_us) as f64 / 1e6,
+        // Over the time between the two readings (a little longer than the wall time of the
+        // measured part: it includes the final checks).
+        let span_us = later.at.duration_since(self.at).as_micros().max(1) as f64;
+        let share = |a: Option<u64>, b: Option<u64>, own_us: u64| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a).saturating_sub(own_us) as f64 / span_us,
             _ => f64::NAN,
         };
+        s.others = share(self.cpu_us, later.cpu_us, server_us);
+        let gen_us = (s.gen_cpu_s * 1e6) as u64;
+        s.others_gen = share(self.gen_cpu_us, later.gen_cpu_us, gen_us);
     }
 }
 
@@ -520,6 +547,10 @@ fn run_one(spec: &ServerSpec, case: &Case, quickack: bool) -> Result<Sample, Str
 struct Opts {
     quick: bool,
     quickack: bool,
+    /// A run in which other processes took more than this share (%) of the server's or the
+    /// generator's CPU is run again, up to `retries` times.
+    max_others: f64,
+    retries: usize,
     cases: Vec<Case>,
     servers: Vec<ServerSpec>,
     reps: usize,
@@ -529,6 +560,8 @@ struct Opts {
 fn parse_args() -> Result<Opts, String> {
     let mut quick = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
     let mut quickack = false;
+    let mut max_others = 5.0;
+    let mut retries = 2;
     let mut case_names: Vec<String> = CASES.map(String::from).to_vec();
     let mut server_names: Vec<String> = DEFAULT_SERVERS.map(String::from).to_vec();
     let mut extra = Vec::new();
@@ -550,6 +583,10 @@ fn parse_args() -> Result<Opts, String> {
             "--bench" => {} // added by `cargo bench`
             "--quick" => quick = true,
             "--quickack" => quickack = true,
+            "--max-others" => {
+                max_others = value()?.parse().map_err(|e| format!("--max-others: {e}"))?
+            }
+            "--retries" => retries = value()?.parse().map_err(|e| format!("--retries: {e}"))?,
             "--cases" => case_names = list(value()?),
             "--servers" => server_names = list(value()?),
             "--server" => extra.push(parse_extra(&value()?)?),
@@ -602,6 +639,8 @@ fn parse_args() -> Result<Opts, String> {
     Ok(Opts {
         quick,
         quickack,
+        max_others,
+        retries,
         cases,
         servers,
         reps,
@@ -685,8 +724,14 @@ fn metrics(work: Work) -> Vec<Metric> {
         Sample::others_busy,
         percent,
     );
+    let others_gen = m(
+        "other processes on the generator's CPU",
+        "others_gen_busy",
+        Sample::others_gen_busy,
+        percent,
+    );
     match work {
-        Work::Burst(_) => vec![rate, cpu, busy, gen, others, rss],
+        Work::Burst(_) => vec![rate, cpu, busy, gen, others, others_gen, rss],
         Work::Join => vec![
             m(
                 "server CPU µs per joined line",
@@ -698,6 +743,7 @@ fn metrics(work: Work) -> Vec<Metric> {
             m("wall time, s", "wall_s", |s| s.wall_s, sig3),
             busy,
             others,
+            others_gen,
             rss,
         ],
         Work::Trickle { .. } => vec![
@@ -707,6 +753,7 @@ fn metrics(work: Work) -> Vec<Metric> {
             m("p99 delivery latency, µs", "p99_us", |s| s.p99_us, sig3),
             busy,
             others,
+            others_gen,
             rss,
         ],
     }
@@ -738,8 +785,9 @@ fn orchestrate() -> Result<bool, String> {
     print!("{header}");
     let started = Instant::now();
     let mut raw = String::from(
-        "rep,case,clients,server,ok,lines,wall_s,server_cpu_s,cpu_us_per_line,per_s,server_busy,gen_busy,others_busy,p50_us,p99_us,peak_rss_kib,error\n",
+        "rep,attempt,case,clients,server,ok,kept,lines,wall_s,server_cpu_s,cpu_us_per_line,per_s,server_busy,gen_busy,others_busy,others_gen_busy,p50_us,p99_us,peak_rss_kib,error\n",
     );
+    let (mut retried, mut noisy_kept) = (0, 0);
     // (case, server) -> samples.
     let mut got: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
     let mut failures = Vec::new();
@@ -751,52 +799,70 @@ fn orchestrate() -> Result<bool, String> {
             }
             for si in order {
                 let spec = &o.servers[si];
-                let t = Instant::now();
-                let r = run_one(spec, case, o.quickack);
-                let took = t.elapsed().as_secs_f64();
                 let label = format!("[rep {}/{}] {} {}", rep + 1, o.reps, case.name, spec.name);
-                match r {
-                    Ok(s) => {
-                        let line = metrics(case.work)
-                            .iter()
-                            .map(|m| format!("{} {}", m.label, (m.show)((m.get)(&s))))
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        println!("{label}: {line} ({took:.1} s)");
-                        let _ = writeln!(
-                            raw,
-                            "{rep},{},{},{},1,{},{:.6},{:.3},{:.4},{:.1},{:.4},{:.4},{:.4},{:.1},{:.1},{},",
-                            case.name,
-                            case.clients,
-                            spec.name,
-                            s.lines,
-                            s.wall_s,
-                            s.server_cpu_s,
-                            s.cpu_us_per_line(),
-                            s.per_s(),
-                            s.busy(),
-                            s.gen_busy(),
-                            s.others_busy(),
-                            s.p50_us,
-                            s.p99_us,
-                            s.peak_rss_kib
-                        );
+                for attempt in 0..=o.retries {
+                    let t = Instant::now();
+                    let r = run_one(spec, case, o.quickack);
+                    let took = t.elapsed().as_secs_f64();
+                    let s = match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            println!("{label}: FAILED ({took:.1} s): {e}");
+                            let _ = writeln!(
+                                raw,
+                                "{rep},{attempt},{},{},{},0,0,,,,,,,,,,,,,\"{}\"",
+                                case.name,
+                                case.clients,
+                                spec.name,
+                                e.replace('"', "'")
+                            );
+                            failures.push(format!("{label}: {e}"));
+                            break;
+                        }
+                    };
+                    let line = metrics(case.work)
+                        .iter()
+                        .map(|m| format!("{} {}", m.label, (m.show)((m.get)(&s))))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let noisy = s.noise() * 100.0 > o.max_others;
+                    let keep = !noisy || attempt == o.retries;
+                    let note = match (noisy, keep) {
+                        (false, _) => "",
+                        (true, false) => " [noisy: run again]",
+                        (true, true) => " [noisy, kept: out of retries]",
+                    };
+                    println!("{label}: {line} ({took:.1} s){note}");
+                    let _ = writeln!(
+                        raw,
+                        "{rep},{attempt},{},{},{},1,{},{},{:.6},{:.3},{:.4},{:.1},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1},{},",
+                        case.name,
+                        case.clients,
+                        spec.name,
+                        u8::from(keep),
+                        s.lines,
+                        s.wall_s,
+                        s.server_cpu_s,
+                        s.cpu_us_per_line(),
+                        s.per_s(),
+                        s.busy(),
+                        s.gen_busy(),
+                        s.others_busy(),
+                        s.others_gen_busy(),
+                        s.p50_us,
+                        s.p99_us,
+                        s.peak_rss_kib
+                    );
+                    thread::sleep(Duration::from_millis(200));
+                    if keep {
+                        if noisy {
+                            noisy_kept += 1;
+                        }
                         got.entry((ci, si)).or_default().push(s);
+                        break;
                     }
-                    Err(e) => {
-                        println!("{label}: FAILED ({took:.1} s): {e}");
-                        let _ = writeln!(
-                            raw,
-                            "{rep},{},{},{},0,,,,,,,,,,,,\"{}\"",
-                            case.name,
-                            case.clients,
-                            spec.name,
-                            e.replace('"', "'")
-                        );
-                        failures.push(format!("{label}: {e}"));
-                    }
+                    retried += 1;
                 }
-                thread::sleep(Duration::from_millis(200));
             }
         }
     }
@@ -808,7 +874,12 @@ fn orchestrate() -> Result<bool, String> {
             println!("- {f}");
         }
     }
-    println!("(all runs: {:.0} s)", started.elapsed().as_secs_f64());
+    println!(
+        "(all runs: {:.0} s; {retried} run(s) repeated and {noisy_kept} kept with other \
+         processes above {}% of the server's or the generator's CPU)",
+        started.elapsed().as_secs_f64(),
+        o.max_others
+    );
     for (name, text) in [
         ("chat.md", format!("{header}\n{md}")),
         ("chat.csv", csv),
@@ -882,7 +953,9 @@ fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, Str
                 for &i in &others {
                     let r = meds[i] / meds[b];
                     // (No ratio of the CPU shares that only say how a run went.)
-                    if r.is_finite() && !matches!(m.key, "gen_busy" | "others_busy") {
+                    if r.is_finite()
+                        && !matches!(m.key, "gen_busy" | "others_busy" | "others_gen_busy")
+                    {
                         let _ = write!(md, " {r:.2}x |");
                     } else {
                         md.push_str(" - |");
