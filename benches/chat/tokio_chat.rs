@@ -33,11 +33,10 @@
 //! clients' tasks. The example runs it in `main` itself, which `#[tokio::main]` turns into
 //! `block_on` on the main thread ([`Accept::Main`], the servers `tokio-naive-main` and
 //! `tokio-batch-main`): then a second thread shares the pinned CPU, every client is handed
-//! from it to the worker, and in a join storm the worker writes every older client's
-//! `joined` line before the new client's welcome, so the storm never gets ahead of the
-//! writes and there is nothing to batch. Measured here (docs/benchmarks.md): 11 to 13 µs of
+//! from it to the worker, and in a join storm the older clients' `joined` lines are mostly
+//! written one by one before the next client joins: tokio-batch finds little to batch. Measured here (docs/benchmarks.md): 10 to 11 µs of
 //! server CPU per `joined` line for both servers with the loop on the main thread, against
-//! about 2 µs (batch) and 6 µs (naive) with it in a task. Nothing else changes: after the
+//! about 2 µs (batch) and 5 µs (naive) with it in a task. Nothing else changes: after the
 //! joins the accept loop sleeps.
 
 use std::collections::HashMap;
