@@ -42,8 +42,8 @@
 //! CPU" is that CPU's user + system time in `/proc/stat` minus the server's, over the same
 //! span: on a shared machine, the runs where something else took the server's CPU; the same
 //! for the generator's CPU. A run in which other processes took more than `--max-others`
-//! percent (5) of either CPU is run again, up to `--retries` times (2); the last try is
-//! kept whatever it shows, and `chat_raw.csv` has every try (`kept` 0 or 1).
+//! percent (5) of either CPU is run again, up to `--retries` times (2; 0 with `--quick`);
+//! the last try is kept whatever it shows, and `chat_raw.csv` has every try (`kept` 0 or 1).
 //!
 //! ```text
 //! cargo bench --bench chat -- [--cases burst100,burst1000,join1000,trickle]
@@ -561,7 +561,7 @@ fn parse_args() -> Result<Opts, String> {
     let mut quick = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
     let mut quickack = false;
     let mut max_others = 5.0;
-    let mut retries = 2;
+    let mut retries = None;
     let mut case_names: Vec<String> = CASES.map(String::from).to_vec();
     let mut server_names: Vec<String> = DEFAULT_SERVERS.map(String::from).to_vec();
     let mut extra = Vec::new();
@@ -586,7 +586,7 @@ fn parse_args() -> Result<Opts, String> {
             "--max-others" => {
                 max_others = value()?.parse().map_err(|e| format!("--max-others: {e}"))?
             }
-            "--retries" => retries = value()?.parse().map_err(|e| format!("--retries: {e}"))?,
+            "--retries" => retries = Some(value()?.parse().map_err(|e| format!("--retries: {e}"))?),
             "--cases" => case_names = list(value()?),
             "--servers" => server_names = list(value()?),
             "--server" => extra.push(parse_extra(&value()?)?),
@@ -633,6 +633,8 @@ fn parse_args() -> Result<Opts, String> {
             ));
         }
     }
+    // A smoke run's figures are noise anyway: it is not run again.
+    let retries = retries.unwrap_or(if quick { 0 } else { 2 });
     if reps == 0 {
         reps = if quick { 1 } else { 3 };
     }
