@@ -1,0 +1,975 @@
+//! The chat bench: chat servers side by side under four loads, every delivery checked.
+//!
+//! Servers (a name and a command line each, see [`server_spec`]; `--server NAME=COMMAND` adds
+//! one for a run):
+//!
+//! - **chat-server**: the project's example, `target/release/examples/chat-server
+//!   --max-backlog 67108864` (see [`CHAT_SERVER_BACKLOG`]; build it first: `cargo build
+//!   --release --example chat-server`; `scripts/chat-bench.sh` does).
+//! - **tokio-batch**, **tokio-naive**: the two tokio servers of [`tokio_chat`], this binary
+//!   re-executed with `PROACTOR_BENCH_ROLE=chat-server`. Not run unless named:
+//!   **tokio-batch-main**, **tokio-naive-main**, the same with the accept loop on the main
+//!   thread (`#[tokio::main]`'s shape) instead of in a task.
+//!
+//! Any program that takes `--addr 127.0.0.1:0`, prints `listening on HOST:PORT` as its first
+//! line and speaks the chat contract's welcome, joined, chat and left lines can be added.
+//!
+//! Cases (`--quick` shrinks them, same names):
+//!
+//! - **burst100**, **burst1000**: N clients (100, 1,000) each send K 64-byte lines (200, 10)
+//!   as fast as their sockets take them while reading everything: deliveries per second, from
+//!   the first send to the last delivery (N x (N - 1) x K deliveries).
+//! - **join1000**: 1,000 clients connect one after another, each once the one before has its
+//!   welcome: the server's CPU time per `joined` line (499,500 of them).
+//! - **trickle**: 100 clients each send a line every 100 ms for 10 s, staggered evenly over
+//!   the 100 ms (about 99,000 deliveries per second): server CPU per delivery and the
+//!   delivery latency (p50, p99), from the send time written in the line to its arrival, both
+//!   on the generator's clock.
+//!
+//! `--quickack`: the clients set `TCP_QUICKACK` after every read, so they acknowledge at
+//! once. No server sets `TCP_NODELAY` (neither the example nor tokio's chat example does), so
+//! Nagle's algorithm holds a server's next small write until the last one is acknowledged,
+//! and a client's delayed ACK (up to 40 ms on Linux) then shows in the trickle's latency. By
+//! default the clients behave as ordinary ones (`nc`, `telnet`) do.
+//!
+//! Every case starts with the join storm of its clients (setup, not timed except in
+//! join1000) and runs on a fresh server process, so the peak RSS (`VmHWM`) read at the end
+//! is that case's. The server runs pinned to CPU `PROACTOR_BENCH_SERVER_CPU` (0), this process
+//! (the orchestrator and the single-threaded load generator of [`load`]) to
+//! `PROACTOR_BENCH_CLIENT_CPU` (1); `PROACTOR_BENCH_PIN=0` turns pinning off. Server CPU
+//! time is user + system from `/proc/PID/stat` before and after the measured part (10 ms
+//! ticks); "server CPU busy" is that over the wall time. "Other processes on the server's
+//! CPU" is that CPU's user + system time in `/proc/stat` minus the server's, over the same
+//! span: on a shared machine, the runs where something else took the server's CPU; the same
+//! for the generator's CPU. A run in which other processes took more than `--max-others`
+//! percent (5) of either CPU is run again, up to `--retries` times (2; 0 with `--quick`);
+//! the last try is kept whatever it shows, and `chat_raw.csv` has every try (`kept` 0 or 1).
+//!
+//! ```text
+//! cargo bench --bench chat -- [--cases burst100,burst1000,join1000,trickle]
+//!     [--servers chat-server,tokio-batch,tokio-naive] [--reps 3] [--quick] [--quickack]
+//!     [--max-others 5] [--retries 2] [--out DIR] [--server NAME=COMMAND]...
+//! ```
+//!
+//! Each rep runs every case on every server (the server order reversed on odd reps), so the
+//! servers are compared side by side. Prints Markdown tables (medians of the reps, the range,
+//! ratios to tokio-batch) and writes `chat.md`, `chat.csv` (medians) and `chat_raw.csv`
+//! (every run) under `target/bench/` (or `--out`). A failed check fails its run, and the
+//! bench exits with status 1 once every run is done.
+
+#[allow(dead_code)]
+#[path = "../servers/mod.rs"]
+mod servers;
+
+mod load;
+mod tokio_chat;
+
+use std::collections::BTreeMap;
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const ROLE: &str = "PROACTOR_BENCH_ROLE";
+const KIND: &str = "PROACTOR_BENCH_KIND";
+/// The server every other is compared with.
+const BASELINE: &str = "tokio-batch";
+const DEFAULT_SERVERS: [&str; 3] = ["chat-server", "tokio-batch", "tokio-naive"];
+
+fn main() {
+    if env::var(ROLE).as_deref() == Ok("chat-server") {
+        std::process::exit(tokio_role());
+    }
+    match orchestrate() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("chat: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// This binary as a tokio chat server: `PROACTOR_BENCH_KIND=tokio-batch|tokio-naive`,
+/// `--addr HOST:PORT`.
+fn tokio_role() -> i32 {
+    let kind = env::var(KIND).unwrap_or_default();
+    let Some((writer, accept)) = tokio_chat::parse(&kind) else {
+        eprintln!("chat: {KIND}={kind:?} is not a tokio chat server");
+        return 2;
+    };
+    let mut addr = "127.0.0.1:7000".to_string();
+    let mut args = env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next()) {
+            ("--addr", Some(v)) => addr = v,
+            _ => {
+                eprintln!("usage: {ROLE}=chat-server {KIND}={kind} chat --addr HOST:PORT");
+                return 2;
+            }
+        }
+    }
+    match tokio_chat::main(writer, accept, &addr) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{kind}: {e}");
+            1
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers
+
+/// How to start one server: the program, its arguments (before `--addr 127.0.0.1:0`) and
+/// environment.
+#[derive(Clone, Debug)]
+struct ServerSpec {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+/// `target/release/examples`, beside this bench's `target/release/deps`.
+fn examples_dir() -> PathBuf {
+    let exe = env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from("target/release"), Path::to_path_buf)
+        .join("examples")
+}
+
+/// chat-server's `--max-backlog` here: 64 MiB, where its default is 1 MiB. In burst100 each
+/// client is due 99 x 200 lines (1.48 MB) at once; the server reads them in faster than the
+/// sockets take them out, so with the default it cuts off clients that are reading as fast
+/// as they can. The tokio servers have no limit at all.
+const CHAT_SERVER_BACKLOG: usize = 64 << 20;
+
+/// The servers known by name. To add one, add its name to the match (and to
+/// `DEFAULT_SERVERS` if every run should have it).
+fn server_spec(name: &str) -> Option<ServerSpec> {
+    let spec = |program: PathBuf, envs: Vec<(String, String)>| ServerSpec {
+        name: name.to_string(),
+        program,
+        args: Vec::new(),
+        envs,
+    };
+    match name {
+        "chat-server" => Some(ServerSpec {
+            args: vec!["--max-backlog".into(), CHAT_SERVER_BACKLOG.to_string()],
+            ..spec(examples_dir().join("chat-server"), Vec::new())
+        }),
+        _ if tokio_chat::parse(name).is_some() => Some(spec(
+            env::current_exe().ok()?,
+            vec![
+                (ROLE.to_string(), "chat-server".to_string()),
+                (KIND.to_string(), name.to_string()),
+            ],
+        )),
+        _ => None,
+    }
+}
+
+/// `NAME=PROGRAM ARG...` (split at spaces) from `--server`.
+fn parse_extra(s: &str) -> Result<ServerSpec, String> {
+    let (name, cmd) = s
+        .split_once('=')
+        .ok_or(format!("--server {s:?}: expected NAME=COMMAND"))?;
+    let mut words = cmd.split_whitespace().map(String::from);
+    let program = words.next().ok_or(format!("--server {s:?}: no command"))?;
+    Ok(ServerSpec {
+        name: name.trim().to_string(),
+        program: PathBuf::from(program),
+        args: words.collect(),
+        envs: Vec::new(),
+    })
+}
+
+/// A running server process, killed when dropped.
+struct ServerProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+/// Pins the calling (forked, not yet exec'd) process to `cpu`.
+fn set_affinity(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `cpu` < CPU_SETSIZE, so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling process.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl ServerProc {
+    fn start(spec: &ServerSpec) -> Result<ServerProc, String> {
+        let name = &spec.name;
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .args(["--addr", "127.0.0.1:0"])
+            .env_remove(ROLE)
+            .envs(spec.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(cpu) = servers::pins().server {
+            // SAFETY: the closure runs in the child between fork and exec and only makes one
+            // system call (no allocation, no lock).
+            unsafe { cmd.pre_exec(move || set_affinity(cpu)) };
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("{name}: cannot start {}: {e}", spec.program.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        let tag = name.clone();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Anything it prints later is shown, not parsed.
+            for line in lines.map_while(Result::ok) {
+                eprintln!("  [{tag}] {line}");
+            }
+        });
+        let first = rx.recv_timeout(Duration::from_secs(30));
+        let addr = match first {
+            Ok(Some(Ok(line))) => line
+                .strip_prefix("listening on ")
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                .ok_or(format!(
+                    "{name}: first line {line:?}, not `listening on HOST:PORT`"
+                )),
+            Ok(_) => Err(format!("{name}: exited before printing its address")),
+            Err(_) => Err(format!("{name}: no `listening on` line within 30 s")),
+        };
+        // Killed on the way out if its address is no good.
+        let mut srv = ServerProc {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        srv.addr = addr?;
+        Ok(srv)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's CPU time so far, user + system, every thread, in microseconds
+    /// (`/proc/PID/stat`, in clock ticks: 10 ms).
+    fn cpu_us(&self) -> Result<u64, String> {
+        let text = fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .map_err(|e| format!("/proc/{}/stat: {e}", self.pid()))?;
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+        // stime 15.
+        let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .take(13)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let (Some(utime), Some(stime)) = (f.get(10), f.get(11)) else {
+            return Err(format!("bad /proc/{}/stat: {text:?}", self.pid()));
+        };
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok((utime + stime) * 1_000_000 / hz)
+    }
+
+    /// The server's peak resident set size (`VmHWM`), KiB.
+    fn peak_rss_kib(&self) -> Result<u64, String> {
+        let text = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .map_err(|e| format!("/proc/{}/status: {e}", self.pid()))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| format!("no VmHWM in /proc/{}/status", self.pid()))
+    }
+
+    /// Checks that it is still running.
+    fn alive(&mut self, name: &str) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(format!("{name} exited: {status}")),
+            Err(e) => Err(format!("{name}: {e}")),
+        }
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+
+#[derive(Clone, Copy, Debug)]
+enum Work {
+    /// Each client sends this many lines at once.
+    Burst(usize),
+    /// The clients' join storm is the case.
+    Join,
+    /// Each client sends a line every `period` for `secs` seconds.
+    Trickle { period: Duration, secs: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    name: &'static str,
+    clients: usize,
+    work: Work,
+}
+
+const CASES: [&str; 4] = ["burst100", "burst1000", "join1000", "trickle"];
+
+fn case(name: &str, quick: bool) -> Option<Case> {
+    let period = Duration::from_millis(100);
+    let (clients, work) = match (name, quick) {
+        ("burst100", false) => (100, Work::Burst(200)),
+        ("burst100", true) => (50, Work::Burst(40)),
+        ("burst1000", false) => (1_000, Work::Burst(10)),
+        ("burst1000", true) => (200, Work::Burst(5)),
+        ("join1000", false) => (1_000, Work::Join),
+        ("join1000", true) => (200, Work::Join),
+        ("trickle", false) => (100, Work::Trickle { period, secs: 10 }),
+        ("trickle", true) => (100, Work::Trickle { period, secs: 2 }),
+        _ => return None,
+    };
+    let name = CASES.into_iter().find(|&c| c == name)?;
+    Some(Case {
+        name,
+        clients,
+        work,
+    })
+}
+
+impl Case {
+    fn describe(&self) -> String {
+        let n = self.clients;
+        match self.work {
+            Work::Burst(k) => format!(
+                "{n} clients x {k} lines at once ({} deliveries)",
+                n * (n - 1) * k
+            ),
+            Work::Join => format!(
+                "{n} clients joining one by one ({} joined lines)",
+                n * (n - 1) / 2
+            ),
+            Work::Trickle { period, secs } => format!(
+                "{n} clients x a line every {} ms for {secs} s ({} deliveries)",
+                period.as_millis(),
+                n * (n - 1) * lines_in(period, secs)
+            ),
+        }
+    }
+}
+
+fn lines_in(period: Duration, secs: u64) -> usize {
+    (Duration::from_secs(secs).as_nanos() / period.as_nanos().max(1)) as usize
+}
+
+/// One run's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    /// Lines counted: deliveries, or `joined` lines in the join storm.
+    lines: u64,
+    wall_s: f64,
+    server_cpu_s: f64,
+    gen_cpu_s: f64,
+    /// The share of the server's CPU, and of the load generator's, that other processes
+    /// took over the measured part (NaN when not pinned).
+    others: f64,
+    others_gen: f64,
+    p50_us: f64,
+    p99_us: f64,
+    peak_rss_kib: u64,
+}
+
+impl Sample {
+    fn per_s(&self) -> f64 {
+        self.lines as f64 / self.wall_s
+    }
+    fn cpu_us_per_line(&self) -> f64 {
+        self.server_cpu_s * 1e6 / self.lines as f64
+    }
+    fn busy(&self) -> f64 {
+        self.server_cpu_s / self.wall_s
+    }
+    fn gen_busy(&self) -> f64 {
+        self.gen_cpu_s / self.wall_s
+    }
+    fn others_busy(&self) -> f64 {
+        self.others
+    }
+    fn others_gen_busy(&self) -> f64 {
+        self.others_gen
+    }
+    /// The larger share of either CPU that other processes took (0 when not pinned).
+    fn noise(&self) -> f64 {
+        let n = self.others_busy().max(self.others_gen_busy());
+        if n.is_finite() {
+            n
+        } else {
+            0.0
+        }
+    }
+    fn rss_mib(&self) -> f64 {
+        self.peak_rss_kib as f64 / 1024.0
+    }
+}
+
+/// This process's CPU time (the load generator's), seconds.
+fn gen_cpu_s() -> f64 {
+    let (user, sys) = servers::cpu_us();
+    (user + sys) as f64 / 1e6
+}
+
+/// Time CPU `cpu` spent in user and system mode (not idle, not in interrupts), every process
+/// together, in microseconds (`/proc/stat`).
+fn cpu_busy_us(cpu: usize) -> Option<u64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    (f.len() == 3).then(|| (f[0] + f[1] + f[2]) * 1_000_000 / hz) // user, nice, system
+}
+
+/// CPU times at one moment: the server's, the load generator's, and the busy time of their
+/// CPUs (every process on them).
+struct Meter {
+    at: Instant,
+    server_us: u64,
+    gen_s: f64,
+    cpu_us: Option<u64>,
+    gen_cpu_us: Option<u64>,
+}
+
+impl Meter {
+    fn now(srv: &ServerProc) -> Result<Meter, String> {
+        Ok(Meter {
+            at: Instant::now(),
+            server_us: srv.cpu_us()?,
+            gen_s: gen_cpu_s(),
+            cpu_us: servers::pins().server.and_then(cpu_busy_us),
+            gen_cpu_us: servers::pins().client.and_then(cpu_busy_us),
+        })
+    }
+
+    /// Fills in the CPU figures of `s` from `self` to `later`.
+    fn since(&self, later: &Meter, s: &mut Sample) {
+        let server_us = later.server_us.saturating_sub(self.server_us);
+        s.server_cpu_s = server_us as f64 / 1e6;
+        s.gen_cpu_s = later.gen_s - self.gen_s;
+        // Over the time between the two readings (a little longer than the wall time of the
+        // measured part: it includes the final checks).
+        let span_us = later.at.duration_since(self.at).as_micros().max(1) as f64;
+        let share = |a: Option<u64>, b: Option<u64>, own_us: u64| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a).saturating_sub(own_us) as f64 / span_us,
+            _ => f64::NAN,
+        };
+        s.others = share(self.cpu_us, later.cpu_us, server_us);
+        let gen_us = (s.gen_cpu_s * 1e6) as u64;
+        s.others_gen = share(self.gen_cpu_us, later.gen_cpu_us, gen_us);
+    }
+}
+
+fn run_one(spec: &ServerSpec, case: &Case, quickack: bool) -> Result<Sample, String> {
+    let mut srv = ServerProc::start(spec)?;
+    let trickle = matches!(case.work, Work::Trickle { .. });
+    let mut gen = load::Gen::new(srv.addr, case.clients, trickle, quickack)
+        .map_err(|e| format!("load generator: {e}"))?;
+    let m0 = Meter::now(&srv)?;
+    let joined = gen.join(case.clients, Duration::from_secs(300))?;
+    let m1 = Meter::now(&srv)?;
+    let mut s = Sample::default();
+    match case.work {
+        Work::Join => {
+            s.lines = joined.lines;
+            s.wall_s = joined.wall.as_secs_f64();
+            m0.since(&m1, &mut s);
+        }
+        Work::Burst(k) => {
+            let d = gen.burst(k, Duration::from_secs(300))?;
+            m1.since(&Meter::now(&srv)?, &mut s);
+            s.lines = d.deliveries;
+            s.wall_s = d.wall.as_secs_f64();
+        }
+        Work::Trickle { period, secs } => {
+            let d = gen.trickle(period, lines_in(period, secs))?;
+            m1.since(&Meter::now(&srv)?, &mut s);
+            s.lines = d.deliveries;
+            s.wall_s = d.wall.as_secs_f64();
+            let q = |q: f64| servers::client::quantile(&d.latencies, q) as f64 / 1e3;
+            (s.p50_us, s.p99_us) = (q(0.50), q(0.99));
+        }
+    }
+    s.peak_rss_kib = srv.peak_rss_kib()?;
+    srv.alive(&spec.name)?;
+    // The server goes first, so its clients' closes cost it nothing measured; the clients
+    // close with a reset.
+    drop(srv);
+    gen.close();
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orchestration
+
+struct Opts {
+    quick: bool,
+    quickack: bool,
+    /// A run in which other processes took more than this share (%) of the server's or the
+    /// generator's CPU is run again, up to `retries` times.
+    max_others: f64,
+    retries: usize,
+    cases: Vec<Case>,
+    servers: Vec<ServerSpec>,
+    reps: usize,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Opts, String> {
+    let mut quick = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
+    let mut quickack = false;
+    let mut max_others = 5.0;
+    let mut retries = None;
+    let mut case_names: Vec<String> = CASES.map(String::from).to_vec();
+    let mut server_names: Vec<String> = DEFAULT_SERVERS.map(String::from).to_vec();
+    let mut extra = Vec::new();
+    let mut reps = 0;
+    let mut out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+        .join("bench");
+    let list = |v: String| -> Vec<String> {
+        v.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let mut args = env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--bench" => {} // added by `cargo bench`
+            "--quick" => quick = true,
+            "--quickack" => quickack = true,
+            "--max-others" => {
+                max_others = value()?.parse().map_err(|e| format!("--max-others: {e}"))?
+            }
+            "--retries" => retries = Some(value()?.parse().map_err(|e| format!("--retries: {e}"))?),
+            "--cases" => case_names = list(value()?),
+            "--servers" => server_names = list(value()?),
+            "--server" => extra.push(parse_extra(&value()?)?),
+            "--reps" => reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--out" => out = PathBuf::from(value()?),
+            _ => {
+                return Err(format!(
+                    "unknown argument {a:?} (see the doc at the top of benches/chat/main.rs)"
+                ))
+            }
+        }
+    }
+    let cases = case_names
+        .iter()
+        .map(|c| case(c, quick).ok_or(format!("unknown case {c:?} (cases: {})", CASES.join(","))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut servers = Vec::new();
+    for name in &server_names {
+        match server_spec(name) {
+            Some(s) => servers.push(s),
+            // `--servers` may name a `--server` extra to order it; extras not named run last.
+            None if extra.iter().any(|e: &ServerSpec| &e.name == name) => {}
+            None => return Err(format!("unknown server {name:?}")),
+        }
+    }
+    for e in extra {
+        match servers.iter().position(|s| s.name == e.name) {
+            Some(i) => servers[i] = e,
+            None => servers.push(e),
+        }
+    }
+    for s in &servers {
+        // (A bare name is looked up in PATH when it starts.)
+        if s.program.components().count() > 1 && !s.program.exists() {
+            let hint = if s.name == "chat-server" {
+                " (build it: cargo build --release --example chat-server)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "{}: {} not found{hint}",
+                s.name,
+                s.program.display()
+            ));
+        }
+    }
+    // A smoke run's figures are noise anyway: it is not run again.
+    let retries = retries.unwrap_or(if quick { 0 } else { 2 });
+    if reps == 0 {
+        reps = if quick { 1 } else { 3 };
+    }
+    Ok(Opts {
+        quick,
+        quickack,
+        max_others,
+        retries,
+        cases,
+        servers,
+        reps,
+        out,
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A figure with three significant digits.
+fn sig3(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    let digits = if v == 0.0 {
+        2
+    } else {
+        (2 - v.abs().log10().floor() as i32).clamp(0, 6) as usize
+    };
+    format!("{v:.digits$}")
+}
+
+/// A table row: a label and how to get the figure from a sample.
+struct Metric {
+    label: &'static str,
+    key: &'static str,
+    get: fn(&Sample) -> f64,
+    show: fn(f64) -> String,
+}
+
+fn millions(v: f64) -> String {
+    format!("{} M", sig3(v / 1e6))
+}
+fn percent(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.0}%", v * 100.0)
+    } else {
+        "-".into()
+    }
+}
+
+fn metrics(work: Work) -> Vec<Metric> {
+    let m = |label, key, get, show| Metric {
+        label,
+        key,
+        get,
+        show,
+    };
+    let rate = m(
+        "deliveries/s",
+        "per_s",
+        Sample::per_s as fn(&Sample) -> f64,
+        millions as fn(f64) -> String,
+    );
+    let cpu = m(
+        "server CPU µs per delivery",
+        "cpu_us_per_line",
+        Sample::cpu_us_per_line,
+        sig3,
+    );
+    let busy = m("server CPU busy", "server_busy", Sample::busy, percent);
+    let gen = m(
+        "load generator CPU busy",
+        "gen_busy",
+        Sample::gen_busy,
+        percent,
+    );
+    let rss = m("peak RSS, MiB", "peak_rss_mib", Sample::rss_mib, |v| {
+        format!("{v:.0}")
+    });
+    let others = m(
+        "other processes on the server's CPU",
+        "others_busy",
+        Sample::others_busy,
+        percent,
+    );
+    let others_gen = m(
+        "other processes on the generator's CPU",
+        "others_gen_busy",
+        Sample::others_gen_busy,
+        percent,
+    );
+    match work {
+        Work::Burst(_) => vec![rate, cpu, busy, gen, others, others_gen, rss],
+        Work::Join => vec![
+            m(
+                "server CPU µs per joined line",
+                "cpu_us_per_line",
+                Sample::cpu_us_per_line,
+                sig3,
+            ),
+            m("joined lines/s", "per_s", Sample::per_s, millions),
+            m("wall time, s", "wall_s", |s| s.wall_s, sig3),
+            busy,
+            others,
+            others_gen,
+            rss,
+        ],
+        Work::Trickle { .. } => vec![
+            rate,
+            cpu,
+            m("p50 delivery latency, µs", "p50_us", |s| s.p50_us, sig3),
+            m("p99 delivery latency, µs", "p99_us", |s| s.p99_us, sig3),
+            busy,
+            others,
+            others_gen,
+            rss,
+        ],
+    }
+}
+
+fn orchestrate() -> Result<bool, String> {
+    let o = parse_args()?;
+    fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    servers::pin_client_thread();
+    let pins = servers::pins();
+    let names: Vec<&str> = o.servers.iter().map(|s| s.name.as_str()).collect();
+    let mut header = String::new();
+    let _ = writeln!(
+        header,
+        "chat: servers {names:?}, {} rep(s){}{}, server CPU {:?}, load generator CPU {:?}",
+        o.reps,
+        if o.quick { ", quick sizes" } else { "" },
+        if o.quickack {
+            ", clients ACK at once (TCP_QUICKACK)"
+        } else {
+            ""
+        },
+        pins.server,
+        pins.client,
+    );
+    for c in &o.cases {
+        let _ = writeln!(header, "  {}: {}", c.name, c.describe());
+    }
+    print!("{header}");
+    let started = Instant::now();
+    let mut raw = String::from(
+        "rep,attempt,case,clients,server,ok,kept,lines,wall_s,server_cpu_s,cpu_us_per_line,per_s,server_busy,gen_busy,others_busy,others_gen_busy,p50_us,p99_us,peak_rss_kib,error\n",
+    );
+    let (mut retried, mut noisy_kept) = (0, 0);
+    // (case, server) -> samples.
+    let mut got: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for rep in 0..o.reps {
+        for (ci, case) in o.cases.iter().enumerate() {
+            let mut order: Vec<usize> = (0..o.servers.len()).collect();
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for si in order {
+                let spec = &o.servers[si];
+                let label = format!("[rep {}/{}] {} {}", rep + 1, o.reps, case.name, spec.name);
+                for attempt in 0..=o.retries {
+                    let t = Instant::now();
+                    let r = run_one(spec, case, o.quickack);
+                    let took = t.elapsed().as_secs_f64();
+                    let s = match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            println!("{label}: FAILED ({took:.1} s): {e}");
+                            let _ = writeln!(
+                                raw,
+                                "{rep},{attempt},{},{},{},0,0,,,,,,,,,,,,,\"{}\"",
+                                case.name,
+                                case.clients,
+                                spec.name,
+                                e.replace('"', "'")
+                            );
+                            failures.push(format!("{label}: {e}"));
+                            break;
+                        }
+                    };
+                    let line = metrics(case.work)
+                        .iter()
+                        .map(|m| format!("{} {}", m.label, (m.show)((m.get)(&s))))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let noisy = s.noise() * 100.0 > o.max_others;
+                    let keep = !noisy || attempt == o.retries;
+                    let note = match (noisy, keep) {
+                        (false, _) => "",
+                        (true, false) => " [noisy: run again]",
+                        (true, true) => " [noisy, kept: out of retries]",
+                    };
+                    println!("{label}: {line} ({took:.1} s){note}");
+                    let _ = writeln!(
+                        raw,
+                        "{rep},{attempt},{},{},{},1,{},{},{:.6},{:.3},{:.4},{:.1},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1},{},",
+                        case.name,
+                        case.clients,
+                        spec.name,
+                        u8::from(keep),
+                        s.lines,
+                        s.wall_s,
+                        s.server_cpu_s,
+                        s.cpu_us_per_line(),
+                        s.per_s(),
+                        s.busy(),
+                        s.gen_busy(),
+                        s.others_busy(),
+                        s.others_gen_busy(),
+                        s.p50_us,
+                        s.p99_us,
+                        s.peak_rss_kib
+                    );
+                    thread::sleep(Duration::from_millis(200));
+                    if keep {
+                        if noisy {
+                            noisy_kept += 1;
+                        }
+                        got.entry((ci, si)).or_default().push(s);
+                        break;
+                    }
+                    retried += 1;
+                }
+            }
+        }
+    }
+    let (md, csv) = report(&o, &got);
+    println!("\n{md}");
+    if !failures.is_empty() {
+        println!("FAILED runs:");
+        for f in &failures {
+            println!("- {f}");
+        }
+    }
+    println!(
+        "(all runs: {:.0} s; {retried} run(s) repeated and {noisy_kept} kept with other \
+         processes above {}% of the server's or the generator's CPU)",
+        started.elapsed().as_secs_f64(),
+        o.max_others
+    );
+    for (name, text) in [
+        ("chat.md", format!("{header}\n{md}")),
+        ("chat.csv", csv),
+        ("chat_raw.csv", raw),
+    ] {
+        let path = o.out.join(name);
+        fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(failures.is_empty())
+}
+
+/// The Markdown tables (medians with ratios, then the range over the reps) and the medians'
+/// CSV.
+fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, String) {
+    let names: Vec<&str> = o.servers.iter().map(|s| s.name.as_str()).collect();
+    let base = names.iter().position(|&n| n == BASELINE);
+    let others: Vec<usize> = (0..names.len()).filter(|&i| Some(i) != base).collect();
+    let mut md = format!(
+        "### Chat: medians of {} rep(s)\n\n| case | metric |",
+        o.reps
+    );
+    for n in &names {
+        let _ = write!(md, " {n} |");
+    }
+    if base.is_some() {
+        for &i in &others {
+            let _ = write!(md, " {} / {BASELINE} |", names[i]);
+        }
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---:|".repeat(names.len() + if base.is_some() { others.len() } else { 0 }));
+    md.push('\n');
+    let mut spread = format!(
+        "\n### Chat: range over the reps (min-max)\n\n| case | metric |{}\n|---|---|{}\n",
+        names.iter().map(|n| format!(" {n} |")).collect::<String>(),
+        "---:|".repeat(names.len())
+    );
+    let mut csv = String::from("case,clients,metric,server,median,min,max,runs\n");
+    for (ci, case) in o.cases.iter().enumerate() {
+        for m in metrics(case.work) {
+            let label = format!("| {} | {} |", case.name, m.label);
+            md.push_str(&label);
+            spread.push_str(&label);
+            let mut meds = Vec::new();
+            for (si, name) in names.iter().enumerate() {
+                let mut v: Vec<f64> = got
+                    .get(&(ci, si))
+                    .map(|s| s.iter().map(m.get).collect())
+                    .unwrap_or_default();
+                let med = median(&mut v);
+                meds.push(med);
+                if v.is_empty() {
+                    md.push_str(" fail |");
+                    spread.push_str(" fail |");
+                    continue;
+                }
+                let _ = write!(md, " {} |", (m.show)(med));
+                let (lo, hi) = (v[0], v[v.len() - 1]);
+                let _ = write!(spread, " {}-{} |", (m.show)(lo), (m.show)(hi));
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{name},{med},{lo},{hi},{}",
+                    case.name,
+                    case.clients,
+                    m.key,
+                    v.len()
+                );
+            }
+            if let Some(b) = base {
+                for &i in &others {
+                    let r = meds[i] / meds[b];
+                    // (No ratio of the CPU shares that only say how a run went.)
+                    if r.is_finite()
+                        && !matches!(m.key, "gen_busy" | "others_busy" | "others_gen_busy")
+                    {
+                        let _ = write!(md, " {r:.2}x |");
+                    } else {
+                        md.push_str(" - |");
+                    }
+                }
+            }
+            md.push('\n');
+            spread.push('\n');
+        }
+    }
+    if o.reps > 1 {
+        md.push_str(&spread);
+    }
+    (md, csv)
+}
