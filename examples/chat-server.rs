@@ -14,12 +14,16 @@ use std::thread;
 use std::time::Duration;
 
 use proactor::bytes::Bytes;
-use proactor::{Cmd, Completion, Conn, ConnId, Engine, Error, Op, Pool, SendError, Watcher};
+use proactor::{
+    Cmd, Completion, Conn, ConnId, Engine, Error, Framing, Op, Pool, SendError, Watcher,
+};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 /// Longest line accepted, counted before its `\n` (a trailing `\r` included).
 const MAX_LINE: usize = 4096;
+/// Lines taken by one read, at most: those that arrived together come in one completion.
+const LINES_PER_READ: usize = 64;
 /// Writes in flight per client; later messages wait in the client's own queue. (The watcher
 /// gathers up to 64 queued writes of a connection into one `writev`.)
 const MAX_WRITES: usize = 64;
@@ -80,8 +84,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 struct Client {
     conn: Conn,
     name: String,
-    /// An unfinished line (at most MAX_LINE bytes); unallocated between lines.
-    partial: Vec<u8>,
     /// Messages waiting for a write slot.
     queue: VecDeque<Bytes>,
     /// Writes submitted and not yet completed (at most MAX_WRITES).
@@ -187,7 +189,6 @@ impl Chat {
             Client {
                 conn,
                 name,
-                partial: Vec::new(),
                 queue: VecDeque::new(),
                 writing: 0,
                 backlog: 0,
@@ -198,16 +199,19 @@ impl Chat {
         self.read(id);
     }
 
-    /// The client's next read. Its deadline is the idle timeout: only bytes *from* the client
-    /// complete a read, so what it is sent does not keep it alive. An idle client waiting on an
-    /// internal read holds no buffer.
+    /// The client's next read: the whole lines it sent, up to LINES_PER_READ (the watcher
+    /// splits them; an unfinished line waits in the watcher, which refuses it as too long as
+    /// soon as MAX_LINE + 1 bytes came without a `\n`). The idle timeout counts bytes *from*
+    /// the client, so what it is sent does not keep it alive, and a line sent slowly does.
+    /// An idle client holds no buffer.
     fn read(&mut self, id: ConnId) {
         let Some(c) = self.clients.get(&id) else {
             return;
         };
+        let cmd = Cmd::ReadFrames(Framing::lines(MAX_LINE), LINES_PER_READ);
         let cmd = match self.idle {
-            Some(idle) => Cmd::ReadInternal.timeout(idle),
-            None => Cmd::ReadInternal,
+            Some(idle) => cmd.idle_timeout(idle),
+            None => cmd,
         };
         if submit(&c.conn, cmd).is_err() {
             self.leave(id, None);
@@ -241,38 +245,20 @@ impl Chat {
                     }
                 }
             }
-            (Op::Read, Ok(())) => self.input(id, c.data()),
-            (Op::Read, Err(Error::Deadline)) => self.leave(id, Some("! idle timeout\n")),
+            (Op::ReadFrames, Ok(())) => {
+                for line in c.buf.frames() {
+                    // Any line may make the client leave (/quit).
+                    if !self.clients.contains_key(&id) {
+                        return;
+                    }
+                    self.line(id, line);
+                }
+                self.read(id);
+            }
+            (Op::ReadFrames, Err(Error::IdleTimeout)) => self.leave(id, Some("! idle timeout\n")),
+            (Op::ReadFrames, Err(Error::FrameTooLong)) => self.leave(id, Some("! line too long\n")),
             // End of stream, reset, broken pipe, ...
             _ => self.leave(id, None),
-        }
-    }
-
-    /// Splits what a client sent into lines, keeping an unfinished one for the next read.
-    fn input(&mut self, id: ConnId, mut data: &[u8]) {
-        // Any line may make the client leave (/quit): check before each one.
-        while let Some(c) = self.clients.get_mut(&id) {
-            let Some(end) = data.iter().position(|&b| b == b'\n') else {
-                // As soon as 4097 bytes without a `\n` are here, the line is too long: the
-                // partial line never grows past MAX_LINE.
-                if c.partial.len() + data.len() > MAX_LINE {
-                    return self.leave(id, Some("! line too long\n"));
-                }
-                c.partial.extend_from_slice(data);
-                return self.read(id);
-            };
-            if c.partial.len() + end > MAX_LINE {
-                return self.leave(id, Some("! line too long\n"));
-            }
-            let line = &data[..end];
-            data = &data[end + 1..];
-            if c.partial.is_empty() {
-                self.line(id, line);
-            } else {
-                let mut whole = std::mem::take(&mut c.partial);
-                whole.extend_from_slice(line);
-                self.line(id, &whole);
-            }
         }
     }
 

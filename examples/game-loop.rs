@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use proactor::bytes::Bytes;
 use proactor::flume::{self, Receiver, Selector, TrySendError};
-use proactor::{Cmd, Completion, Conn, ConnId, Engine, Error, Op, SendError, Watcher};
+use proactor::{Cmd, Completion, Conn, ConnId, Engine, Error, Framing, Op, SendError, Watcher};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -77,8 +77,6 @@ struct Player {
     number: u64,
     x: i32,
     y: i32,
-    /// An unfinished input line.
-    partial: Vec<u8>,
     /// Writes submitted and not yet completed.
     writing: usize,
 }
@@ -121,7 +119,6 @@ impl Game {
             number: self.joined,
             x: 0,
             y: 0,
-            partial: Vec::new(),
             writing: 0,
         };
         self.players.insert(id, player);
@@ -177,28 +174,22 @@ impl Game {
                     p.writing -= 1;
                 }
             }
-            (Op::Read, Ok(())) => self.input(id, c.data()),
-            // End of stream, reset, or a write stuck for WRITE_TIMEOUT: the player goes.
+            (Op::ReadFrames, Ok(())) => {
+                for line in c.buf.frames() {
+                    self.input(id, line);
+                }
+                self.read(id);
+            }
+            // End of stream, reset, a line over MAX_LINE, or a write stuck for WRITE_TIMEOUT:
+            // the player goes.
             _ => self.remove(id),
         }
     }
 
-    fn input(&mut self, id: ConnId, mut data: &[u8]) {
-        while let Some(p) = self.players.get_mut(&id) {
-            let Some(end) = data.iter().position(|&b| b == b'\n') else {
-                if p.partial.len() + data.len() > MAX_LINE {
-                    return self.remove(id);
-                }
-                p.partial.extend_from_slice(data);
-                return self.read(id);
-            };
-            let mut line = std::mem::take(&mut p.partial);
-            line.extend_from_slice(&data[..end]);
-            data = &data[end + 1..];
-            if line.len() > MAX_LINE {
-                return self.remove(id);
-            }
-            match parse_move(&line) {
+    /// One input line (the watcher splits them, and refuses one over MAX_LINE).
+    fn input(&mut self, id: ConnId, line: &[u8]) {
+        if let Some(p) = self.players.get_mut(&id) {
+            match parse_move(line) {
                 Some((dx, dy)) => {
                     p.x = p.x.saturating_add(dx).clamp(-WORLD, WORLD);
                     p.y = p.y.saturating_add(dy).clamp(-WORLD, WORLD);
@@ -218,7 +209,9 @@ impl Game {
         let Some(p) = self.players.get(&id) else {
             return;
         };
-        if p.conn.send(Cmd::ReadInternal).is_err() {
+        // The whole lines that arrived, up to 64 at a time.
+        let lines = Cmd::ReadFrames(Framing::lines(MAX_LINE), 64);
+        if p.conn.send(lines).is_err() {
             self.remove(id);
         }
     }

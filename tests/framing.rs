@@ -282,6 +282,30 @@ fn end_of_stream_inside_a_frame_gives_the_partial_bytes() {
     assert!(c.is_eof() && c.n == 0, "{}", describe(&c));
 }
 
+/// A reset inside a frame fails the framed read with the socket's error; as on the socket,
+/// the next read sees end of stream, and gets the bytes of the unfinished frame with it:
+/// none is lost.
+#[test]
+fn a_reset_inside_a_frame_fails_the_read() {
+    let (watcher, conn, mut client) = watcher_pair();
+    conn.send(Cmd::ReadFrame(Framing::lines(100)).tag(1))
+        .unwrap();
+    conn.send(Cmd::ReadFrame(Framing::lines(100)).tag(2))
+        .unwrap();
+    let mut sent = 0;
+    send_and_wait_read(&watcher, &mut client, b"half a li", &mut sent);
+    set_linger_zero(&client);
+    drop(client);
+    let got = collect(&watcher, 2, TIMEOUT);
+    assert_eq!(got[0].tag, 1);
+    match &got[0].result {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        _ => panic!("{}", describe(&got[0])),
+    }
+    assert!(got[1].is_eof(), "{}", describe(&got[1]));
+    assert_eq!((got[1].tag, got[1].data()), (2, &b"half a li"[..]));
+}
+
 struct Panics;
 
 impl Decoder for Panics {

@@ -448,22 +448,24 @@ impl Uring {
                 let before = sink.made;
                 let rest = reads::serve(st, ops, sink, arena.chunk, kept, budget);
                 Core::keep_leftover(leftover, id, st, rest);
-                if st.is(LEFTOVER) {
-                    // No read can use what is left yet (or the budget is spent): it waits,
-                    // or, at the end of the stream, goes to the reads as partial bytes.
-                    st.set(PARTIAL, *budget > 0);
-                    if *budget == 0 {
-                        return false;
-                    }
-                    if sink.made == before {
-                        if st.is(EOF) {
-                            let partial = Core::take_leftover(leftover, id, st);
-                            reads::end(st, ops, sink, partial);
-                        }
-                        return false;
-                    }
+                if !st.is(LEFTOVER) || sink.made != before && *budget > 0 {
+                    continue;
                 }
-                continue;
+                // No read can use what is left yet (or the budget is spent): it waits for
+                // more bytes, unless none will come: at the end of the stream it goes to the
+                // reads as partial bytes; an error goes to the next read.
+                st.set(PARTIAL, *budget > 0);
+                if *budget == 0 {
+                    return false;
+                }
+                if st.is(EOF) {
+                    let partial = Core::take_leftover(leftover, id, st);
+                    reads::end(st, ops, sink, partial);
+                    return false;
+                }
+                if !self.errors.contains_key(&id) {
+                    return false;
+                }
             }
             if let Some(e) = self.errors.remove(&id) {
                 st.set(READABLE, false);
