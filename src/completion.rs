@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 
-use crate::{Conn, Error};
+use crate::{Conn, Error, Frames};
 
 /// Which kind of operation a [`Completion`] finishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,7 +47,7 @@ pub enum Buf {
     /// a frame.
     Bytes(Bytes),
     /// The frames of a [`Cmd::ReadFrames`](crate::Cmd::ReadFrames), in order.
-    Frames(Vec<Bytes>),
+    Frames(Frames),
     /// The socket handed back by [`Cmd::Detach`](crate::Cmd::Detach), and the bytes the
     /// watcher had already taken from it that no read consumed (the rest of a frame begun,
     /// say): they come before anything still in the socket. `n` is their length.
@@ -69,12 +69,22 @@ impl Buf {
         }
     }
 
-    /// The frames of a `ReadFrames` (empty otherwise).
+    /// The frames of a `ReadFrames` (none otherwise).
     #[inline]
-    pub fn frames(&self) -> &[Bytes] {
+    pub fn frames(&self) -> &Frames {
+        static NONE: Frames = Frames::NONE;
         match self {
             Buf::Frames(f) => f,
-            _ => &[],
+            _ => &NONE,
+        }
+    }
+
+    /// The frames of a `ReadFrames`, if this is one.
+    #[inline]
+    pub fn into_frames(self) -> Option<Frames> {
+        match self {
+            Buf::Frames(f) => Some(f),
+            _ => None,
         }
     }
 

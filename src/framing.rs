@@ -7,6 +7,8 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 /// How to cut a connection's byte stream into frames: lines, length-prefixed frames, or a
 /// [`Decoder`] of your own. Each has a maximum frame length: a frame longer than that
 /// completes its read with [`Error::FrameTooLong`](crate::Error::FrameTooLong), as soon as
@@ -205,7 +207,7 @@ impl Framing {
             Kind::Delimited { delim, strip_cr } => {
                 // Only the first max + 1 bytes matter: a line that long is too long.
                 let window = &buf[..buf.len().min(self.max.saturating_add(1))];
-                match memchr(*delim, window) {
+                match memchr::memchr(*delim, window) {
                     Some(end) => {
                         let stop = if *strip_cr && end > 0 && buf[end - 1] == b'\r' {
                             end - 1
@@ -299,6 +301,58 @@ impl Framing {
 
     /// The bytes a frame found too long is dropped with: the `max + 1` bytes of a line that
     /// proved it, a length prefix; a decoder's frame: everything buffered.
+    /// Frames at the start of `buf`, one after the other, at most `limit` of them: each
+    /// goes to `frame` (its range within `buf`). Returns how many bytes they took, and what
+    /// stopped the parse short of `limit` frames (`None`: the limit, or `buf` used up
+    /// exactly; otherwise what [`parse`](Framing::parse) said at the byte where it stopped).
+    /// Delimited frames are found in one pass over the bytes.
+    pub(crate) fn parse_many(
+        &self,
+        buf: &[u8],
+        limit: usize,
+        mut frame: impl FnMut(Range<usize>),
+    ) -> (usize, Option<Parsed>) {
+        let (mut at, mut found) = (0, 0);
+        if let Kind::Delimited { delim, strip_cr } = self.kind {
+            for end in memchr::memchr_iter(delim, buf) {
+                if found == limit {
+                    return (at, None);
+                }
+                if end - at > self.max {
+                    return (at, Some(Parsed::TooLong));
+                }
+                let stop = if strip_cr && end > at && buf[end - 1] == b'\r' {
+                    end - 1
+                } else {
+                    end
+                };
+                frame(at..stop);
+                found += 1;
+                at = end + 1;
+            }
+            if found == limit || at == buf.len() {
+                return (at, None);
+            }
+            let stopped = if buf.len() - at > self.max {
+                Parsed::TooLong
+            } else {
+                Parsed::Need(1)
+            };
+            return (at, Some(stopped));
+        }
+        while found < limit && at < buf.len() {
+            match self.parse(&buf[at..]) {
+                Parsed::Frame { frame: f, consumed } => {
+                    frame(at + f.start..at + f.end);
+                    found += 1;
+                    at += consumed;
+                }
+                stopped => return (at, Some(stopped)),
+            }
+        }
+        (at, None)
+    }
+
     pub(crate) fn proof_len(&self) -> usize {
         match &self.kind {
             Kind::Delimited { .. } => self.max.saturating_add(1),
@@ -306,12 +360,6 @@ impl Framing {
             Kind::Custom(_) => usize::MAX,
         }
     }
-}
-
-/// The position of the first `b` in `hay`.
-#[inline]
-fn memchr(b: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&x| x == b)
 }
 
 impl fmt::Debug for Framing {
@@ -350,6 +398,43 @@ mod tests {
         match p {
             Parsed::Frame { frame, consumed } => (buf[frame].to_vec(), consumed),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// `parse_many` one frame after another with `parse`, the slow way.
+    fn parse_many_slowly(
+        f: &Framing,
+        buf: &[u8],
+        limit: usize,
+    ) -> (Vec<Range<usize>>, usize, Option<Parsed>) {
+        let (mut frames, mut at) = (Vec::new(), 0);
+        while frames.len() < limit && at < buf.len() {
+            match f.parse(&buf[at..]) {
+                Parsed::Frame { frame, consumed } => {
+                    frames.push(at + frame.start..at + frame.end);
+                    at += consumed;
+                }
+                stopped => return (frames, at, Some(stopped)),
+            }
+        }
+        (frames, at, None)
+    }
+
+    proptest::proptest! {
+        /// The one-pass split of delimited frames finds what frame-by-frame parsing finds,
+        /// and stops where and why it stops.
+        #[test]
+        fn parse_many_agrees_with_parse(
+            buf in proptest::collection::vec(proptest::sample::select(b"ab\r\n".to_vec()), 0..200),
+            max in 0usize..12,
+            limit in 1usize..20,
+            strip_cr: bool,
+        ) {
+            let f = Framing::lines(max).strip_cr(strip_cr);
+            let mut frames = Vec::new();
+            let (at, stopped) = f.parse_many(&buf, limit, |r| frames.push(r));
+            let (want, want_at, want_stopped) = parse_many_slowly(&f, &buf, limit);
+            proptest::prop_assert_eq!((frames, at, stopped), (want, want_at, want_stopped));
         }
     }
 
@@ -444,3 +529,170 @@ mod tests {
         assert!(matches!(f.parse(b"xy"), Parsed::Invalid(_)));
     }
 }
+
+/// The frames a [`Cmd::ReadFrames`](crate::Cmd::ReadFrames) took, in order: one shared
+/// [`Bytes`] and where each frame lies in it, so that looking at a frame costs nothing and
+/// taking one as `Bytes` of its own ([`Frames::bytes`], or iterating by value) costs one
+/// reference count, not a copy.
+///
+/// ```
+/// # use proactor::bytes::Bytes;
+/// # use proactor::Frames;
+/// # fn demo(frames: &Frames) {
+/// for line in frames {
+///     // `line` is a `&[u8]`, without its delimiter.
+///     println!("{}", String::from_utf8_lossy(line));
+/// }
+/// let first: Option<Bytes> = frames.bytes(0); // kept beyond the completion, no copy
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Frames {
+    data: Bytes,
+    spans: Vec<(usize, usize)>,
+}
+
+impl Frames {
+    pub(crate) const NONE: Frames = Frames {
+        data: Bytes::new(),
+        spans: Vec::new(),
+    };
+
+    /// No frames, over `data`; frames are pushed as ranges of it.
+    pub(crate) fn over(data: Bytes, capacity: usize) -> Frames {
+        Frames {
+            data,
+            spans: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub(crate) fn push(&mut self, frame: Range<usize>) {
+        self.spans.push((frame.start, frame.end));
+    }
+
+    /// Ends the frames at `consumed` bytes of the data they lie in.
+    pub(crate) fn truncate_data(&mut self, consumed: usize) {
+        self.data.truncate(consumed);
+    }
+
+    /// How many frames there are.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Whether there are none.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Frame `i`, if there is one.
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        let &(start, end) = self.spans.get(i)?;
+        Some(&self.data[start..end])
+    }
+
+    /// Frame `i` as [`Bytes`] of its own, sharing the memory (no copy), if there is one.
+    #[inline]
+    pub fn bytes(&self, i: usize) -> Option<Bytes> {
+        let &(start, end) = self.spans.get(i)?;
+        Some(self.data.slice(start..end))
+    }
+
+    /// The frames, in order, as byte slices.
+    #[inline]
+    pub fn iter(&self) -> FramesIter<'_> {
+        FramesIter {
+            frames: self,
+            next: 0,
+        }
+    }
+
+    /// Their total length (delimiters and headers not counted).
+    pub fn total_len(&self) -> usize {
+        self.spans.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+impl fmt::Debug for Frames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Frames({} frames, {} bytes)",
+            self.len(),
+            self.total_len()
+        )
+    }
+}
+
+impl<'a> IntoIterator for &'a Frames {
+    type Item = &'a [u8];
+    type IntoIter = FramesIter<'a>;
+
+    fn into_iter(self) -> FramesIter<'a> {
+        self.iter()
+    }
+}
+
+/// The frames as [`Bytes`] each, sharing the memory.
+impl IntoIterator for Frames {
+    type Item = Bytes;
+    type IntoIter = FramesIntoIter;
+
+    fn into_iter(self) -> FramesIntoIter {
+        FramesIntoIter {
+            data: self.data,
+            spans: self.spans.into_iter(),
+        }
+    }
+}
+
+/// The frames of a [`Frames`], in order, as [`Bytes`] each (sharing the memory).
+#[derive(Debug)]
+pub struct FramesIntoIter {
+    data: Bytes,
+    spans: std::vec::IntoIter<(usize, usize)>,
+}
+
+impl Iterator for FramesIntoIter {
+    type Item = Bytes;
+
+    #[inline]
+    fn next(&mut self) -> Option<Bytes> {
+        let (start, end) = self.spans.next()?;
+        Some(self.data.slice(start..end))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.spans.size_hint()
+    }
+}
+
+impl ExactSizeIterator for FramesIntoIter {}
+
+/// The frames of a [`Frames`], in order, as byte slices.
+#[derive(Debug, Clone)]
+pub struct FramesIter<'a> {
+    frames: &'a Frames,
+    next: usize,
+}
+
+impl<'a> Iterator for FramesIter<'a> {
+    type Item = &'a [u8];
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let f = self.frames.get(self.next)?;
+        self.next += 1;
+        Some(f)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.frames.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for FramesIter<'_> {}

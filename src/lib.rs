@@ -172,7 +172,7 @@ pub use conn::{Conn, ConnId};
 pub use engine::{Engine, EngineKind, Unavailable};
 pub use error::{Error, RegisterError, SendError};
 pub use flume;
-pub use framing::{Decoded, Decoder, Framing};
+pub use framing::{Decoded, Decoder, Frames, FramesIntoIter, FramesIter, Framing};
 pub use net::{reuseport_listener, tcp_listener, Connect};
 pub use pool::{Pool, PoolBuilder};
 pub use stats::Stats;

@@ -188,8 +188,15 @@ proptest! {
                     Op::ReadFrames => {
                         let frames = c.buf.frames();
                         prop_assert!(!frames.is_empty() && frames.len() <= batch);
-                        prop_assert_eq!(c.n, frames.iter().map(Bytes::len).sum::<usize>());
-                        got.extend(frames.iter().cloned());
+                        prop_assert_eq!(c.n, frames.iter().map(<[u8]>::len).sum::<usize>());
+                        // Looked at in place, or taken as `Bytes` each: the same frames.
+                        let looked: Vec<Vec<u8>> = frames.iter().map(<[u8]>::to_vec).collect();
+                        let taken: Vec<Bytes> = c.buf.into_frames().unwrap().into_iter().collect();
+                        prop_assert_eq!(looked.len(), taken.len());
+                        for (l, t) in looked.iter().zip(&taken) {
+                            prop_assert_eq!(&l[..], &t[..]);
+                        }
+                        got.extend(taken);
                     }
                     op => prop_assert!(false, "{:?}", op),
                 }
@@ -409,7 +416,10 @@ fn read_frames_takes_every_whole_frame_up_to_its_maximum() {
         let c = collect_one(&watcher, TIMEOUT);
         assert!(c.is_ok(), "{}", describe(&c));
         counts.push(c.buf.frames().len());
-        frames.extend(c.buf.frames().iter().cloned());
+        let f = c.buf.frames();
+        assert_eq!(f.bytes(f.len() - 1).as_deref(), f.get(f.len() - 1));
+        assert!(f.get(f.len()).is_none() && f.bytes(f.len()).is_none());
+        frames.extend(f.iter().map(Bytes::copy_from_slice));
     }
     assert_eq!(counts, [64, 36]);
     for (i, f) in frames.iter().enumerate() {

@@ -10,7 +10,7 @@ use super::{ConnState, Pending, Sink, PARKED};
 use crate::cmd::Kind;
 use crate::fifo::Slab;
 use crate::framing::Parsed;
-use crate::{Buf, Error};
+use crate::{Buf, Error, Frames};
 
 /// Gives `bytes` (received, not taken yet: an arena slice, or what a connection kept) to the
 /// reads pending of `st`, in order, completing at most `budget` of them: an internal read
@@ -78,35 +78,32 @@ pub(super) fn serve(
                 }
             },
             Kind::ReadFrames(framing, max) => {
-                let mut frames = Vec::new();
-                let mut failed = None;
-                while frames.len() < *max as usize && !bytes.is_empty() {
-                    match framing.parse(&bytes) {
-                        Parsed::Frame { frame, consumed } => {
-                            frames.push(bytes.slice(frame));
-                            bytes.advance(consumed);
-                        }
-                        Parsed::Need(_) => break,
-                        // An error after frames: those complete, the error waits for the
-                        // next framed read (its bytes are still here).
-                        _ if !frames.is_empty() => break,
-                        Parsed::TooLong => {
-                            bytes.advance(too_long_drop(framing, &bytes));
-                            failed = Some(Error::FrameTooLong);
-                            break;
-                        }
-                        Parsed::Invalid(why) => {
-                            bytes.clear();
-                            failed = Some(Error::BadFrame(why));
-                            break;
-                        }
+                // Frames as ranges of `bytes`, cut off once at the end: one reference to the
+                // shared memory for the lot, however many frames.
+                let max = *max as usize;
+                let mut frames = Frames::over(bytes.clone(), max.min(bytes.len() / 64 + 1));
+                let (mut at, stopped) = framing.parse_many(&bytes, max, |f| frames.push(f));
+                let failed = match stopped {
+                    // An error after frames: those complete, the error waits for the next
+                    // framed read (its bytes are still here).
+                    _ if !frames.is_empty() => None,
+                    Some(Parsed::TooLong) => {
+                        at += too_long_drop(framing, &bytes[at..]);
+                        Some(Error::FrameTooLong)
                     }
-                }
+                    Some(Parsed::Invalid(why)) => {
+                        at = bytes.len();
+                        Some(Error::BadFrame(why))
+                    }
+                    _ => None,
+                };
+                bytes.advance(at);
                 match (failed, frames.is_empty()) {
                     (Some(e), _) => Some((Err(e), None)),
                     (None, true) => None,
                     (None, false) => {
-                        p.done = frames.iter().map(Bytes::len).sum();
+                        frames.truncate_data(at);
+                        p.done = frames.total_len();
                         Some((Ok(()), Some(Buf::Frames(frames))))
                     }
                 }

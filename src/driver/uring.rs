@@ -566,9 +566,13 @@ impl Parts<'_> {
                         return self.settle_if_done(core, id);
                     }
                     let want = wanted(st, ops, arena.chunk) as usize;
-                    // (An internal read is topped up; a read into a caller's buffer takes
-                    // what came, as a short read of the socket would give it.)
-                    let internal = matches!(next_read(st, ops), Some(Kind::ReadInternal));
+                    // (An internal read, or a batch of frames, is topped up; a read into a
+                    // caller's buffer takes what came, as a short read of the socket would
+                    // give it.)
+                    let internal = matches!(
+                        next_read(st, ops),
+                        Some(Kind::ReadInternal | Kind::ReadFrames(..))
+                    );
                     let budget = self.fed.entry(id).or_insert(BUDGET);
                     let kept = Core::take_leftover(leftover, id, st);
                     let mut data = data;
