@@ -149,6 +149,9 @@ const LEFTOVER: Flags = 1 << 12;
 /// What `LEFTOVER` holds is all the read at the head can use until more bytes arrive (a
 /// frame's beginning): the leftover alone does not make the connection runnable.
 const PARTIAL: Flags = 1 << 13;
+/// What `LEFTOVER` holds is a copy of its own (small bytes copied out of the arena), not a
+/// slice of the arena: what remains of it after a read is not copied again.
+const OWNED: Flags = 1 << 14;
 
 /// What the poller keeps per connection. Its size is most of what an idle connection costs
 /// (docs/benchmarks.md), hence the parked read, the millisecond progress stamps and the flags
@@ -691,14 +694,26 @@ impl Core {
         leftover.remove(&id)
     }
 
-    /// Keeps `rest` (bytes no read took) for connection `id`'s next reads. A small rest is
-    /// copied out of the arena, so that an idle connection pins no arena chunk.
-    fn keep_leftover(leftover: &mut HashMap<Key, Bytes>, id: Key, st: &mut ConnState, rest: Bytes) {
+    /// Keeps `rest` (bytes no read took) for connection `id`'s next reads: `received` says
+    /// whether they hold bytes just received into the arena, or are what remains of those
+    /// the connection kept before. A small rest is copied out of the arena, once, so that an
+    /// idle connection pins no arena chunk.
+    fn keep_leftover(
+        leftover: &mut HashMap<Key, Bytes>,
+        id: Key,
+        st: &mut ConnState,
+        rest: Bytes,
+        received: bool,
+    ) {
         st.set(PARTIAL, false);
+        if received {
+            st.set(OWNED, false);
+        }
         if rest.is_empty() {
             return;
         }
-        let rest = if rest.len() <= SMALL_LEFTOVER {
+        let rest = if rest.len() <= SMALL_LEFTOVER && !st.is(OWNED) {
+            st.set(OWNED, true);
             Bytes::copy_from_slice(&rest)
         } else {
             rest

@@ -67,7 +67,7 @@ impl Engine for Readiness {
         if st.is(LEFTOVER) && !reads_held(st, ops) {
             let kept = Core::take_leftover(leftover, id, st).expect("LEFTOVER");
             let rest = reads::serve(st, ops, sink, arena.chunk, kept, &mut budget);
-            Core::keep_leftover(leftover, id, st, rest);
+            Core::keep_leftover(leftover, id, st, rest, false);
             // What is left waits for more bytes, unless the budget cut the serving short.
             st.set(PARTIAL, st.is(LEFTOVER) && budget > 0);
         }
@@ -165,11 +165,11 @@ fn do_reads(
             let (res, asked, bytes) = arena_recv_after(arena, fd, kept, &mut sink.stats);
             match read_outcome(st, res, asked, &mut sink.stats) {
                 // Drained: what was kept is kept.
-                None => Core::keep_leftover(leftover, id, st, bytes),
+                None => Core::keep_leftover(leftover, id, st, bytes, false),
                 Some(Ok(_)) => {
                     let before = *budget;
                     let rest = reads::serve(st, ops, sink, arena.chunk, bytes, budget);
-                    Core::keep_leftover(leftover, id, st, rest);
+                    Core::keep_leftover(leftover, id, st, rest, true);
                     st.set(PARTIAL, st.is(LEFTOVER) && *budget > 0);
                     if *budget == before {
                         // (A syscall's worth of the budget, even when no frame completed:
@@ -182,7 +182,7 @@ fn do_reads(
                     break;
                 }
                 Some(Err(e)) => {
-                    Core::keep_leftover(leftover, id, st, bytes);
+                    Core::keep_leftover(leftover, id, st, bytes, false);
                     let p = ops.pop_front(&mut st.reads).expect("front exists");
                     *budget -= 1;
                     sink.complete(st, p, Err(e), None);

@@ -33,8 +33,8 @@ use slotmap::{Key as _, KeyData};
 
 use super::{
     is_resource_error, reads, reads_held, stamp, write_head, Arena, ConnState, Core, Engine,
-    Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING, EOF, LEFTOVER, LISTENER, PARKED,
-    PARTIAL, PAUSED, READABLE, SENDING,
+    Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING, EOF, LEFTOVER, LISTENER, OWNED,
+    PARKED, PARTIAL, PAUSED, READABLE, SENDING,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
@@ -447,7 +447,7 @@ impl Uring {
             if let Some(kept) = Core::take_leftover(leftover, id, st) {
                 let before = sink.made;
                 let rest = reads::serve(st, ops, sink, arena.chunk, kept, budget);
-                Core::keep_leftover(leftover, id, st, rest);
+                Core::keep_leftover(leftover, id, st, rest, false);
                 if !st.is(LEFTOVER) || sink.made != before && *budget > 0 {
                     continue;
                 }
@@ -561,7 +561,7 @@ impl Parts<'_> {
                         if let Some(Retire::Detach(..)) = closing.get(&id) {
                             let kept = Core::take_leftover(leftover, id, st).unwrap_or_default();
                             let bytes = arena.concat(&[&kept, data], &mut sink.stats);
-                            Core::keep_leftover(leftover, id, st, bytes);
+                            Core::keep_leftover(leftover, id, st, bytes, true);
                         }
                         return self.settle_if_done(core, id);
                     }
@@ -597,13 +597,14 @@ impl Parts<'_> {
                             // is on its way.)
                             st.set(LEFTOVER, true);
                             st.set(PARTIAL, false);
+                            st.set(OWNED, false);
                             leftover.insert(id, bytes);
                             let more = (want - total).min(u32::MAX as usize) as u32;
                             self.rearms.push((st.fd.as_raw_fd(), idx, more));
                             st.set(ARMED, true);
                         } else {
                             let rest = reads::serve(st, ops, sink, arena.chunk, bytes, budget);
-                            Core::keep_leftover(leftover, id, st, rest);
+                            Core::keep_leftover(leftover, id, st, rest, true);
                             // What is left waits for more bytes, unless the budget cut the
                             // serving short.
                             st.set(PARTIAL, st.is(LEFTOVER) && *budget > 0);
