@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::completion::{Buf, Op};
-use crate::Framing;
+use crate::{Framing, PeerAddr};
 
 /// A command for one connection: read, read-full, write, accept, shutdown, free or detach,
 /// with an optional deadline, idle timeout and user tag. (A connect is no command: it is
@@ -41,6 +41,9 @@ pub(crate) enum Kind {
     ReadInternal,
     ReadFull(Vec<u8>),
     Write(Bytes),
+    /// A datagram to an address (boxed: rarer than the others, and the address is as large
+    /// as the rest of an operation).
+    SendTo(Bytes, Box<PeerAddr>),
     ReadFrame(Framing),
     /// Up to this many frames (at least 1).
     ReadFrames(Framing, u32),
@@ -132,6 +135,24 @@ impl Cmd {
     /// `Bytes`...). Writes queued on one connection go out in order, several per `writev`.
     pub fn Write(buf: impl Into<Bytes>) -> Cmd {
         plain(Kind::Write(buf.into()))
+    }
+
+    /// Sends `buf` as one datagram to `to`, on a datagram socket that is not connected (a
+    /// `UdpSocket`, a `UnixDatagram`): `SendTo(addr, "ping")`. The completion gives the
+    /// buffer back, and the address in [`Completion::peer`](crate::Completion::peer).
+    ///
+    /// Datagrams queued on one socket go out in order, one datagram per command (several
+    /// per system call: `sendmmsg`), never merged. An empty `buf` is an empty datagram.
+    ///
+    /// # Errors (in the completion)
+    ///
+    /// The system call's, for this datagram alone: `EMSGSIZE` (larger than the socket can
+    /// send), `EISCONN` on a connected socket (use [`Cmd::Write`]), `ECONNREFUSED` when an
+    /// ICMP error of an earlier datagram came back; [`Error::Unsupported`] on a stream.
+    ///
+    /// [`Error::Unsupported`]: crate::Error::Unsupported
+    pub fn SendTo(to: impl Into<PeerAddr>, buf: impl Into<Bytes>) -> Cmd {
+        plain(Kind::SendTo(buf.into(), Box::new(to.into())))
     }
 
     /// Closes the connection now: pending operations complete with
@@ -227,7 +248,9 @@ impl Cmd {
         matches!(self.kind, Kind::Free | Kind::Detach)
     }
 
-    /// `true` for a command that would do nothing: an empty write, or a read into an empty buffer.
+    /// `true` for a command that would do nothing on a stream: an empty write, or a read into
+    /// an empty buffer. (On a datagram socket both mean something: an empty datagram, a
+    /// datagram received and dropped.)
     pub(crate) fn is_empty_io(&self) -> bool {
         match &self.kind {
             Kind::Read(b) | Kind::ReadFull(b) => b.is_empty(),
@@ -245,6 +268,7 @@ impl Kind {
             Kind::ReadFrame(_) => Op::ReadFrame,
             Kind::ReadFrames(..) => Op::ReadFrames,
             Kind::Write(_) => Op::Write,
+            Kind::SendTo(..) => Op::SendTo,
             Kind::Free => Op::Free,
             Kind::Detach => Op::Detach,
             Kind::Accept => Op::Accept,
@@ -254,10 +278,16 @@ impl Kind {
     }
 
     pub(crate) fn into_buf(self) -> Buf {
+        self.into_parts().0
+    }
+
+    /// The buffer, and the address of a `SendTo`.
+    pub(crate) fn into_parts(self) -> (Buf, Option<PeerAddr>) {
         match self {
-            Kind::Read(b) | Kind::ReadFull(b) => Buf::Vec(b),
-            Kind::Write(b) => Buf::Bytes(b),
-            _ => Buf::None,
+            Kind::Read(b) | Kind::ReadFull(b) => (Buf::Vec(b), None),
+            Kind::Write(b) => (Buf::Bytes(b), None),
+            Kind::SendTo(b, to) => (Buf::Bytes(b), Some(*to)),
+            _ => (Buf::None, None),
         }
     }
 }
@@ -266,7 +296,7 @@ impl fmt::Debug for Cmd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let len = match &self.kind {
             Kind::Read(b) | Kind::ReadFull(b) => b.len(),
-            Kind::Write(b) => b.len(),
+            Kind::Write(b) | Kind::SendTo(b, _) => b.len(),
             _ => 0,
         };
         f.debug_struct("Cmd")

@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 
-use crate::{Conn, Error, Frames};
+use crate::{Conn, Error, Frames, PeerAddr};
 
 /// Which kind of operation a [`Completion`] finishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -21,6 +21,8 @@ pub enum Op {
     ReadFrames,
     /// [`Cmd::Write`](crate::Cmd::Write).
     Write,
+    /// [`Cmd::SendTo`](crate::Cmd::SendTo).
+    SendTo,
     /// [`Cmd::Free`](crate::Cmd::Free).
     Free,
     /// [`Cmd::Detach`](crate::Cmd::Detach).
@@ -132,7 +134,7 @@ impl Buf {
     /// larger than the reads that asked for it, left some).
     ///
     /// ```no_run
-    /// # use proactor::{Buf, Completion};
+    /// # use proactor::Completion;
     /// # #[allow(dead_code)]
     /// # fn demo(c: Completion) {
     /// if let Some((fd, unread)) = c.buf.into_detached() {
@@ -171,6 +173,9 @@ pub struct Completion {
     pub n: usize,
     /// `Ok(())` if the operation did all it was asked; otherwise why it stopped.
     pub result: Result<(), Error>,
+    /// On a datagram socket: who sent the datagram a read received, or where a
+    /// [`Cmd::SendTo`](crate::Cmd::SendTo) sent one. `None` for everything else.
+    pub peer: Option<PeerAddr>,
 }
 
 impl Completion {

@@ -53,6 +53,8 @@ pub(crate) struct ConnInner {
     /// The operations completed, modulo 2^31. Written only by the poller (the one thread
     /// driving the watcher), so it too is a plain store. `sent - done` is what is in flight.
     pub(crate) done: AtomicU32,
+    /// A datagram socket (`Watcher::register` of a `UdpSocket`, a `UnixDatagram`).
+    pub(crate) datagram: bool,
 }
 
 /// The bit of `sent` saying `Free` or `Detach` was accepted; the bits below count operations.
@@ -61,10 +63,11 @@ pub(crate) const FREED: u32 = 1 << 31;
 pub(crate) const COUNT: u32 = FREED - 1;
 
 impl Conn {
-    pub(crate) fn new(id: Key, shared: Arc<Shared>) -> Conn {
+    pub(crate) fn new(id: Key, shared: Arc<Shared>, datagram: bool) -> Conn {
         let inner = ConnInner {
             id,
             shared,
+            datagram,
             sent: AtomicU32::new(0),
             done: AtomicU32::new(0),
         };
@@ -113,7 +116,7 @@ impl Conn {
     /// [`WatcherBuilder::max_ops_per_conn`]: crate::WatcherBuilder::max_ops_per_conn
     #[inline]
     pub fn send(&self, cmd: Cmd) -> Result<(), SendError> {
-        if cmd.is_empty_io() {
+        if cmd.is_empty_io() && !self.inner.datagram {
             return Err(SendError::EmptyBuffer(cmd));
         }
         self.inner.shared.submit(self, cmd)

@@ -128,7 +128,9 @@ impl Stalled {
 }
 
 /// Posts `c` to a bounded channel without waiting: `Ok(true)` delivered, `Ok(false)` dropped
-/// for lack of a receiver (counted done either way), `Err(c)` full.
+/// for lack of a receiver (counted done either way), `Err(c)` full. (The completion comes
+/// back by value, as `try_send` gives it: no allocation to box it on this path.)
+#[allow(clippy::result_large_err)]
 fn try_bounded(to: &flume::Sender<Completion>, c: Completion) -> Result<bool, Completion> {
     // The handle is needed after `try_send` took the completion; only bounded channels pay
     // for the clone.

@@ -40,6 +40,21 @@ pub enum Error {
     /// that said `Invalid` (its message) or panicked.
     #[error("bad frame: {0}")]
     BadFrame(String),
+    /// A datagram was longer than the read's buffer: `n` bytes of it were read, the rest is
+    /// lost (datagrams are read whole or cut). `len` is its length, where the OS tells
+    /// (Linux does). An internal read's buffer is the watcher's
+    /// [`buffer_size`](crate::WatcherBuilder::buffer_size), 64 KiB by default, which holds
+    /// any UDP datagram.
+    #[error("datagram truncated: {} bytes did not fit", match len { Some(l) => l.to_string(), None => "some".into() })]
+    Truncated {
+        /// The datagram's whole length, if known.
+        len: Option<usize>,
+    },
+    /// The command cannot work on this kind of socket: `ReadFull`, `ReadFrame`,
+    /// `ReadFrames`, `Accept` or `Shutdown` on a datagram socket, `SendTo` on a stream. Says
+    /// which, and what to use instead.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The system call failed.
     #[error(transparent)]
     Io(#[from] io::Error),

@@ -538,12 +538,14 @@ mod tests {
 /// ```
 /// # use proactor::bytes::Bytes;
 /// # use proactor::Frames;
+/// # #[allow(dead_code)]
 /// # fn demo(frames: &Frames) {
 /// for line in frames {
 ///     // `line` is a `&[u8]`, without its delimiter.
 ///     println!("{}", String::from_utf8_lossy(line));
 /// }
 /// let first: Option<Bytes> = frames.bytes(0); // kept beyond the completion, no copy
+/// # drop(first);
 /// # }
 /// ```
 #[derive(Clone, Default)]

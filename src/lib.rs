@@ -148,6 +148,7 @@
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
+mod addr;
 mod cmd;
 mod completion;
 mod conn;
@@ -165,6 +166,7 @@ mod stats;
 mod sys;
 mod watcher;
 
+pub use addr::PeerAddr;
 pub use bytes;
 pub use cmd::Cmd;
 pub use completion::{Buf, Completion, Mailbox, Op};

@@ -19,6 +19,16 @@ use crate::{
     sys, Cmd, Completion, Conn, Connect, EngineKind, Error, RegisterError, SendError, Unavailable,
 };
 
+/// What a registered socket is for: which operations can succeed on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Stream,
+    /// A listening stream socket: only `Accept` can succeed on it.
+    Listener,
+    /// A datagram socket: reads and writes move whole datagrams.
+    Datagram,
+}
+
 /// Control messages: never refused (only after shutdown), so a drop never leaks a socket.
 pub(crate) enum Ctl {
     /// A new socket; `connect` is the pending connect of one made by `Watcher::connect`.
@@ -28,8 +38,7 @@ pub(crate) enum Ctl {
         connect: Option<(Conn, Connect)>,
         /// `None` for the common case: the watcher's mailbox, no pool.
         route: Option<Box<Route>>,
-        /// A listening socket (only `Accept` can succeed on it).
-        listener: bool,
+        role: Role,
     },
     Release(Key),
     /// A `Free` or `Detach` that found the command queue full (`Shared::submit`).
@@ -319,7 +328,7 @@ impl Shared {
         fd: OwnedFd,
         connect: Option<Connect>,
         route: Route,
-        listener: bool,
+        role: Role,
     ) -> Result<Conn, RegisterError> {
         let id = self.ids().insert(());
         let forget = |id| {
@@ -334,7 +343,7 @@ impl Shared {
                 return Err(RegisterError::new(e, fd));
             }
         }
-        let conn = Conn::new(id, self.clone());
+        let conn = Conn::new(id, self.clone(), role == Role::Datagram);
         let connect = connect.map(|to| {
             // The connect is an operation in flight like any other (no other thread has
             // the handle yet; the control message's lock publishes the count).
@@ -347,7 +356,7 @@ impl Shared {
             fd,
             connect,
             route,
-            listener,
+            role,
         }) {
             Ok(()) => {
                 self.live.fetch_add(1, SeqCst);

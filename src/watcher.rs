@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 #[cfg(all(target_os = "linux", feature = "uring"))]
 use crate::driver::Uring;
 use crate::driver::{AnyDriver, Core, Driver, Readiness, WAKER_TOKEN};
-use crate::shared::{EndRounds, Route, Shared};
+use crate::shared::{EndRounds, Role, Route, Shared};
 use crate::stats::Stats;
 use crate::{
     sys, Completion, Conn, Connect, Engine, EngineKind, Error, Mailbox, RegisterError, Unavailable,
@@ -414,11 +414,35 @@ impl Watcher {
     /// the kernel whether the socket listens, and a listener then works as with
     /// [`listen`](Watcher::listen).
     ///
+    /// Datagram sockets too ([`UdpSocket`](std::net::UdpSocket),
+    /// [`UnixDatagram`](std::os::unix::net::UnixDatagram), any `SOCK_DGRAM` socket),
+    /// connected or not: there every read completes with one datagram and its sender
+    /// ([`Completion::peer`](crate::Completion::peer)), a datagram longer than the buffer
+    /// with [`Error::Truncated`], every [`Cmd::Write`] sends one datagram to the connected
+    /// peer and [`Cmd::SendTo`] one to an address; the commands of streams (`ReadFull`,
+    /// framed reads, `Accept`, `Shutdown`) fail with [`Error::Unsupported`].
+    ///
+    /// ```no_run
+    /// # use proactor::{Cmd, Watcher};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let watcher = Watcher::new()?;
+    /// let udp = watcher.register(std::net::UdpSocket::bind("127.0.0.1:9000")?)?;
+    /// udp.send(Cmd::ReadInternal)?;
+    /// let mut batch = Vec::new();
+    /// watcher.wait_io(&mut batch)?;
+    /// for c in batch.drain(..) {
+    ///     // Echo the datagram to whoever sent it.
+    ///     let from = c.peer.clone().expect("a datagram's sender");
+    ///     udp.send(Cmd::SendTo(from, c.into_data()))?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::WatcherClosed`] after [`close`](Watcher::close); [`Error::Io`] for something
-    /// that cannot be watched: not a socket (`ENOTSOCK`), not a stream socket
-    /// ([`io::ErrorKind::InvalidInput`]), a socket with `SO_LINGER` on and a non-zero
+    /// that cannot be watched: not a socket (`ENOTSOCK`), neither a stream nor a datagram
+    /// socket ([`io::ErrorKind::InvalidInput`]), a socket with `SO_LINGER` on and a non-zero
     /// timeout (`InvalidInput`: its close would block the poller thread until the peer
     /// acknowledged everything or the timeout passed; a zero timeout, close with a reset, is
     /// fine), or refused by epoll/kqueue. The error hands the socket back, open
@@ -510,17 +534,21 @@ impl Watcher {
         if self.is_closed() {
             return Err(RegisterError::new(Error::WatcherClosed, fd));
         }
-        let checked = sys::prepare_stream(fd.as_fd()).and_then(|()| sys::is_listener(fd.as_fd()));
-        let listener = match checked {
-            Ok(listener) => listener,
+        let checked = sys::prepare_socket(fd.as_fd()).and_then(|kind| match kind {
+            sys::SocketKind::Datagram => Ok(Role::Datagram),
+            sys::SocketKind::Stream if sys::is_listener(fd.as_fd())? => Ok(Role::Listener),
+            sys::SocketKind::Stream => Ok(Role::Stream),
+        });
+        let role = match checked {
+            Ok(role) => role,
             Err(e) => return Err(RegisterError::new(e, fd)),
         };
-        if listen && !listener {
+        if listen && role != Role::Listener {
             let msg = "not a listening socket (call listen() first, or use register)";
             let e = io::Error::new(io::ErrorKind::InvalidInput, msg);
             return Err(RegisterError::new(e, fd));
         }
-        self.shared.adopt(fd, None, route, listener)
+        self.shared.adopt(fd, None, route, role)
     }
 
     /// Runs `f` on an inline watcher's driver (unit tests of the driver).
@@ -558,7 +586,9 @@ impl Watcher {
         }
         let fd = sys::start_connect(&to.addr)?;
         // The socket is ours: on failure it is closed with the error.
-        Ok(self.shared.adopt(fd, Some(to), Route::default(), false)?)
+        Ok(self
+            .shared
+            .adopt(fd, Some(to), Route::default(), Role::Stream)?)
     }
 
     /// The mailbox: a `flume::Receiver` of completions. Clone it freely: use it with

@@ -206,16 +206,29 @@ fn register_refuses_what_it_cannot_watch() {
         Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK), "{e}"),
         other => panic!("a file: {other:?}"),
     }
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    match watcher.register(udp).map_err(Error::from) {
+    // A sequenced-packet socket: neither a stream nor a datagram socket.
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two new descriptors into `fds`, which we then own.
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+    assert_eq!(r, 0);
+    // SAFETY: both were just created and are owned by nothing else.
+    let (a, _b) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    match watcher.register(a).map_err(Error::from) {
         Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}"),
-        other => panic!("a datagram socket: {other:?}"),
+        other => panic!("a seqpacket socket: {other:?}"),
     }
-    let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    assert!(matches!(
-        watcher.register(a).map_err(Error::from),
-        Err(Error::Io(_))
-    ));
+    // A datagram socket is watched, but it is no listener.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    match watcher.listen(udp).map_err(Error::from) {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}"),
+        other => panic!("listen on a datagram socket: {other:?}"),
+    }
     // The watcher is unharmed.
     let (_client, server) = tcp_pair();
     let conn = watcher.register(server).unwrap();

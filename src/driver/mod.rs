@@ -14,6 +14,7 @@
 //! holds something of a connection (its buffers or its fd) that must come back before the
 //! connection is retired. `AnyDriver` picks one at run time, with a `match` per entry point.
 
+mod dgram;
 mod readiness;
 mod reads;
 #[cfg(all(target_os = "linux", feature = "uring"))]
@@ -40,9 +41,9 @@ use crate::cmd::Kind;
 use crate::conn::Key;
 use crate::delivery::{self, Stalled};
 use crate::fifo::{Fifo, Slab};
-use crate::shared::{Ctl, Route, Shared};
+use crate::shared::{Ctl, Role, Route, Shared};
 use crate::stats::Stats;
-use crate::{Buf, Cmd, Completion, Conn, Error, Op};
+use crate::{Buf, Cmd, Completion, Conn, Error, Op, PeerAddr};
 
 /// then waits for the next round while the others get theirs.
 const BUDGET: u32 = 16;
@@ -68,7 +69,7 @@ impl Dir {
     /// shutdown) on the write side; reads and accepts on the read side.
     fn of(kind: &Kind) -> Dir {
         match kind {
-            Kind::Write(_) | Kind::Connect | Kind::Shutdown => Dir::Write,
+            Kind::Write(_) | Kind::SendTo(..) | Kind::Connect | Kind::Shutdown => Dir::Write,
             _ => Dir::Read,
         }
     }
@@ -135,10 +136,13 @@ const LISTENER: Flags = 1 << 6;
 /// ends the pause, whatever readiness events say meanwhile.
 const PAUSED: Flags = 1 << 7;
 /// io_uring engine: a receive (or the multishot accept, on a listener) is in the kernel.
+#[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
 const ARMED: Flags = 1 << 8;
 /// io_uring engine: a send (or a connect's poll) is in the kernel.
+#[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
 const SENDING: Flags = 1 << 9;
 /// io_uring engine: a cancel of what the kernel holds was asked for.
+#[cfg_attr(not(all(target_os = "linux", feature = "uring")), allow(dead_code))]
 const CANCELLING: Flags = 1 << 10;
 /// Free, Detach, a release or `close` waits for the kernel to give back what it holds
 /// (`Core::closing` says which); every command that reaches it meanwhile is refused.
@@ -152,6 +156,8 @@ const PARTIAL: Flags = 1 << 13;
 /// What `LEFTOVER` holds is a copy of its own (small bytes copied out of the arena), not a
 /// slice of the arena: what remains of it after a read is not copied again.
 const OWNED: Flags = 1 << 14;
+/// A datagram socket: reads and writes move whole datagrams (`driver/dgram.rs`).
+const DGRAM: Flags = 1 << 15;
 
 /// What the poller keeps per connection. Its size is most of what an idle connection costs
 /// (docs/benchmarks.md), hence the parked read, the millisecond progress stamps and the flags
@@ -341,10 +347,30 @@ impl Sink {
         buf: Option<Buf>,
     ) {
         let conn = st.handle();
-        self.finish(p, conn, result, buf);
+        self.finish(p, conn, result, buf, None);
     }
 
-    fn finish(&mut self, p: Pending, conn: Conn, result: Result<(), Error>, buf: Option<Buf>) {
+    /// Completes `p`, a datagram read of `st` just taken out of its queue, with its sender.
+    fn complete_from(
+        &mut self,
+        st: &mut ConnState,
+        p: Pending,
+        result: Result<(), Error>,
+        buf: Option<Buf>,
+        from: Option<PeerAddr>,
+    ) {
+        let conn = st.handle();
+        self.finish(p, conn, result, buf, from);
+    }
+
+    fn finish(
+        &mut self,
+        p: Pending,
+        conn: Conn,
+        result: Result<(), Error>,
+        buf: Option<Buf>,
+        peer: Option<PeerAddr>,
+    ) {
         match Dir::of(&p.kind) {
             Dir::Write => self.stats.writes_in_flight -= 1,
             Dir::Read => self.stats.reads_in_flight -= 1,
@@ -356,22 +382,23 @@ impl Sink {
         if matches!(result, Err(Error::Deadline | Error::IdleTimeout)) {
             self.stats.deadlines_fired += 1;
         }
-        let buf = buf.unwrap_or_else(|| p.kind.into_buf());
         let (tag, n) = (p.tag, p.done);
+        let (own, to) = p.kind.into_parts();
         self.push(Completion {
             conn,
             op,
             tag,
-            buf,
+            buf: buf.unwrap_or(own),
             n,
             result,
+            peer: peer.or(to),
         });
     }
 
     /// Completes a command that never became pending (unknown connection, closed watcher).
     fn reject(&mut self, conn: Conn, cmd: Cmd, err: Error) {
         let (op, tag) = (cmd.op(), cmd.tag);
-        let buf = cmd.into_buf();
+        let (buf, peer) = cmd.kind.into_parts();
         self.push(Completion {
             conn,
             op,
@@ -379,6 +406,7 @@ impl Sink {
             buf,
             n: 0,
             result: Err(err),
+            peer,
         });
     }
 
@@ -390,6 +418,7 @@ impl Sink {
             buf,
             n: 0,
             result: Ok(()),
+            peer: None,
         });
     }
 
@@ -440,6 +469,26 @@ impl Arena {
 
     fn spare(&self) -> usize {
         self.buf.capacity() - self.buf.len()
+    }
+
+    /// Copies `parts`, one after the other, into the arena (into a buffer of their own if
+    /// they are larger than a chunk), as one `Bytes`.
+    fn concat(&mut self, parts: &[&[u8]], stats: &mut Stats) -> Bytes {
+        let len = parts.iter().map(|p| p.len()).sum();
+        if len > self.chunk {
+            let mut own = BytesMut::with_capacity(len);
+            parts.iter().for_each(|p| own.extend_from_slice(p));
+            return own.freeze();
+        }
+        if self.spare() < len {
+            self.buf.clear();
+            if !self.buf.try_reclaim(self.chunk) {
+                self.buf = BytesMut::with_capacity(self.chunk);
+                stats.chunks_allocated += 1;
+            }
+        }
+        parts.iter().for_each(|p| self.buf.extend_from_slice(p));
+        self.buf.split_to(len).freeze()
     }
 
     /// As `refill`, with room for `first` bytes before a useful read.
@@ -549,6 +598,8 @@ pub(crate) struct Core {
     /// Bytes received that no read took (the connection is marked `LEFTOVER`): a frame's
     /// first part, what followed a frame, what the round's budget left.
     leftover: HashMap<Key, Bytes>,
+    /// Where datagrams are received (made on the first datagram read).
+    dgram: Option<Box<dgram::Scratch>>,
     /// Every connection's pending operations.
     ops: Slab<Pending>,
     /// Connections with work they can do now; entries past the round's start are next round's.
@@ -648,6 +699,7 @@ impl Core {
             closing: HashMap::new(),
             // (Sized so that the first connections to keep bytes do not grow it.)
             leftover: HashMap::with_capacity(64),
+            dgram: None,
             ops: Slab::new(),
             ready: Vec::new(),
             timers: BinaryHeap::new(),
@@ -768,6 +820,7 @@ impl Core {
                     buf: Buf::Fd(fd, unread),
                     n,
                     result: Ok(()),
+                    peer: None,
                 });
             }
             Retire::Close => drop(fd),
@@ -820,12 +873,13 @@ impl Core {
         let target = spread
             .as_ref()
             .map_or(&self.shared, |s| &s.targets[s.pick()]);
-        match target.adopt(fd, None, route, false) {
-            Ok(conn) => self
-                .sink
-                .finish(p, listener, Ok(()), Some(Buf::Accepted(conn, peer))),
+        match target.adopt(fd, None, route, Role::Stream) {
+            Ok(conn) => {
+                self.sink
+                    .finish(p, listener, Ok(()), Some(Buf::Accepted(conn, peer)), None)
+            }
             // The accepted socket is closed with the error.
-            Err(e) => self.sink.finish(p, listener, Err(e.into()), None),
+            Err(e) => self.sink.finish(p, listener, Err(e.into()), None, None),
         }
     }
 
@@ -839,7 +893,7 @@ impl Core {
         for (p, listener, result) in accepted.drain(..) {
             match result {
                 Ok((fd, peer)) => self.adopt_accepted(p, listener, fd, peer),
-                Err(e) => self.sink.finish(p, listener, Err(Error::Io(e)), None),
+                Err(e) => self.sink.finish(p, listener, Err(Error::Io(e)), None, None),
             }
         }
         self.sink.accepted = accepted; // keep the allocation
@@ -940,13 +994,15 @@ impl<E: Engine> Driver<E> {
             .chain(queued);
         for (conn, cmd) in left {
             let (op, tag) = (cmd.op(), cmd.tag);
+            let (buf, peer) = cmd.kind.into_parts();
             let c = Completion {
                 conn,
                 op,
                 tag,
-                buf: cmd.into_buf(),
+                buf,
                 n: 0,
                 result: Err(Error::WatcherClosed),
+                peer,
             };
             // Never blocks: a full bounded mailbox loses it (the state may be broken).
             let _ = self.core.mailbox.try_send(c);
@@ -1048,11 +1104,12 @@ impl<E: Engine> Driver<E> {
                     fd,
                     connect,
                     route,
-                    listener,
+                    role,
                 } => {
                     let core = &mut self.core;
                     let mut st = ConnState::new(fd, stamp(core.epoch, core.now));
-                    st.set(LISTENER, listener);
+                    st.set(LISTENER, role == Role::Listener);
+                    st.set(DGRAM, role == Role::Datagram);
                     core.conns.insert(id, st);
                     core.sink.stats.connections += 1;
                     self.engine.register(id);
@@ -1157,6 +1214,15 @@ impl<E: Engine> Driver<E> {
         // represent: both are no idle timeout, without a timer.
         if idle.is_some_and(|d| matches!(kind, Kind::Accept) || core.now.checked_add(d).is_none()) {
             idle = None;
+        }
+        if let Some(why) = unsupported(st, &kind) {
+            let cmd = Cmd {
+                kind,
+                deadline,
+                idle,
+                tag,
+            };
+            return core.sink.reject(conn, cmd, Error::Unsupported(why));
         }
         if st.conn.is_none() {
             st.conn = Some(conn);
@@ -1446,8 +1512,34 @@ fn is_resource_error(e: &io::Error) -> bool {
 
 fn write_buf(p: &Pending) -> &[u8] {
     match &p.kind {
-        Kind::Write(b) => &b[p.done..],
+        Kind::Write(b) | Kind::SendTo(b, _) => &b[p.done..],
         _ => &[],
+    }
+}
+
+/// Why `kind` cannot run on `st`'s socket, if it cannot: what a datagram socket does not
+/// do, and `SendTo` on a stream.
+fn unsupported(st: &ConnState, kind: &Kind) -> Option<&'static str> {
+    if !st.is(DGRAM) {
+        return matches!(kind, Kind::SendTo(..))
+            .then_some("SendTo on a stream socket: use Write (a stream has one peer)");
+    }
+    Some(match kind {
+        Kind::ReadFull(_) => "ReadFull on a datagram socket: a datagram is read whole, by Read",
+        Kind::ReadFrame(_) | Kind::ReadFrames(..) => {
+            "framed reads on a datagram socket: each datagram is already one message (Read)"
+        }
+        Kind::Accept => "Accept on a datagram socket: it has no connections to accept",
+        Kind::Shutdown => "Shutdown on a datagram socket: it has no stream to end (use Free)",
+        _ => return None,
+    })
+}
+
+/// The length of a write's buffer (a datagram's, once sent).
+fn write_len(p: &Pending) -> usize {
+    match &p.kind {
+        Kind::Write(b) | Kind::SendTo(b, _) => b.len(),
+        _ => 0,
     }
 }
 

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use slotmap::KeyData;
 
+use super::dgram::{self, Stop};
 use super::{
     is_resource_error, reads, reads_held, write_buf, write_head, Arena, ConnState, Core, Engine,
-    Pending, Sink, BUDGET, EOF, HUP, LEFTOVER, LISTENER, MAX_IOV, MIN_ARENA, PARKED, PARTIAL,
-    PAUSED, READABLE, WRITABLE,
+    Pending, Sink, BUDGET, DGRAM, EOF, HUP, LEFTOVER, LISTENER, MAX_IOV, MIN_ARENA, PARKED,
+    PARTIAL, PAUSED, READABLE, WRITABLE,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
@@ -63,6 +64,18 @@ impl Engine for Readiness {
             return;
         };
         let mut budget = BUDGET;
+        if st.is(DGRAM) {
+            if st.is(READABLE) && !reads_held(st, ops) {
+                let scratch = &mut core.dgram;
+                if dgram::read(st, ops, sink, arena, scratch, &mut budget) == Stop::Drained {
+                    st.set(READABLE, false);
+                }
+            }
+            if st.is(WRITABLE) && dgram::write(st, ops, sink) == Stop::Drained {
+                st.set(WRITABLE, false);
+            }
+            return;
+        }
         // Bytes the connection kept go to its reads first, in order.
         if st.is(LEFTOVER) && !reads_held(st, ops) {
             let kept = Core::take_leftover(leftover, id, st).expect("LEFTOVER");
@@ -199,6 +212,7 @@ fn do_reads(
             Kind::ReadFrame(_)
             | Kind::ReadFrames(..)
             | Kind::Write(_)
+            | Kind::SendTo(..)
             | Kind::Connect
             | Kind::Shutdown
             | Kind::Free

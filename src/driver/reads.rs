@@ -129,6 +129,7 @@ fn too_long_drop(framing: &crate::Framing, bytes: &[u8]) -> usize {
 
 /// Whether the read at the head of `st` (or parked) takes bytes only into a caller's buffer
 /// (a `Read` or `ReadFull`): then bytes need no copy into the arena first.
+#[cfg(all(target_os = "linux", feature = "uring"))]
 pub(super) fn head_takes_copies(st: &ConnState, ops: &Slab<Pending>) -> bool {
     !st.is(PARKED)
         && ops
@@ -138,6 +139,7 @@ pub(super) fn head_takes_copies(st: &ConnState, ops: &Slab<Pending>) -> bool {
 
 /// Copies `data` into the reads at the head that take copies (`Read`, `ReadFull`), within
 /// `budget`; returns how many bytes they took.
+#[cfg(all(target_os = "linux", feature = "uring"))]
 pub(super) fn copy_into(
     st: &mut ConnState,
     ops: &mut Slab<Pending>,

@@ -28,13 +28,14 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use slotmap::{Key as _, KeyData};
 
+use super::dgram::{self, Stop};
 use super::{
     is_resource_error, reads, reads_held, stamp, write_head, Arena, ConnState, Core, Engine,
-    Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING, EOF, LEFTOVER, LISTENER, OWNED,
-    PARKED, PARTIAL, PAUSED, READABLE, SENDING,
+    Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING, DGRAM, EOF, LEFTOVER, LISTENER,
+    OWNED, PARKED, PARTIAL, PAUSED, READABLE, SENDING,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
@@ -140,6 +141,28 @@ impl Engine for Uring {
         };
         let idx = idx_of(id);
         let fd = st.fd.as_raw_fd();
+        if st.is(DGRAM) {
+            // Readiness, as epoll gives it, from one-shot polls; the poller receives and
+            // sends itself, many datagrams per system call (`driver/dgram.rs`).
+            let mut budget = BUDGET;
+            if !reads_held(st, ops) {
+                if st.is(READABLE) {
+                    let scratch = &mut core.dgram;
+                    if dgram::read(st, ops, sink, arena, scratch, &mut budget) == Stop::Drained {
+                        st.set(READABLE, false);
+                    }
+                }
+                if next_read(st, ops).is_some() && !st.is(READABLE) && !st.is(ARMED) {
+                    self.ring.poll_in(fd, idx);
+                    st.set(ARMED, true);
+                }
+            }
+            if !st.is(SENDING) && dgram::write(st, ops, sink) == Stop::Drained {
+                self.ring.poll_out(fd, idx);
+                st.set(SENDING, true);
+            }
+            return;
+        }
         let mut pause = false;
         if !reads_held(st, ops) {
             st.unpark(ops);
@@ -216,14 +239,14 @@ impl Engine for Uring {
         let idx = idx_of(id);
         if st.is(ARMED) && !st.is(CANCELLING) {
             st.set(CANCELLING, true);
-            self.ring.cancel(
-                if st.is(LISTENER) {
-                    Op::Accept
-                } else {
-                    Op::Recv
-                },
-                idx,
-            );
+            let op = if st.is(LISTENER) {
+                Op::Accept
+            } else if st.is(DGRAM) {
+                Op::PollIn
+            } else {
+                Op::Recv
+            };
+            self.ring.cancel(op, idx);
         }
         if st.is(SENDING) {
             // (A timer may have cancelled it already: a second cancel finds nothing.)
@@ -237,7 +260,12 @@ impl Engine for Uring {
             return false;
         }
         match write_head(st, ops) {
-            // A connect's poll holds no buffer: the connect ends now, its poll is cancelled.
+            // A connect's poll holds no buffer, nor a datagram socket's: the operation ends
+            // now, the poll is cancelled.
+            _ if st.is(DGRAM) => {
+                self.ring.cancel(Op::Poll, idx_of(id));
+                false
+            }
             Some(Kind::Connect) => {
                 self.ring.cancel(Op::Poll, idx_of(id));
                 false
@@ -704,6 +732,12 @@ impl Parts<'_> {
                     }
                 }
             }
+            Op::PollIn => {
+                st.set(ARMED, false);
+                st.set(CANCELLING, false);
+                // Readable, or errored (the receive will say): try.
+                st.set(READABLE, true);
+            }
             Op::Cancel | Op::Wake => {}
         }
         if st.is(CLOSING) {
@@ -757,26 +791,4 @@ fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
     });
     let writes = write_head(st, ops).is_some() && !st.is(SENDING);
     reads || writes
-}
-
-impl Arena {
-    /// Copies `parts`, one after the other, into the arena (into a buffer of their own if
-    /// they are larger than a chunk), as one `Bytes`.
-    fn concat(&mut self, parts: &[&[u8]], stats: &mut crate::stats::Stats) -> Bytes {
-        let len = parts.iter().map(|p| p.len()).sum();
-        if len > self.chunk {
-            let mut own = BytesMut::with_capacity(len);
-            parts.iter().for_each(|p| own.extend_from_slice(p));
-            return own.freeze();
-        }
-        if self.spare() < len {
-            self.buf.clear();
-            if !self.buf.try_reclaim(self.chunk) {
-                self.buf = BytesMut::with_capacity(self.chunk);
-                stats.chunks_allocated += 1;
-            }
-        }
-        parts.iter().for_each(|p| self.buf.extend_from_slice(p));
-        self.buf.split_to(len).freeze()
-    }
 }

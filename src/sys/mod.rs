@@ -16,9 +16,11 @@ mod socket;
 #[cfg(all(target_os = "linux", feature = "uring"))]
 pub(crate) use socket::peer_addr;
 pub(crate) use socket::{
-    accept, connect_finished, is_listener, listener, prepare_stream, recv, recv_spare, send,
-    send_vectored, shutdown_write, start_connect,
+    accept, connect_finished, is_listener, listener, prepare_socket, recv, recv_spare, send,
+    send_vectored, shutdown_write, start_connect, SocketKind,
 };
+
+pub(crate) mod dgram;
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod epoll;

@@ -78,16 +78,33 @@ fn no_sigpipe(_fd: RawFd) -> io::Result<()> {
     Ok(()) // MSG_NOSIGNAL on every send instead
 }
 
-/// Checks that `fd` is a stream socket and makes it non-blocking (and, on Apple targets,
-/// SIGPIPE-free). Options the user set before (nodelay, buffer sizes, keepalive) are untouched.
-pub(crate) fn prepare_stream(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// What kind of socket a registered one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketKind {
+    Stream,
+    Datagram,
+}
+
+/// Checks that `fd` is a stream or datagram socket and makes it non-blocking (and, on Apple
+/// targets, SIGPIPE-free). Options the user set before (nodelay, buffer sizes, keepalive)
+/// are untouched.
+pub(crate) fn prepare_socket(fd: BorrowedFd<'_>) -> io::Result<SocketKind> {
     let raw = fd.as_raw_fd();
     // A non-socket gives ENOTSOCK, a closed fd EBADF: both returned as they are.
-    if get_int_opt(raw, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a stream socket (only SOCK_STREAM sockets can be registered)",
-        ));
+    match get_int_opt(raw, libc::SOL_SOCKET, libc::SO_TYPE)? {
+        libc::SOCK_STREAM => {}
+        libc::SOCK_DGRAM => {
+            set_nonblocking(raw)?;
+            no_sigpipe(raw)?;
+            return Ok(SocketKind::Datagram);
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "neither a stream nor a datagram socket (only SOCK_STREAM and SOCK_DGRAM \
+                 sockets can be registered)",
+            ))
+        }
     }
     // SO_LINGER with a timeout makes close(2) block until the unsent data is acknowledged or
     // the timeout passes (socket(7)), non-blocking or not: on the poller thread that would
@@ -106,7 +123,8 @@ pub(crate) fn prepare_stream(fd: BorrowedFd<'_>) -> io::Result<()> {
         ));
     }
     set_nonblocking(raw)?;
-    no_sigpipe(raw)
+    no_sigpipe(raw)?;
+    Ok(SocketKind::Stream)
 }
 
 /// Whether `fd` is a listening socket. macOS has no `SO_ACCEPTCONN` (ENOPROTOOPT): there
@@ -184,14 +202,14 @@ pub(crate) fn recv_spare(
 /// Every recv and send is non-blocking by its own flag too: the socket's O_NONBLOCK lives in
 /// the open file description, which a `dup` of the fd held elsewhere (a forked child, a
 /// library) can switch off again, and a blocking call would stall the poller thread.
-const RECV_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
+pub(super) const RECV_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+pub(super) const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
 // Apple: SO_NOSIGPIPE was set when the socket was registered or created (accepted ones
 // inherit it).
 #[cfg(any(target_os = "macos", target_os = "ios"))]
-const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
+pub(super) const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
 /// `send(2)` of one buffer, without SIGPIPE, retrying EINTR. The common case of one queued
 /// write: the kernel's `send` takes the buffer as it is, where `sendmsg` first copies and
@@ -385,7 +403,7 @@ pub(crate) fn listener(addr: &SocketAddr, reuseport: bool, backlog: i32) -> io::
     Ok(fd)
 }
 
-fn to_raw(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(super) fn to_raw(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero sockaddr_storage is valid, and large and aligned enough for either
     // sockaddr_in or sockaddr_in6, which are plain integer structs.
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
@@ -428,7 +446,7 @@ fn to_raw(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (storage, len as libc::socklen_t)
 }
 
-fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+pub(super) fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match storage.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into the storage, which

@@ -44,6 +44,8 @@ pub(crate) enum Op {
     Poll = 4,
     Cancel = 5,
     Wake = 6,
+    /// A poll for readability (a datagram socket with reads pending).
+    PollIn = 7,
 }
 
 impl Op {
@@ -55,6 +57,7 @@ impl Op {
             4 => Op::Poll,
             5 => Op::Cancel,
             6 => Op::Wake,
+            7 => Op::PollIn,
             _ => return None,
         })
     }
@@ -453,6 +456,14 @@ impl Ring {
         self.inflight += 1;
     }
 
+    /// Polls `fd` for readability once (a datagram socket: the poller then receives the
+    /// datagrams itself, many per system call).
+    pub(crate) fn poll_in(&mut self, fd: RawFd, idx: u32) {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+        self.push(e.user_data(user_data(Op::PollIn, 0, idx)));
+        self.inflight += 1;
+    }
+
     /// Sends the `(buffer, offset)` pairs (at most `MAX_IOV`) on `fd` in one operation. The
     /// buffers are kept here until the completion hands them back (`Cqe::sent`), so they
     /// cannot be dropped while the kernel reads them.
@@ -648,7 +659,7 @@ impl Ring {
             match op {
                 Op::Wake => *wake_armed = false,
                 Op::Cancel => {}
-                Op::Send | Op::Recv | Op::Accept | Op::Poll => {}
+                Op::Send | Op::Recv | Op::Accept | Op::Poll | Op::PollIn => {}
             }
             // Whether the buffer goes back to the kernel once this completion is handled.
             let mut give_back = bid.is_some();
