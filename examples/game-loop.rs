@@ -3,9 +3,16 @@
 //! positions to every player as one shared `Bytes` (skipping one still writing the previous).
 //! A bad line is answered with an error line, at most 64 of them in flight per player.
 //!
+//!
+//! With `--udp` the same game runs over one UDP socket: a peer joins by sending the datagram
+//! `join`, moves with `move DX DY` datagrams, and gets `welcome N` and then each tick's line
+//! as one datagram; a peer silent for 10 s is dropped.
+//!
 //!     cargo run --release --example game-loop -- --addr 127.0.0.1:7000
 //!     nc 127.0.0.1 7000     (gets "welcome 1", then "tick 40 1:0,0" 20 times a second;
 //!                            send "move 3 -2")
+//!     cargo run --release --example game-loop -- --udp --addr 127.0.0.1:7000
+//!     nc -u 127.0.0.1 7000  (send "join", then "move 3 -2")
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -16,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use proactor::bytes::Bytes;
 use proactor::flume::{self, Receiver, Selector, TrySendError};
-use proactor::{Cmd, Completion, Conn, ConnId, Engine, Error, Framing, Op, SendError, Watcher};
+use proactor::{
+    Cmd, Completion, Conn, ConnId, Engine, Error, Framing, Op, PeerAddr, SendError, Watcher,
+};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -29,18 +38,30 @@ const MAX_LINE: usize = 64;
 const MAX_REPLIES: usize = 64;
 /// A write that cannot finish in this long means a stuck player: it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// UDP mode: a peer that sends nothing for this long has left.
+const SILENCE: Duration = Duration::from_secs(10);
+/// UDP mode: reads kept waiting on the socket.
+const UDP_READS: usize = 64;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (addr, engine) = parse_args().unwrap_or_else(|e| {
+    let (addr, engine, udp) = parse_args().unwrap_or_else(|e| {
         eprintln!(
-            "game-loop: {e}\nusage: game-loop [--addr HOST:PORT] [--engine auto|uring|epoll]"
+            "game-loop: {e}\nusage: game-loop [--addr HOST:PORT] [--udp] \
+             [--engine auto|uring|epoll]"
         );
         std::process::exit(2)
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    let listener = proactor::tcp_listener(addr)?;
-    println!("listening on {}", listener.local_addr()?);
+    let socket: std::os::fd::OwnedFd = if udp {
+        let socket = std::net::UdpSocket::bind(&addr)?;
+        println!("listening on {}", socket.local_addr()?);
+        socket.into()
+    } else {
+        let listener = proactor::tcp_listener(&addr)?;
+        println!("listening on {}", listener.local_addr()?);
+        listener.into()
+    };
     io::stdout().flush()?;
 
     let mut options = Watcher::builder();
@@ -49,7 +70,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let watcher = Arc::new(options.build().unwrap_or_else(|e| fail(&e)));
     eprintln!("game-loop: engine {}", watcher.stats().engine_summary());
-    watcher.listen(listener)?.send(Cmd::Accept)?;
+    let socket = watcher.register(socket)?;
+    if udp {
+        for _ in 0..UDP_READS {
+            socket.send(Cmd::ReadInternal)?;
+        }
+    } else {
+        socket.send(Cmd::Accept)?;
+    }
     // The clock. A bounded(1) channel: if the game thread falls behind, ticks are dropped
     // rather than queued up and then run in a burst.
     let (tick_tx, ticks) = flume::bounded(1);
@@ -64,7 +92,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let mailbox = watcher.mailbox();
-    let game = thread::spawn(move || Game::default().run(&mailbox, &ticks));
+    let game = thread::spawn(move || {
+        if udp {
+            UdpGame::new(socket).run(&mailbox, &ticks)
+        } else {
+            Game::default().run(&mailbox, &ticks)
+        }
+    });
 
     signals.forever().next();
     watcher.close(); // ends the mailbox, and so the game loop
@@ -238,6 +272,121 @@ impl Game {
     }
 }
 
+/// A player of the UDP mode, known by its address.
+struct Peer {
+    number: u64,
+    x: i32,
+    y: i32,
+    /// When it last sent a datagram.
+    seen: Instant,
+}
+
+/// The game over one UDP socket: the same world and tick line, players keyed by address.
+struct UdpGame {
+    socket: Conn,
+    peers: HashMap<PeerAddr, Peer>,
+    joined: u64,
+    tick: u64,
+}
+
+impl UdpGame {
+    fn new(socket: Conn) -> UdpGame {
+        UdpGame {
+            socket,
+            peers: HashMap::new(),
+            joined: 0,
+            tick: 0,
+        }
+    }
+
+    fn run(mut self, mailbox: &Receiver<Completion>, ticks: &Receiver<()>) {
+        loop {
+            let event = Selector::new()
+                .recv(ticks, |r| r.map(|()| Event::Tick))
+                .recv(mailbox, |r| r.map(Event::Done))
+                .wait();
+            match event {
+                Ok(Event::Tick) => self.tick(),
+                Ok(Event::Done(c)) => self.complete(c),
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        match (c.op, &c.result) {
+            (_, Err(Error::WatcherClosed)) => {}
+            // One datagram; the read is replaced whatever it held.
+            (Op::Read, result) => {
+                if result.is_ok() {
+                    if let Some(from) = c.peer.clone() {
+                        self.datagram(from, c.data());
+                    }
+                }
+                let _ = self.socket.send(Cmd::ReadInternal);
+            }
+            // A tick or a welcome that could not go (a vanished peer): its silence drops it.
+            _ => {}
+        }
+    }
+
+    /// `join` (a trailing newline accepted), or a joined peer's `move DX DY`. Anything else
+    /// from a joined peer is answered with an error datagram; from a stranger, ignored.
+    fn datagram(&mut self, from: PeerAddr, data: &[u8]) {
+        let text = data.strip_suffix(b"\n").unwrap_or(data);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if text == b"join" {
+            if !self.peers.contains_key(&from) {
+                self.joined += 1;
+                let peer = Peer {
+                    number: self.joined,
+                    x: 0,
+                    y: 0,
+                    seen: Instant::now(),
+                };
+                self.peers.insert(from.clone(), peer);
+            }
+            let welcome = format!("welcome {}\n", self.peers[&from].number);
+            let _ = self.socket.send(Cmd::SendTo(from, welcome));
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&from) else {
+            return; // not joined: ignored
+        };
+        p.seen = Instant::now();
+        match parse_move(text) {
+            Some((dx, dy)) => {
+                p.x = p.x.saturating_add(dx).clamp(-WORLD, WORLD);
+                p.y = p.y.saturating_add(dy).clamp(-WORLD, WORLD);
+            }
+            None => {
+                let reply = Bytes::from_static(b"error: expected move DX DY\n");
+                let _ = self.socket.send(Cmd::SendTo(from, reply));
+            }
+        }
+    }
+
+    /// Drops the silent, then sends the tick line to every peer, one datagram each.
+    fn tick(&mut self) {
+        self.tick += 1;
+        self.peers.retain(|_, p| p.seen.elapsed() < SILENCE);
+        let mut all: Vec<&Peer> = self.peers.values().collect();
+        all.sort_unstable_by_key(|p| p.number);
+        let mut line = format!("tick {}", self.tick);
+        for p in all {
+            let _ = write!(line, " {}:{},{}", p.number, p.x, p.y);
+        }
+        line.push('\n');
+        let snapshot = Bytes::from(line);
+        for addr in self.peers.keys() {
+            // A full command queue skips this peer's tick: the next one is newer anyway.
+            let _ = self
+                .socket
+                .send(Cmd::SendTo(addr.clone(), snapshot.clone()));
+        }
+    }
+}
+
 /// `move DX DY` (integers, any ASCII spacing, a trailing `\r` included).
 fn parse_move(line: &[u8]) -> Option<(i32, i32)> {
     let line = std::str::from_utf8(line).ok()?;
@@ -248,10 +397,14 @@ fn parse_move(line: &[u8]) -> Option<(i32, i32)> {
     }
 }
 
-fn parse_args() -> Result<(String, Option<Engine>), String> {
-    let (mut addr, mut engine) = ("127.0.0.1:7000".to_string(), None);
+fn parse_args() -> Result<(String, Option<Engine>, bool), String> {
+    let (mut addr, mut engine, mut udp) = ("127.0.0.1:7000".to_string(), None, false);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--udp" {
+            udp = true;
+            continue;
+        }
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--addr" => addr = value,
@@ -259,7 +412,7 @@ fn parse_args() -> Result<(String, Option<Engine>), String> {
             _ => return Err(format!("unknown option {flag}")),
         }
     }
-    Ok((addr, engine))
+    Ok((addr, engine, udp))
 }
 
 /// A watcher that cannot be built (an engine asked for and unavailable, say): its reason,
