@@ -1,19 +1,25 @@
 //! Chat server, the main demo: one thread owns every client's state (a HashMap keyed by ConnId)
-//! and handles completions in batches; each message is one `Bytes` shared by all its recipients'
-//! writes, slow consumers are cut off by a backlog limit and idle clients by read deadlines.
+//! and handles completions in batches; each message is one `Bytes` shared by all its
+//! recipients. A client has one write in flight at a time: the messages queued meanwhile go
+//! out together, as one `Cmd::WriteAll` (gathered, no copy), once the batch of completions
+//! at hand is handled. Slow consumers are cut off by a backlog limit, idle clients by read
+//! idle timeouts; the watcher splits lines (`Cmd::ReadFrames`).
 //!
-//! With `--watchers N` the sockets are spread over N pollers whose completions all go to the
-//! chat thread's one mailbox.
+//! With one watcher (the default) the chat thread drives it inline: no thread hand-off
+//! between the poller and the chat. With `--watchers N` the sockets are spread over N
+//! pollers whose completions all go to the chat thread's one mailbox.
 //!
 //!     cargo run --release --example chat-server -- --addr 127.0.0.1:7000 --idle-timeout 600
 //!     nc 127.0.0.1 7000        then type text, or /nick NAME, /who, /quit
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use proactor::bytes::Bytes;
+use proactor::flume::Receiver;
 use proactor::{
     Cmd, Completion, Conn, ConnId, Engine, Error, Framing, Op, Pool, SendError, Watcher,
 };
@@ -24,9 +30,11 @@ use signal_hook::iterator::Signals;
 const MAX_LINE: usize = 4096;
 /// Lines taken by one read, at most: those that arrived together come in one completion.
 const LINES_PER_READ: usize = 64;
-/// Writes in flight per client; later messages wait in the client's own queue. (The watcher
-/// gathers up to 64 queued writes of a connection into one `writev`.)
-const MAX_WRITES: usize = 64;
+/// Accepts kept waiting on the listener: a burst of connections is taken in one round. They
+/// complete in order, so clients are still numbered in the order they connected.
+const ACCEPTS: usize = 64;
+/// The most bytes one write takes from a client's queue (at least one message).
+const WRITE_CHUNK: usize = 64 * 1024;
 /// How long a farewell (`! line too long`, ...) may take to be written before we close anyway.
 const LINGER: Duration = Duration::from_secs(1);
 /// Tag of a farewell write: free the connection when it completes.
@@ -38,6 +46,32 @@ struct Options {
     engine: Option<Engine>,
     idle: Option<Duration>,
     max_backlog: usize,
+}
+
+/// Where the chat thread takes its completions from.
+enum Source {
+    /// One watcher, driven by the chat thread itself (`wait_io` runs the poller).
+    Inline(Arc<Watcher>),
+    /// The shared mailbox of a pool of threaded watchers.
+    Mailbox(Receiver<Completion>),
+}
+
+impl Source {
+    /// The next batch: the first completion and every one ready after it. `false` once the
+    /// watchers are closed and everything was taken.
+    fn next(&self, batch: &mut Vec<Completion>) -> bool {
+        match self {
+            Source::Inline(watcher) => watcher.wait_io(batch).is_ok(),
+            Source::Mailbox(mailbox) => match mailbox.recv() {
+                Ok(first) => {
+                    batch.push(first);
+                    batch.extend(mailbox.try_iter());
+                    true
+                }
+                Err(_) => false,
+            },
+        }
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,28 +89,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
 
-    // N pollers (default 1) sharing one mailbox: the chat state stays on one thread.
     let mut options = Watcher::builder();
     if let Some(engine) = opts.engine {
         options = options.engine(engine); // else PROACTOR_ENGINE, else auto
     }
-    let pool = Pool::builder()
-        .watchers(opts.watchers)
-        .watcher_options(options)
-        .build()
-        .unwrap_or_else(|e| fail(&e));
-    eprintln!(
-        "chat-server: engine {}",
-        pool.watchers()[0].stats().engine_summary()
-    );
-    // One accept at a time, so clients are numbered in the order they connected.
-    pool.listen(listener)?.send(Cmd::Accept)?;
-    let mailbox = pool.mailbox().expect("the pool shares one mailbox");
-    let chat = thread::spawn(move || Chat::new(&opts).run(mailbox));
+    let (source, listener, close): (_, _, Box<dyn FnOnce()>) = if opts.watchers == 1 {
+        let options = options.inline(true).command_capacity(1 << 20);
+        let watcher = Arc::new(options.build().unwrap_or_else(|e| fail(&e)));
+        eprintln!("chat-server: engine {}", watcher.stats().engine_summary());
+        let listener = watcher.listen(listener)?;
+        let w = watcher.clone();
+        (
+            Source::Inline(watcher),
+            listener,
+            Box::new(move || w.close()),
+        )
+    } else {
+        // N pollers sharing one mailbox: the chat state stays on one thread.
+        let pool = Pool::builder()
+            .watchers(opts.watchers)
+            .watcher_options(options)
+            .build()
+            .unwrap_or_else(|e| fail(&e));
+        let engine = pool.watchers()[0].stats().engine_summary();
+        eprintln!("chat-server: engine {engine}");
+        let listener = pool.listen(listener)?;
+        let mailbox = pool.mailbox().expect("the pool shares one mailbox");
+        (
+            Source::Mailbox(mailbox),
+            listener,
+            Box::new(move || pool.close()),
+        )
+    };
+    for _ in 0..ACCEPTS {
+        listener.send(Cmd::Accept)?;
+    }
+    let chat = thread::spawn(move || Chat::new(&opts).run(&source));
 
     signals.forever().next();
-    // Pending operations complete with `WatcherClosed`, the sockets close, the mailbox ends.
-    pool.close();
+    // Pending operations complete with `WatcherClosed`, the sockets close, `next` ends.
+    close();
     let _ = chat.join();
     Ok(())
 }
@@ -84,50 +136,69 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 struct Client {
     conn: Conn,
     name: String,
-    /// Messages waiting for a write slot.
-    queue: VecDeque<Bytes>,
-    /// Writes submitted and not yet completed (at most MAX_WRITES).
-    writing: usize,
-    /// Bytes queued and not yet written: `queue` plus the writes in flight.
+    /// Messages waiting for the next write.
+    queue: Vec<Bytes>,
+    /// The `Vec` of the last write, empty, for the queue after next.
+    spare: Vec<Bytes>,
+    /// A `WriteAll` is in flight (one at a time).
+    writing: bool,
+    /// Bytes queued and not yet written: `queue` plus the write in flight.
     backlog: usize,
+    /// In `Chat::dirty`: its queue goes out when the batch at hand is handled.
+    dirty: bool,
 }
 
 impl Client {
-    /// Queues a message; false if that takes the client past `max_backlog`, or a write is refused.
-    fn push(&mut self, msg: Bytes, max_backlog: usize) -> bool {
-        self.backlog += msg.len();
-        if self.backlog > max_backlog {
-            return false;
+    /// Hands the queue over to one `WriteAll`: all of it, or, if it is long, its first
+    /// WRITE_CHUNK bytes (the backlog is counted down when a write completes, so a client
+    /// that reads but lags is not charged for more than one chunk in flight). False if the
+    /// command is refused.
+    fn write_queued(&mut self) -> bool {
+        let mut bytes = 0;
+        let k = self
+            .queue
+            .iter()
+            .take_while(|m| {
+                let more = bytes < WRITE_CHUNK;
+                bytes += m.len();
+                more
+            })
+            .count();
+        let mut bufs = std::mem::take(&mut self.spare);
+        if k == self.queue.len() {
+            std::mem::swap(&mut bufs, &mut self.queue);
+        } else {
+            bufs.extend(self.queue.drain(..k));
         }
-        self.queue.push_back(msg);
-        self.pump()
-    }
-
-    /// One of our writes completed.
-    fn written(&mut self, len: usize) -> bool {
-        self.writing -= 1;
-        self.backlog -= len;
-        self.pump()
-    }
-
-    /// Submits queued messages while fewer than MAX_WRITES writes are in flight.
-    fn pump(&mut self) -> bool {
-        while self.writing < MAX_WRITES {
-            let Some(msg) = self.queue.pop_front() else {
-                break;
-            };
-            if submit(&self.conn, Cmd::Write(msg)).is_err() {
-                return false;
-            }
-            self.writing += 1;
-        }
-        true
+        self.writing = submit(&self.conn, Cmd::WriteAll(bufs)).is_ok();
+        self.writing
     }
 }
 
-/// `conn.send`, waiting while the watcher's command queue is momentarily full. (A client has at
-/// most MAX_WRITES + 2 operations in flight, far below the per-connection limit, so `Full` can
-/// only mean the shared queue, which the poller is draining.)
+/// Queues `msg` for client `c` (`id`), to go out with the next flush; false if that takes
+/// it past `max_backlog` (a slow consumer: it goes).
+fn queue(
+    c: &mut Client,
+    id: ConnId,
+    msg: Bytes,
+    max_backlog: usize,
+    dirty: &mut Vec<ConnId>,
+) -> bool {
+    c.backlog += msg.len();
+    if c.backlog > max_backlog {
+        return false;
+    }
+    c.queue.push(msg);
+    if !c.dirty {
+        c.dirty = true;
+        dirty.push(id);
+    }
+    true
+}
+
+/// `conn.send`, waiting while the watcher's command queue is momentarily full (a pool's
+/// pollers drain it; the inline watcher's queue, 1 Mi commands, holds far more than a
+/// batch sends: a client has at most three operations in flight).
 fn submit(conn: &Conn, mut cmd: Cmd) -> Result<(), SendError> {
     loop {
         match conn.send(cmd) {
@@ -145,6 +216,8 @@ struct Chat {
     guests: u64,
     idle: Option<Duration>,
     max_backlog: usize,
+    /// Clients with messages queued since their queue last went out.
+    dirty: Vec<ConnId>,
     /// Names of clients that left, announced once the current event is handled.
     left: VecDeque<String>,
 }
@@ -156,17 +229,15 @@ impl Chat {
             guests: 0,
             idle: opts.idle,
             max_backlog: opts.max_backlog,
+            dirty: Vec::new(),
             left: VecDeque::new(),
         }
     }
 
-    fn run(mut self, mailbox: proactor::flume::Receiver<Completion>) {
+    fn run(mut self, source: &Source) {
         let mut batch = Vec::new();
-        // Until the watchers are closed (SIGINT/SIGTERM) and the mailbox drained: a batch is
-        // the first completion and every one ready after it.
-        while let Ok(first) = mailbox.recv() {
-            batch.push(first);
-            batch.extend(mailbox.try_iter());
+        // Until the watchers are closed (SIGINT/SIGTERM) and everything was taken.
+        while source.next(&mut batch) {
             for c in batch.drain(..) {
                 self.complete(c);
                 // Announced here rather than where they happen: the announcement can push
@@ -175,6 +246,30 @@ impl Chat {
                     self.broadcast(None, format!("* {name} left\n").into());
                 }
             }
+            self.flush();
+        }
+    }
+
+    /// Hands every queue that filled during the batch to one `WriteAll`, for the clients
+    /// with no write in flight (the others' go when theirs completes).
+    fn flush(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(c) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            c.dirty = false;
+            if c.writing || c.queue.is_empty() {
+                continue;
+            }
+            if !c.write_queued() {
+                self.leave(id, None);
+                continue;
+            }
+        }
+        // (A client that left above was announced: that queued more.)
+        while let Some(name) = self.left.pop_front() {
+            self.broadcast(None, format!("* {name} left\n").into());
+            self.flush();
         }
     }
 
@@ -189,9 +284,11 @@ impl Chat {
             Client {
                 conn,
                 name,
-                queue: VecDeque::new(),
-                writing: 0,
+                queue: Vec::new(),
+                spare: Vec::new(),
+                writing: false,
                 backlog: 0,
+                dirty: false,
             },
         );
         self.send_to(id, welcome.into());
@@ -236,12 +333,19 @@ impl Chat {
                 }
                 let _ = submit(&c.conn, Cmd::Accept);
             }
-            // A write completed; it may also belong to a client that left meanwhile.
-            (Op::Write, Ok(())) => {
-                let len = c.buf.as_slice().len();
+            // A client's queue went out; it may also belong to a client that left meanwhile.
+            (Op::WriteAll, Ok(())) => {
+                let written = c.n;
                 if let Some(client) = self.clients.get_mut(&id) {
-                    if !client.written(len) {
-                        self.leave(id, None);
+                    client.writing = false;
+                    client.backlog -= written;
+                    if let Some(mut spare) = c.buf.into_many() {
+                        spare.clear();
+                        client.spare = spare;
+                    }
+                    if !client.queue.is_empty() && !client.dirty {
+                        client.dirty = true;
+                        self.dirty.push(id);
                     }
                 }
             }
@@ -314,21 +418,22 @@ impl Chat {
         self.broadcast(None, msg.into());
     }
 
+    /// Queues `msg` for client `id` (see `queue`).
     fn send_to(&mut self, id: ConnId, msg: Bytes) {
-        let max = self.max_backlog;
-        if let Some(c) = self.clients.get_mut(&id) {
-            if !c.push(msg, max) {
-                self.leave(id, None);
-            }
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if !queue(c, id, msg, self.max_backlog, &mut self.dirty) {
+            self.leave(id, None);
         }
     }
 
-    /// Queues one message for every client but `except`; each write holds a reference to the
-    /// same bytes. A client that this takes past the backlog limit is a slow consumer: it goes.
+    /// Queues one message for every client but `except`; each holds a reference to the same
+    /// bytes.
     fn broadcast(&mut self, except: Option<ConnId>, msg: Bytes) {
         let mut slow = Vec::new();
         for (&id, c) in &mut self.clients {
-            if Some(id) != except && !c.push(msg.clone(), self.max_backlog) {
+            if Some(id) != except && !queue(c, id, msg.clone(), self.max_backlog, &mut self.dirty) {
                 slow.push(id);
             }
         }
@@ -338,14 +443,20 @@ impl Chat {
     }
 
     /// Removes a client, so that it is announced as left exactly once, and closes it: at once,
-    /// or when `farewell`, queued behind the writes in flight, is written (or times out).
-    /// Completions still to come for it find no client and change nothing.
+    /// or when `farewell`, queued behind the write in flight, is written (or times out).
+    /// Messages queued and not yet handed over are dropped. Completions still to come for it
+    /// find no client and change nothing.
     fn leave(&mut self, id: ConnId, farewell: Option<&'static str>) {
         let Some(c) = self.clients.remove(&id) else {
             return;
         };
+        let mut c = c;
         let lingering = farewell.is_some_and(|text| {
-            submit(&c.conn, Cmd::Write(text).timeout(LINGER).tag(LAST)).is_ok()
+            // What was queued for it goes first (one more write in flight is fine: writes
+            // on a connection go out in order).
+            let queued = std::mem::take(&mut c.queue);
+            (queued.is_empty() || submit(&c.conn, Cmd::WriteAll(queued).timeout(LINGER)).is_ok())
+                && submit(&c.conn, Cmd::Write(text).timeout(LINGER).tag(LAST)).is_ok()
         });
         if !lingering {
             let _ = submit(&c.conn, Cmd::Free);

@@ -41,6 +41,8 @@ pub(crate) enum Kind {
     ReadInternal,
     ReadFull(Vec<u8>),
     Write(Bytes),
+    /// Buffers written one after the other, and their total length.
+    WriteAll(Vec<Bytes>, usize),
     /// A datagram to an address (boxed: rarer than the others, and the address is as large
     /// as the rest of an operation).
     SendTo(Bytes, Box<PeerAddr>),
@@ -135,6 +137,29 @@ impl Cmd {
     /// `Bytes`...). Writes queued on one connection go out in order, several per `writev`.
     pub fn Write(buf: impl Into<Bytes>) -> Cmd {
         plain(Kind::Write(buf.into()))
+    }
+
+    /// Writes every byte of every buffer of `bufs`, in order, as one operation with one
+    /// completion: for a server that queues messages for a connection while a write is in
+    /// flight, then hands over the lot (a chat line shared by many connections stays one
+    /// `Bytes`, no copy). The buffers go out gathered, many per `writev`/`sendmsg`. The
+    /// completion's buffer is [`Buf::Many`] (the same `Vec`, for its allocation to be
+    /// reused), `n` the bytes written, also when it ends early.
+    ///
+    /// ```no_run
+    /// # use proactor::{bytes::Bytes, Cmd, Conn};
+    /// # #[allow(dead_code)]
+    /// # fn demo(conn: &Conn, queued: &mut Vec<Bytes>) -> Result<(), proactor::SendError> {
+    /// conn.send(Cmd::WriteAll(std::mem::take(queued)))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Refused on datagram sockets ([`Error::Unsupported`](crate::Error::Unsupported)): there
+    /// each `Write` is one datagram. An empty `bufs` (or only empty buffers) is refused as an
+    /// empty write is ([`SendError::EmptyBuffer`](crate::SendError::EmptyBuffer)).
+    pub fn WriteAll(bufs: Vec<Bytes>) -> Cmd {
+        let len = bufs.iter().map(Bytes::len).sum();
+        plain(Kind::WriteAll(bufs, len))
     }
 
     /// Sends `buf` as one datagram to `to`, on a datagram socket that is not connected (a
@@ -255,6 +280,7 @@ impl Cmd {
         match &self.kind {
             Kind::Read(b) | Kind::ReadFull(b) => b.is_empty(),
             Kind::Write(b) => b.is_empty(),
+            Kind::WriteAll(_, len) => *len == 0,
             _ => false,
         }
     }
@@ -269,6 +295,7 @@ impl Kind {
             Kind::ReadFrames(..) => Op::ReadFrames,
             Kind::Write(_) => Op::Write,
             Kind::SendTo(..) => Op::SendTo,
+            Kind::WriteAll(..) => Op::WriteAll,
             Kind::Free => Op::Free,
             Kind::Detach => Op::Detach,
             Kind::Accept => Op::Accept,
@@ -287,6 +314,7 @@ impl Kind {
             Kind::Read(b) | Kind::ReadFull(b) => (Buf::Vec(b), None),
             Kind::Write(b) => (Buf::Bytes(b), None),
             Kind::SendTo(b, to) => (Buf::Bytes(b), Some(*to)),
+            Kind::WriteAll(bufs, _) => (Buf::Many(bufs), None),
             _ => (Buf::None, None),
         }
     }
@@ -297,6 +325,7 @@ impl fmt::Debug for Cmd {
         let len = match &self.kind {
             Kind::Read(b) | Kind::ReadFull(b) => b.len(),
             Kind::Write(b) | Kind::SendTo(b, _) => b.len(),
+            Kind::WriteAll(_, len) => *len,
             _ => 0,
         };
         f.debug_struct("Cmd")

@@ -23,6 +23,8 @@ pub enum Op {
     Write,
     /// [`Cmd::SendTo`](crate::Cmd::SendTo).
     SendTo,
+    /// [`Cmd::WriteAll`](crate::Cmd::WriteAll).
+    WriteAll,
     /// [`Cmd::Free`](crate::Cmd::Free).
     Free,
     /// [`Cmd::Detach`](crate::Cmd::Detach).
@@ -50,6 +52,8 @@ pub enum Buf {
     Bytes(Bytes),
     /// The frames of a [`Cmd::ReadFrames`](crate::Cmd::ReadFrames), in order.
     Frames(Frames),
+    /// The buffers of a [`Cmd::WriteAll`](crate::Cmd::WriteAll), in the same `Vec`.
+    Many(Vec<Bytes>),
     /// The socket handed back by [`Cmd::Detach`](crate::Cmd::Detach), and the bytes the
     /// watcher had already taken from it that no read consumed (the rest of a frame begun,
     /// say): they come before anything still in the socket. `n` is their length.
@@ -67,7 +71,7 @@ impl Buf {
         match self {
             Buf::Vec(v) => v,
             Buf::Bytes(b) | Buf::Fd(_, b) => b,
-            Buf::None | Buf::Accepted(..) | Buf::Frames(_) => &[],
+            Buf::None | Buf::Accepted(..) | Buf::Frames(_) | Buf::Many(_) => &[],
         }
     }
 
@@ -78,6 +82,15 @@ impl Buf {
         match self {
             Buf::Frames(f) => f,
             _ => &NONE,
+        }
+    }
+
+    /// The buffers of a `WriteAll`, if this is one (clear the `Vec` to reuse it).
+    #[inline]
+    pub fn into_many(self) -> Option<Vec<Bytes>> {
+        match self {
+            Buf::Many(v) => Some(v),
+            _ => None,
         }
     }
 
@@ -109,7 +122,7 @@ impl Buf {
         match self {
             Buf::Vec(v) => Bytes::from(v),
             Buf::Bytes(b) | Buf::Fd(_, b) => b,
-            Buf::None | Buf::Accepted(..) | Buf::Frames(_) => Bytes::new(),
+            Buf::None | Buf::Accepted(..) | Buf::Frames(_) | Buf::Many(_) => Bytes::new(),
         }
     }
 
@@ -216,7 +229,7 @@ impl Completion {
                 b.truncate(n);
                 b
             }
-            Buf::None | Buf::Accepted(..) | Buf::Frames(_) => Bytes::new(),
+            Buf::None | Buf::Accepted(..) | Buf::Frames(_) | Buf::Many(_) => Bytes::new(),
         }
     }
 

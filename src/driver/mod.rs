@@ -48,7 +48,7 @@ use crate::{Buf, Cmd, Completion, Conn, Error, Op, PeerAddr};
 /// then waits for the next round while the others get theirs.
 const BUDGET: u32 = 16;
 /// Queued writes gathered into one `sendmsg`.
-const MAX_IOV: usize = 64;
+const MAX_IOV: usize = 256;
 /// The arena is refilled when less than this is left (or less than a whole chunk, if smaller).
 const MIN_ARENA: usize = 2048;
 /// What a connection keeps of bytes no read took is copied out of the arena up to this size.
@@ -69,7 +69,11 @@ impl Dir {
     /// shutdown) on the write side; reads and accepts on the read side.
     fn of(kind: &Kind) -> Dir {
         match kind {
-            Kind::Write(_) | Kind::SendTo(..) | Kind::Connect | Kind::Shutdown => Dir::Write,
+            Kind::Write(_)
+            | Kind::WriteAll(..)
+            | Kind::SendTo(..)
+            | Kind::Connect
+            | Kind::Shutdown => Dir::Write,
             _ => Dir::Read,
         }
     }
@@ -842,7 +846,7 @@ impl Core {
             let Some(p) = ops.front_mut(&st.writes) else {
                 break;
             };
-            let left = write_buf(p).len();
+            let left = write_len(p) - p.done;
             if n < left {
                 p.done += n;
                 break;
@@ -1510,11 +1514,35 @@ fn is_resource_error(e: &io::Error) -> bool {
     )
 }
 
-fn write_buf(p: &Pending) -> &[u8] {
+/// Calls `f` on the bytes of write `p` still to go, in order (one slice for a `Write`, the
+/// rest of each buffer for a `WriteAll`), until it returns `false`.
+fn write_parts<'a>(p: &'a Pending, mut f: impl FnMut(&'a [u8]) -> bool) {
     match &p.kind {
-        Kind::Write(b) | Kind::SendTo(b, _) => &b[p.done..],
-        _ => &[],
+        Kind::Write(b) | Kind::SendTo(b, _) => {
+            f(&b[p.done..]);
+        }
+        Kind::WriteAll(bufs, _) => {
+            let (first, at) = write_all_position(bufs, p.done);
+            for (i, b) in bufs.iter().enumerate().skip(first) {
+                let part = if i == first { &b[at..] } else { &b[..] };
+                if !part.is_empty() && !f(part) {
+                    break;
+                }
+            }
+        }
+        _ => {}
     }
+}
+
+/// Where a `WriteAll` that wrote `done` bytes goes on: the buffer, and the offset in it.
+fn write_all_position(bufs: &[Bytes], mut done: usize) -> (usize, usize) {
+    for (i, b) in bufs.iter().enumerate() {
+        if done < b.len() {
+            return (i, done);
+        }
+        done -= b.len();
+    }
+    (bufs.len(), 0)
 }
 
 /// Why `kind` cannot run on `st`'s socket, if it cannot: what a datagram socket does not
@@ -1531,6 +1559,7 @@ fn unsupported(st: &ConnState, kind: &Kind) -> Option<&'static str> {
         }
         Kind::Accept => "Accept on a datagram socket: it has no connections to accept",
         Kind::Shutdown => "Shutdown on a datagram socket: it has no stream to end (use Free)",
+        Kind::WriteAll(..) => "WriteAll on a datagram socket: each Write is one datagram",
         _ => return None,
     })
 }
@@ -1539,6 +1568,7 @@ fn unsupported(st: &ConnState, kind: &Kind) -> Option<&'static str> {
 fn write_len(p: &Pending) -> usize {
     match &p.kind {
         Kind::Write(b) | Kind::SendTo(b, _) => b.len(),
+        Kind::WriteAll(_, len) => *len,
         _ => 0,
     }
 }

@@ -16,7 +16,7 @@ use slotmap::KeyData;
 
 use super::dgram::{self, Stop};
 use super::{
-    is_resource_error, reads, reads_held, write_buf, write_head, Arena, ConnState, Core, Engine,
+    is_resource_error, reads, reads_held, write_head, write_parts, Arena, ConnState, Core, Engine,
     Pending, Sink, BUDGET, DGRAM, EOF, HUP, LEFTOVER, LISTENER, MAX_IOV, MIN_ARENA, PARKED,
     PARTIAL, PAUSED, READABLE, WRITABLE,
 };
@@ -212,6 +212,7 @@ fn do_reads(
             Kind::ReadFrame(_)
             | Kind::ReadFrames(..)
             | Kind::Write(_)
+            | Kind::WriteAll(..)
             | Kind::SendTo(..)
             | Kind::Connect
             | Kind::Shutdown
@@ -360,23 +361,36 @@ fn read_parked(st: &mut ConnState, sink: &mut Sink, arena: &mut Arena) {
     }
 }
 
-/// Sends the plain writes at the head of `q`: one `send` for a lone write (the common case,
-/// without building an iovec array), else up to `MAX_IOV` in one `sendmsg`. Returns the
-/// result and how many bytes were asked for.
+/// Sends the plain writes at the head of `q` (`Write`, `WriteAll`): one `send` for a lone
+/// buffer (the common case, without building an iovec array), else up to `MAX_IOV` buffers
+/// in one `sendmsg`. Returns the result and how many bytes were asked for.
 fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result<usize>, usize) {
-    let is_write = |p: &Pending| matches!(p.kind, Kind::Write(_));
+    let is_write = |p: &Pending| matches!(p.kind, Kind::Write(_) | Kind::WriteAll(..));
+    let lone = |p: &Pending| matches!(p.kind, Kind::Write(_));
     let mut writes = ops.iter(q).take_while(|p| is_write(p));
-    let first = writes.next().map_or(&[][..], write_buf);
-    if !matches!(ops.iter(q).nth(1), Some(p) if is_write(p)) {
-        return (sys::send(fd, first), first.len());
+    let Some(first) = writes.next() else {
+        return (Ok(0), 0);
+    };
+    if lone(first) && !matches!(ops.iter(q).nth(1), Some(p) if is_write(p)) {
+        let mut buf: &[u8] = &[];
+        write_parts(first, |b| {
+            buf = b;
+            false
+        });
+        return (sys::send(fd, buf), buf.len());
     }
     let mut iov = [IoSlice::new(&[]); MAX_IOV];
-    iov[0] = IoSlice::new(first);
-    let (mut k, mut asked) = (1, first.len());
-    for p in writes.take(MAX_IOV - 1) {
-        iov[k] = IoSlice::new(write_buf(p));
-        asked += iov[k].len();
-        k += 1;
+    let (mut k, mut asked) = (0, 0);
+    for p in std::iter::once(first).chain(writes) {
+        write_parts(p, |b| {
+            iov[k] = IoSlice::new(b);
+            asked += b.len();
+            k += 1;
+            k < MAX_IOV
+        });
+        if k == MAX_IOV {
+            break;
+        }
     }
     (sys::send_vectored(fd, &iov[..k]), asked)
 }

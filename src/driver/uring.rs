@@ -33,9 +33,9 @@ use slotmap::{Key as _, KeyData};
 
 use super::dgram::{self, Stop};
 use super::{
-    is_resource_error, reads, reads_held, stamp, write_head, Arena, ConnState, Core, Engine,
-    Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING, DGRAM, EOF, LEFTOVER, LISTENER,
-    OWNED, PARKED, PARTIAL, PAUSED, READABLE, SENDING,
+    is_resource_error, reads, reads_held, stamp, write_all_position, write_head, write_parts,
+    Arena, ConnState, Core, Engine, Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING,
+    DGRAM, EOF, LEFTOVER, LISTENER, OWNED, PARKED, PARTIAL, PAUSED, READABLE, SENDING,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
@@ -202,10 +202,24 @@ impl Engine for Uring {
                 _ => {
                     // The buffers move into the ring for the send's time (the writes keep
                     // empty ones), so that nothing can drop them while the kernel reads them.
+                    // A `WriteAll`'s buffers are shared instead (a reference count each): they
+                    // stay in its `Vec`, which the completion hands back whole.
                     let scratch = &mut self.scratch;
                     ops.walk_mut(&st.writes, |p| match &mut p.kind {
                         Kind::Write(b) if scratch.len() < MAX_IOV => {
                             scratch.push((std::mem::take(b), p.done));
+                            true
+                        }
+                        Kind::WriteAll(bufs, _) if scratch.len() < MAX_IOV => {
+                            let (first, at) = write_all_position(bufs, p.done);
+                            for (j, b) in bufs.iter().enumerate().skip(first) {
+                                if scratch.len() == MAX_IOV {
+                                    return false;
+                                }
+                                if b.len() > if j == first { at } else { 0 } {
+                                    scratch.push((b.clone(), if j == first { at } else { 0 }));
+                                }
+                            }
                             true
                         }
                         _ => false,
@@ -682,14 +696,30 @@ impl Parts<'_> {
             Op::Send => {
                 st.set(SENDING, false);
                 // The buffers come back to their writes, first to last.
+                // (A `WriteAll`'s were shared: the ring's references are dropped, counted
+                // as the send counted them.)
                 let (mut back, mut i) = (sent, 0);
-                ops.walk_mut(&st.writes, |p| match (&mut p.kind, back.take(i)) {
-                    (Kind::Write(b), Some(sent)) => {
-                        *b = sent;
-                        i += 1;
-                        true
+                ops.walk_mut(&st.writes, |p| {
+                    if matches!(p.kind, Kind::WriteAll(..)) {
+                        let mut k = 0;
+                        write_parts(p, |_| {
+                            k += 1;
+                            i + k < MAX_IOV
+                        });
+                        for j in i..i + k {
+                            drop(back.take(j));
+                        }
+                        i += k;
+                        return i < MAX_IOV;
                     }
-                    _ => false,
+                    match (&mut p.kind, back.take(i)) {
+                        (Kind::Write(b), Some(sent)) => {
+                            *b = sent;
+                            i += 1;
+                            true
+                        }
+                        _ => false,
+                    }
                 });
                 match res {
                     n if n >= 0 => {
