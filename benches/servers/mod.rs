@@ -428,7 +428,13 @@ fn start_proactor(kind: Kind) -> io::Result<Server> {
     if let (Some(cpu), false) = (pins().server, inline) {
         builder = builder.poller_cpu(cpu); // inline: the pinned loop thread is the poller
     }
-    let watcher = Arc::new(builder.build()?);
+    // Built on a thread of its own: the thread that creates an io_uring ring is signalled
+    // (task work, TWA_SIGNAL) when the ring is closed, 10 to 50 ms later, and a blocking
+    // `connect` of the load generator on that thread then failed with EINTR (see `stop`).
+    let watcher = thread::spawn(move || builder.build())
+        .join()
+        .map_err(|_| io::Error::other("building the watcher panicked"))??;
+    let watcher = Arc::new(watcher);
     let lconn = watcher.listen(listener).map_err(io::Error::other)?;
     for _ in 0..proactor_accepts() {
         lconn.send(Cmd::Accept).map_err(io::Error::other)?;
@@ -450,7 +456,15 @@ fn start_proactor(kind: Kind) -> io::Result<Server> {
         stop: Some(Box::new(move || {
             // Completes every pending operation with `WatcherClosed`, closes every socket and
             // ends the mailbox, so `wait_io` in the loop fails and the loop returns.
-            w.close();
+            //
+            // On a thread of its own: when no thread is inside `wait_io`, `close` runs an
+            // inline watcher's shutdown on the calling thread, which then submits to the
+            // ring, and when the ring is closed the kernel's ring-exit work signals every
+            // thread that made or submitted to it (task work, TWA_SIGNAL): 10 to 50 ms later
+            // this thread, the benches' load generator, saw a blocking `connect` fail with
+            // EINTR (docs/benchmarks.md, "Engines side by side").
+            let closer = thread::spawn(move || w.close());
+            let _ = closer.join();
             let _ = handle.join();
         })),
     })
