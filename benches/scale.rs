@@ -212,7 +212,9 @@ fn client_pingpong(addr: SocketAddr, n: usize, size: usize, rounds: usize) -> io
 }
 
 /// The independent 64 KiB stream client (`client::mio_stream`): `total` bytes in `chunk`-byte
-/// writes. Prints bytes echoed, seconds, writes, reads and the client's poll wake-ups.
+/// writes. Prints bytes echoed, seconds, writes, reads and the client's poll wake-ups. With
+/// `PROACTOR_BENCH_STREAM_CLIENT=echo`, the echo bench's stream client instead
+/// (`client::stream`: one write attempt and one read into 256 KiB per turn), for comparison.
 fn client_stream(
     addr: SocketAddr,
     chunk: usize,
@@ -220,6 +222,19 @@ fn client_stream(
     limit: Duration,
 ) -> io::Result<String> {
     let data = client::message(chunk);
+    if env::var("PROACTOR_BENCH_STREAM_CLIENT").is_ok_and(|v| v.trim() == "echo") {
+        let mut rbuf = vec![0u8; 256 * 1024];
+        let mut conns = client::connect_n(addr, 1)?;
+        client::checked_round(&mut conns, &data)?;
+        let t = Instant::now();
+        let (writes, reads, polls) = client::stream(&mut conns[0], total, &data, &mut rbuf)?;
+        let wall = t.elapsed();
+        client::close_all(conns);
+        return Ok(format!(
+            "{total} {:.6} {writes} {reads} {polls}",
+            wall.as_secs_f64()
+        ));
+    }
     let mut rbuf = vec![0u8; 64 * 1024];
     let r = client::mio_stream(addr, total, &data, &mut rbuf, limit)?;
     Ok(format!(
@@ -976,7 +991,7 @@ const PERF_SYSCALLS: &[&str] = &[
 /// tracepoints, every thread, written to `file` as CSV when it exits). The counting happens
 /// in the kernel, so unlike strace it does not slow the calls or change the batching.
 fn perf_wrap(file: &Path) -> Vec<String> {
-    let mut events = String::from("raw_syscalls:sys_enter");
+    let mut events = String::from("raw_syscalls:sys_enter,context-switches");
     for s in PERF_SYSCALLS {
         let _ = write!(events, ",syscalls:sys_enter_{s}");
     }
@@ -996,6 +1011,17 @@ fn perf_works() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// The context switches (every thread's) in `perf_wrap`'s output: how often the server slept
+/// or was preempted.
+fn perf_context_switches(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(',').collect();
+        (f.len() >= 3 && f[2].trim() == "context-switches")
+            .then(|| f[0].trim().parse().ok())
+            .flatten()
+    })
 }
 
 /// `perf stat -x,` output: syscall -> (calls, 0), with the calls not counted one by one
@@ -1354,6 +1380,7 @@ fn stream(o: &Opts) -> io::Result<()> {
         let wrap = if perf { perf_wrap(&file) } else { Vec::new() };
         let mut srv = ServerProc::start(kind, &wrap)?;
         let (mut rate, mut cpu, mut busy) = (Vec::new(), Vec::new(), Vec::new());
+        let mut polls = Vec::new();
         let mut bytes_total = 0u64;
         for rep in 0..o.reps {
             let a = srv.cpu_us()?;
@@ -1385,6 +1412,7 @@ fn stream(o: &Opts) -> io::Result<()> {
             rate.push(m / secs);
             cpu.push(cpu_us / m);
             busy.push(cpu_us / 1e6 / secs);
+            polls.push(r[4].parse::<f64>().unwrap_or(f64::NAN) / m);
             let _ = writeln!(
                 csv,
                 "{},{rep},{bytes},{secs:.6},{:.1},{:.1},{},{},{}",
@@ -1398,32 +1426,33 @@ fn stream(o: &Opts) -> io::Result<()> {
         }
         let pstats = srv.quit()?;
         let m = bytes_total as f64 / f64::from(1 << 20);
-        let calls = if perf && m > 0.0 {
-            let counts = parse_perf(&fs::read_to_string(&file)?);
+        let (calls, switches) = if perf && m > 0.0 {
+            let text = fs::read_to_string(&file)?;
+            let counts = parse_perf(&text);
             for (name, (c, _)) in &counts {
                 let _ = writeln!(sys_csv, "{},{name},{:.2}", kind.name(), *c as f64 / m);
             }
-            Some(counts)
+            (Some(counts), perf_context_switches(&text))
         } else {
-            None
+            (None, None)
         };
         if rate.is_empty() {
             continue;
         }
         rows.push((
             kind,
-            median(&mut rate),
-            median(&mut cpu),
-            median(&mut busy),
+            [median(&mut rate), median(&mut cpu), median(&mut busy)],
             calls,
             pstats,
             m,
+            switches,
+            median(&mut polls),
         ));
     }
-    let mut table = String::from("| server | MiB/s | / mio | / uring-loop | server CPU µs per MiB | CPU busy | receive calls per MiB | bytes per receive call | sends per MiB | waits per MiB | bytes per read completion | wake-ups per MiB | chunks |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    let base = |name: &str| rows.iter().find(|r| r.0.name() == name).map(|r| r.1);
+    let mut table = String::from("| server | MiB/s | / mio | / uring-loop | server CPU µs per MiB | CPU busy | receive calls per MiB | bytes per receive call | sends per MiB | waits per MiB | server context switches per MiB | client polls per MiB | bytes per read completion | wake-ups per MiB | chunks |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let base = |name: &str| rows.iter().find(|r| r.0.name() == name).map(|r| r.1[0]);
     let (mio, uring) = (base("mio"), base("uring-loop"));
-    for (kind, rate, cpu, busy, calls, pstats, m) in &rows {
+    for (kind, [rate, cpu, busy], calls, pstats, m, switches, polls) in &rows {
         let ratio = |b: Option<f64>| b.map_or("-".into(), |b| format!("{:.2}x", rate / b));
         let per = |names: &[&str]| {
             calls.as_ref().map_or("-".into(), |c| {
@@ -1457,7 +1486,7 @@ fn stream(o: &Opts) -> io::Result<()> {
         };
         let _ = writeln!(
             table,
-            "| {} | {rate:.0} | {} | {} | {cpu:.0} | {:.0}% | {} | {per_recv} | {} | {} | {per_read} | {wakeups} | {chunks} |",
+            "| {} | {rate:.0} | {} | {} | {cpu:.0} | {:.0}% | {} | {per_recv} | {} | {} | {} | {polls:.1} | {per_read} | {wakeups} | {chunks} |",
             kind.name(),
             ratio(mio),
             ratio(uring),
@@ -1465,6 +1494,7 @@ fn stream(o: &Opts) -> io::Result<()> {
             per(&["recvfrom", "read"]),
             per(&["sendto", "sendmsg", "write", "writev"]),
             per(&["epoll_wait", "epoll_pwait", "io_uring_enter"]),
+            switches.map_or("-".into(), |c| format!("{:.1}", c as f64 / m)),
         );
     }
     println!("{table}");

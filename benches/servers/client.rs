@@ -159,11 +159,19 @@ pub fn checked_round(conns: &mut [TcpStream], msg: &[u8]) -> io::Result<()> {
 
 /// Streams `total` bytes through one connection and reads them all back: writes ahead as far
 /// as the socket buffers allow while reading the echo, on one thread (`poll(2)` when neither
-/// direction can move). The connection is switched to non-blocking mode for good.
-pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -> io::Result<()> {
+/// direction can move): one write attempt of at most `chunk`, then one read into `rbuf`, per
+/// turn. The connection is switched to non-blocking mode for good. Returns the write and read
+/// calls that moved bytes and the `poll` calls.
+pub fn stream(
+    conn: &mut TcpStream,
+    total: u64,
+    chunk: &[u8],
+    rbuf: &mut [u8],
+) -> io::Result<(u64, u64, u64)> {
     conn.set_nonblocking(true)?;
     let deadline = Instant::now() + IO_TIMEOUT.max(Duration::from_millis(total / 50_000));
     let (mut sent, mut got) = (0u64, 0u64);
+    let (mut writes, mut reads, mut polls) = (0, 0, 0);
     while got < total {
         let mut moved = false;
         if sent < total {
@@ -171,6 +179,7 @@ pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -
             match conn.write(&chunk[..want]) {
                 Ok(n) => {
                     sent += n as u64;
+                    writes += 1;
                     moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -182,6 +191,7 @@ pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 got += n as u64;
+                reads += 1;
                 moved = true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -203,9 +213,10 @@ pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -
             };
             // SAFETY: one live pollfd, count 1.
             unsafe { libc::poll(&mut pfd, 1, 100) };
+            polls += 1;
         }
     }
-    Ok(())
+    Ok((writes, reads, polls))
 }
 
 /// What [`mio_stream`] measured.
