@@ -17,6 +17,9 @@
 # METRIC=cpu: runs per server and case in each pass, their median). Writes
 # target/bench/ratios.csv (one row per pass, case and server: criterion's median in ns), or
 # with METRIC=cpu target/bench/ratios_cpu.csv (one row per pass, case and server).
+# QUIET_WAIT=S (default 0: off): before each pass, wait up to S seconds for the machine to be
+# quiet (under 10% of both CPUs busy over 2 s: no build or test of someone else's running);
+# each pass's line on stderr says how busy the machine was when it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +32,28 @@ CRIT="${CRITERION_HOME:-$TARGET/criterion}"
 OUT="$TARGET/bench"
 mkdir -p "$OUT"
 
+# Busy share of all CPUs over 2 s, in percent (from /proc/stat).
+busy_pct() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 2; b=($(head -1 /proc/stat))
+  local total=0 idle i
+  for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
+  idle=$(( (b[4] - a[4]) + (b[5] - a[5]) ))
+  echo $(( total > 0 ? 100 * (total - idle) / total : 0 ))
+}
+
+# Waits (QUIET_WAIT seconds at most) until under 10% of the CPUs are busy; prints the last
+# reading.
+wait_quiet() {
+  local end=$(( $(date +%s) + ${QUIET_WAIT:-0} )) pct
+  pct=$(busy_pct)
+  while [ "$pct" -ge 10 ] && [ "$(date +%s)" -lt "$end" ]; do
+    sleep 3
+    pct=$(busy_pct)
+  done
+  echo "$pct"
+}
+
 if [ "$METRIC" = cpu ]; then
   SERVERS="${PROACTOR_BENCH_SERVERS:-proactor-inline,proactor,proactor-uring-inline,proactor-uring,mio,uring-loop}"
   REVERSED=$(echo "$SERVERS" | tr ',' '\n' | tac | paste -sd, -)
@@ -37,7 +62,7 @@ if [ "$METRIC" = cpu ]; then
   echo "pass,server,conns,size,messages,per_s,cpu_us_per_msg,cpu_busy" > "$CSV"
   for pass in $(seq 1 "$PASSES"); do
     if [ $((pass % 2)) -eq 0 ]; then order="$REVERSED"; else order="$SERVERS"; fi
-    echo "pass $pass of $PASSES: $order ($(cut -d' ' -f1-3 /proc/loadavg) load)" >&2
+    echo "pass $pass of $PASSES: $order ($(wait_quiet)% busy before, $(cut -d' ' -f1-3 /proc/loadavg) load)" >&2
     dir="$OUT/ratios-cpu/pass$pass"
     mkdir -p "$dir"
     cargo bench --bench scale -- --phases cpu --reps "${REPS:-1}" --servers "$order" --out "$dir" >/dev/null 2>&1
@@ -96,7 +121,7 @@ for pass in $(seq 1 "$PASSES"); do
   else
     export PROACTOR_BENCH_SERVERS="$SERVERS"
   fi
-  echo "pass $pass of $PASSES: $PROACTOR_BENCH_SERVERS ($(cut -d' ' -f1-3 /proc/loadavg) load)" >&2
+  echo "pass $pass of $PASSES: $PROACTOR_BENCH_SERVERS ($(wait_quiet)% busy before, $(cut -d' ' -f1-3 /proc/loadavg) load)" >&2
   since=$(date +%s)
   cargo bench --bench echo -- --warm-up-time 1 --measurement-time "$MEASURE" --sample-size 15 "$FILTER" >/dev/null 2>&1
   python3 - "$CRIT" "$since" "$pass" >> "$CSV" <<'PY'
