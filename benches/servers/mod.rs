@@ -509,8 +509,21 @@ pub fn start_pool(watchers: usize) -> io::Result<Server> {
     })
 }
 
+/// `PROACTOR_BENCH_PIPELINE=1` (an experiment for the 64 KiB stream, docs/benchmarks.md):
+/// the echo loop issues a connection's next `ReadInternal` together with the `Write` of what
+/// it read, instead of after the write completed, as long as no earlier write of that
+/// connection is still in flight (else when it completes): one read and at most two writes
+/// outstanding per connection, so the poller can read the next bytes in the round that sends
+/// the last ones.
+fn pipeline() -> bool {
+    std::env::var("PROACTOR_BENCH_PIPELINE").is_ok_and(|v| v.trim() == "1")
+}
+
 /// The `WaitIO` echo loop.
 fn proactor_loop(watcher: &Watcher, listener: &Conn, k: &Counters) {
+    if pipeline() {
+        return proactor_loop_pipelined(watcher, listener, k);
+    }
     let mut batch = Vec::with_capacity(1024);
     while watcher.wait_io(&mut batch).is_ok() {
         for c in batch.drain(..) {
@@ -540,6 +553,57 @@ fn proactor_loop(watcher: &Watcher, listener: &Conn, k: &Counters) {
                 (_, Ok(())) => {} // no other operation is ever submitted
                 (_, Err(_)) => {
                     // End of stream, reset, ...: close the connection.
+                    let _ = c.conn.send(Cmd::Free);
+                }
+            }
+        }
+    }
+}
+
+/// [`proactor_loop`] with the next read issued early ([`pipeline`]).
+fn proactor_loop_pipelined(watcher: &Watcher, listener: &Conn, k: &Counters) {
+    // Per connection: writes in flight, and whether its next read waits for one of them.
+    let mut state: HashMap<proactor::ConnId, (u32, bool)> = HashMap::new();
+    let mut batch = Vec::with_capacity(1024);
+    while watcher.wait_io(&mut batch).is_ok() {
+        for c in batch.drain(..) {
+            match (c.op, c.result) {
+                (Op::Accept, result) => {
+                    if result.is_ok() {
+                        if let Some((conn, _peer)) = c.buf.into_accepted() {
+                            k.live.fetch_add(1, Relaxed);
+                            if conn.send(Cmd::ReadInternal).is_ok() {
+                                k.ready.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    let _ = listener.send(Cmd::Accept);
+                }
+                (Op::Read, Ok(())) => {
+                    let st = state.entry(c.conn.id()).or_default();
+                    let _ = c.conn.send(Cmd::Write(c.buf.into_bytes()));
+                    if st.0 == 0 {
+                        let _ = c.conn.send(Cmd::ReadInternal);
+                    } else {
+                        st.1 = true;
+                    }
+                    st.0 += 1;
+                }
+                (Op::Write, Ok(())) => {
+                    let st = state.entry(c.conn.id()).or_default();
+                    st.0 = st.0.saturating_sub(1);
+                    if st.1 {
+                        st.1 = false;
+                        let _ = c.conn.send(Cmd::ReadInternal);
+                    }
+                }
+                (Op::Free, _) => {
+                    state.remove(&c.conn.id());
+                    k.live.fetch_sub(1, Relaxed);
+                }
+                (_, Err(Error::WatcherClosed)) => {}
+                (_, Ok(())) => {}
+                (_, Err(_)) => {
                     let _ = c.conn.send(Cmd::Free);
                 }
             }
