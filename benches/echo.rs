@@ -9,14 +9,18 @@
 //! design (batching, no allocation per operation, waking the poller only when it sleeps) has
 //! to win back.
 //!
-//! The same workload goes through four servers (`servers/mod.rs`): (a) proactor, one watcher
-//! and the `WaitIO` loop on one thread; (b) tokio, multi-thread runtime, a task per connection
+//! The same workload goes through these servers (`servers/mod.rs`): (a) proactor, one watcher
+//! and the `WaitIO` loop on one thread, threaded (`proactor`) or inline (`proactor-inline`),
+//! on the readiness engine, and the same two on the io_uring engine (`proactor-uring`,
+//! `proactor-uring-inline`); (b) tokio, multi-thread runtime, a task per connection
 //! with a 64 KiB buffer, `read` then `write_all`; (c) a hand-written single-threaded mio
 //! edge-triggered server (read until `WouldBlock` into one 64 KiB buffer, write at once, keep
-//! only the unwritten rest): the fastest thing possible, the baseline to meet; (d) a
-//! `std::net` thread per connection.
+//! only the unwritten rest): the fastest thing possible on epoll, the baseline to meet;
+//! (d) `uring-loop`, a hand-written single-threaded io_uring loop (`servers/uring_loop.rs`):
+//! the limit on io_uring; (e) a `std::net` thread per connection. The io_uring servers are
+//! left out where the kernel does not allow io_uring.
 //!
-//! One criterion group per case, each with the four servers:
+//! One criterion group per case, each with every server:
 //! - `stream_64KiB`: one connection, the client keeps the pipe full (`Throughput::Bytes`, one
 //!   iteration = 64 KiB echoed): bulk copy cost, no waiting on round trips.
 //! - `pingpong_1x128B`: one connection, 128 bytes there and back per iteration: pure latency

@@ -19,6 +19,10 @@
 //!   as fast as it answers (1 x 128 B, 100 x 128 B, 1,000 x 4 KiB), minus a one-round run:
 //!   on loopback the client costs as much as the server, so a better server shows as less CPU
 //!   for the same work more than as more throughput.
+//! - **stream**: one connection streaming 1 GiB in 64 KiB non-blocking writes while reading
+//!   the echo, from an independent single-threaded mio client: throughput, server CPU per MiB,
+//!   and how the server moved the bytes (system calls per MiB and bytes per receive under
+//!   `perf stat`, a proactor's read completions, wake-ups and arena chunks).
 //! - **instructions** (opt-in, needs valgrind): the server's user-space instructions per echoed
 //!   message under callgrind (1 and 100 x 128 B), minus a run with none, and the share in the
 //!   proactor crate's functions: the bookkeeping a proactor adds, free of timing noise.
@@ -30,12 +34,17 @@
 //! orchestrates. Clients close with `SO_LINGER` 0 so 16K-connection runs leave no `TIME_WAIT`.
 //!
 //! ```text
-//! cargo bench --bench scale -- [--quick] [--phases burst,memory,latency,syscalls,cpu,instructions]
-//!                              [--servers proactor,tokio,mio,std] [--reps 3] [--out DIR]
+//! cargo bench --bench scale -- [--quick] [--phases burst,memory,latency,syscalls,cpu,stream,instructions]
+//!                              [--servers proactor,proactor-uring-inline,tokio,mio,uring-loop,std]
+//!                              [--reps 3] [--out DIR] [--tracer strace|perf]
 //! ```
 //!
+//! `--tracer perf` counts the syscalls phase's system calls with `perf stat` (the syscall
+//! tracepoints, counted in the kernel at full speed) instead of `strace -c -f`.
+//!
 //! Prints Markdown tables and writes `scale.csv`, `scale_raw.csv`, `memory.csv`, `latency.csv`
-//! `syscalls.csv` and `cpu.csv` under `target/bench/` (or `--out`). `scripts/bench.sh` runs it.
+//! `syscalls.csv` (`syscalls-perf.csv`), `cpu.csv` and `stream.csv` under `target/bench/` (or
+//! `--out`). `scripts/bench.sh` runs it.
 
 #[allow(dead_code)]
 #[path = "servers/mod.rs"]
@@ -120,8 +129,8 @@ fn server_main() {
     if let Some(s) = stats {
         let _ = writeln!(
             out,
-            "PSTATS {} {} {} {}",
-            s.wakeups, s.batches, s.completions, s.bytes_read
+            "PSTATS {} {} {} {} {} {}",
+            s.wakeups, s.batches, s.completions, s.bytes_read, s.bytes_written, s.chunks_allocated
         );
     }
     let _ = out.flush();
@@ -144,6 +153,10 @@ fn client_main() {
             let warmup = var_usize("PROACTOR_BENCH_WARMUP", rounds / 10);
             let limit = Duration::from_secs(var_usize("PROACTOR_BENCH_LIMIT_S", 30) as u64);
             client_latency(addr, conns, size, warmup, rounds, limit)
+        }
+        "stream" => {
+            let limit = Duration::from_secs(var_usize("PROACTOR_BENCH_LIMIT_S", 60) as u64);
+            client_stream(addr, size, rounds as u64 * (1 << 20), limit)
         }
         m => panic!("unknown mode {m:?}"),
     };
@@ -196,6 +209,42 @@ fn client_pingpong(addr: SocketAddr, n: usize, size: usize, rounds: usize) -> io
     client::close_all(conns);
     // Messages echoed, and the seconds the rounds after the first (checked) one took.
     Ok(format!("{} {:.6}", n * rounds, rest.as_secs_f64()))
+}
+
+/// The independent 64 KiB stream client (`client::mio_stream`): `total` bytes in `chunk`-byte
+/// writes. Prints bytes echoed, seconds, writes, reads and the client's poll wake-ups. With
+/// `PROACTOR_BENCH_STREAM_CLIENT=echo`, the echo bench's stream client instead
+/// (`client::stream`: one write attempt and one read into 256 KiB per turn), for comparison.
+fn client_stream(
+    addr: SocketAddr,
+    chunk: usize,
+    total: u64,
+    limit: Duration,
+) -> io::Result<String> {
+    let data = client::message(chunk);
+    if env::var("PROACTOR_BENCH_STREAM_CLIENT").is_ok_and(|v| v.trim() == "echo") {
+        let mut rbuf = vec![0u8; 256 * 1024];
+        let mut conns = client::connect_n(addr, 1)?;
+        client::checked_round(&mut conns, &data)?;
+        let t = Instant::now();
+        let (writes, reads, polls) = client::stream(&mut conns[0], total, &data, &mut rbuf)?;
+        let wall = t.elapsed();
+        client::close_all(conns);
+        return Ok(format!(
+            "{total} {:.6} {writes} {reads} {polls}",
+            wall.as_secs_f64()
+        ));
+    }
+    let mut rbuf = vec![0u8; 64 * 1024];
+    let r = client::mio_stream(addr, total, &data, &mut rbuf, limit)?;
+    Ok(format!(
+        "{} {:.6} {} {} {}",
+        r.bytes,
+        r.wall.as_secs_f64(),
+        r.writes,
+        r.reads,
+        r.polls
+    ))
 }
 
 fn client_latency(
@@ -340,6 +389,10 @@ impl Drop for Proc {
     }
 }
 
+/// A proactor server's counters at exit (`Watcher::stats`): wakeups, batches, completions,
+/// bytes read, bytes written, arena chunks allocated.
+type Pstats = [u64; 6];
+
 struct ServerProc {
     kind: Kind,
     proc: Proc,
@@ -416,9 +469,8 @@ impl ServerProc {
         }
     }
 
-    /// Stops the server; returns the proactor's counters (wakeups, batches, completions,
-    /// bytes read) if it printed them.
-    fn quit(mut self) -> io::Result<Option<[u64; 4]>> {
+    /// Stops the server; returns the proactor's counters if it printed them.
+    fn quit(mut self) -> io::Result<Option<Pstats>> {
         let _ = self.proc.send("quit");
         let (status, lines) = self.proc.finish(Duration::from_secs(30))?;
         if !status.success() {
@@ -471,9 +523,12 @@ struct Opts {
     servers: Vec<Kind>,
     reps: usize,
     out: PathBuf,
+    /// What counts the syscalls phase's system calls: `strace` (the default: `strace -c -f`)
+    /// or `perf` (`perf stat` of the syscall tracepoints: counts at full speed).
+    tracer: String,
 }
 
-const PHASES: [&str; 5] = ["burst", "memory", "latency", "syscalls", "cpu"];
+const PHASES: [&str; 6] = ["burst", "memory", "latency", "syscalls", "cpu", "stream"];
 /// Phases run only when named (slow, or needing a tool a fresh machine lacks).
 const OPT_IN: [&str; 1] = ["instructions"];
 
@@ -489,6 +544,7 @@ fn parse_args() -> Result<Opts, String> {
         servers: Kind::selected(),
         reps: 0,
         out: default_out,
+        tracer: "strace".into(),
     };
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
@@ -500,6 +556,7 @@ fn parse_args() -> Result<Opts, String> {
             "--servers" => o.servers = Kind::parse_list(&value()?),
             "--reps" => o.reps = value()?.parse().map_err(|e| format!("--reps: {e}"))?,
             "--out" => o.out = PathBuf::from(value()?),
+            "--tracer" => o.tracer = value()?,
             _ => {
                 return Err(format!(
                     "unknown argument {a:?} (see the doc at the top of scale.rs)"
@@ -509,6 +566,9 @@ fn parse_args() -> Result<Opts, String> {
     }
     if o.reps == 0 {
         o.reps = if o.quick { 1 } else { 3 };
+    }
+    if o.tracer != "strace" && o.tracer != "perf" {
+        return Err(format!("--tracer {:?}: strace or perf", o.tracer));
     }
     for p in &o.phases {
         if !PHASES.contains(&p.as_str()) && !OPT_IN.contains(&p.as_str()) {
@@ -538,6 +598,7 @@ fn orchestrate() -> io::Result<()> {
             "latency" => latency(&o)?,
             "syscalls" => syscalls(&o)?,
             "cpu" => cpu(&o)?,
+            "stream" => stream(&o)?,
             "instructions" => instructions(&o)?,
             _ => unreachable!(),
         }
@@ -870,6 +931,7 @@ const HARNESS_SYSCALLS: &[&str] = &["clock_nanosleep", "nanosleep"];
 
 /// The columns shown (anything else is summed into "other").
 const SHOWN: &[&str] = &[
+    "io_uring_enter",
     "epoll_wait",
     "epoll_pwait",
     "recvfrom",
@@ -883,19 +945,108 @@ const SHOWN: &[&str] = &[
 
 /// Syscall counts and proactor counters of one server process under `strace -c -f`, serving
 /// `rounds` ping-pong rounds of 128 bytes on `conns` connections.
-type Traced = (BTreeMap<String, (u64, u64)>, Option<[u64; 4]>);
+type Traced = (BTreeMap<String, (u64, u64)>, Option<Pstats>);
 
 fn traced_run(o: &Opts, kind: Kind, conns: usize, rounds: usize) -> io::Result<Traced> {
     let file = o
         .out
-        .join(format!("strace-{}-{conns}-{rounds}.txt", kind.name()));
-    let wrap = ["strace", "-f", "-c", "-q", "-o"]
+        .join(format!("{}-{}-{conns}-{rounds}.txt", o.tracer, kind.name()));
+    let wrap = if o.tracer == "perf" {
+        perf_wrap(&file)
+    } else {
+        ["strace", "-f", "-c", "-q", "-o"]
+            .map(String::from)
+            .into_iter()
+            .chain([file.display().to_string()])
+            .collect::<Vec<_>>()
+    };
+    let pstats = wrapped_pingpong(kind, &wrap, conns, rounds, Duration::from_secs(300))?;
+    let text = fs::read_to_string(&file)?;
+    let counts = if o.tracer == "perf" {
+        parse_perf(&text)
+    } else {
+        parse_strace(&text)
+    };
+    Ok((counts, pstats))
+}
+
+/// The system calls `perf stat` counts one by one (every other call is in "other", from the
+/// total of `raw_syscalls:sys_enter`).
+const PERF_SYSCALLS: &[&str] = &[
+    "io_uring_enter",
+    "epoll_wait",
+    "epoll_pwait",
+    "recvfrom",
+    "read",
+    "sendto",
+    "sendmsg",
+    "writev",
+    "write",
+    "futex",
+    "clock_nanosleep",
+    "nanosleep",
+];
+
+/// The command prefix that counts a process's system calls with `perf stat` (the syscall
+/// tracepoints, every thread, written to `file` as CSV when it exits). The counting happens
+/// in the kernel, so unlike strace it does not slow the calls or change the batching.
+fn perf_wrap(file: &Path) -> Vec<String> {
+    let mut events = String::from("raw_syscalls:sys_enter,context-switches");
+    for s in PERF_SYSCALLS {
+        let _ = write!(events, ",syscalls:sys_enter_{s}");
+    }
+    ["perf", "stat", "-x", ",", "-e", &events, "-o"]
         .map(String::from)
         .into_iter()
-        .chain([file.display().to_string()])
-        .collect::<Vec<_>>();
-    let pstats = wrapped_pingpong(kind, &wrap, conns, rounds, Duration::from_secs(300))?;
-    Ok((parse_strace(&fs::read_to_string(&file)?), pstats))
+        .chain([file.display().to_string(), "--".into()])
+        .collect()
+}
+
+/// Whether `perf stat` can count syscall tracepoints here (root, or a permissive
+/// `perf_event_paranoid`, and tracefs).
+fn perf_works() -> bool {
+    Command::new("perf")
+        .args(["stat", "-e", "syscalls:sys_enter_getpid", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The context switches (every thread's) in `perf_wrap`'s output: how often the server slept
+/// or was preempted.
+fn perf_context_switches(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(',').collect();
+        (f.len() >= 3 && f[2].trim() == "context-switches")
+            .then(|| f[0].trim().parse().ok())
+            .flatten()
+    })
+}
+
+/// `perf stat -x,` output: syscall -> (calls, 0), with the calls not counted one by one
+/// under "other".
+fn parse_perf(text: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut m = BTreeMap::new();
+    let mut all = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let Ok(count) = f[0].trim().parse::<u64>() else {
+            continue; // "<not counted>", comments
+        };
+        let event = f[2].trim();
+        if event == "raw_syscalls:sys_enter" {
+            all = count;
+        } else if let Some(name) = event.strip_prefix("syscalls:sys_enter_") {
+            m.insert(name.to_string(), (count, 0));
+        }
+    }
+    let named: u64 = m.values().map(|v| v.0).sum();
+    m.insert("other".into(), (all.saturating_sub(named), 0));
+    m
 }
 
 /// Starts a server under `wrap` (strace, valgrind), runs `rounds` ping-pong rounds of 128
@@ -906,7 +1057,7 @@ fn wrapped_pingpong(
     conns: usize,
     rounds: usize,
     timeout: Duration,
-) -> io::Result<Option<[u64; 4]>> {
+) -> io::Result<Option<Pstats>> {
     let mut srv = ServerProc::start(kind, wrap)?;
     run_client(srv.addr, "pingpong", conns, 128, rounds, timeout)?;
     srv.idle()?;
@@ -914,12 +1065,21 @@ fn wrapped_pingpong(
 }
 
 fn syscalls(o: &Opts) -> io::Result<()> {
-    if !installed("strace", "-V") {
+    if o.tracer == "perf" && !perf_works() {
+        println!("## Syscalls: skipped, `perf stat` cannot count syscall tracepoints here\n");
+        return Ok(());
+    }
+    if o.tracer == "strace" && !installed("strace", "-V") {
         println!("## Syscalls: skipped, strace is not installed (apt-get install strace)\n");
         return Ok(());
     }
     let msgs = if o.quick { 2_000 } else { 20_000 };
-    println!("## Syscalls per echoed 128-byte message (server process, strace -c -f, {msgs} messages minus a run with none)\n");
+    let how = if o.tracer == "perf" {
+        "perf stat of the syscall tracepoints"
+    } else {
+        "strace -c -f"
+    };
+    println!("## Syscalls per echoed 128-byte message (server process, {how}, {msgs} messages minus a run with none)\n");
     let mut table = String::from("| server | conns | total |");
     for s in SHOWN {
         let _ = write!(table, " {s} |");
@@ -978,8 +1138,13 @@ fn syscalls(o: &Opts) -> io::Result<()> {
         }
     }
     println!("{table}");
-    println!("(`read`/`write` include the eventfd wake-ups; `futex` is the mailbox and command-queue hand-off between threads; errors, e.g. EAGAIN, are in syscalls.csv. strace slows every call, which changes batching: treat these as counts under load, not timings.)\n");
-    write_file(o, "syscalls.csv", &csv)
+    if o.tracer == "perf" {
+        println!("(`read`/`write` include the eventfd wake-ups; `futex` is the mailbox and command-queue hand-off between threads. Counted in the kernel at full speed; perf does not count errors.)\n");
+        write_file(o, "syscalls-perf.csv", &csv)
+    } else {
+        println!("(`read`/`write` include the eventfd wake-ups; `futex` is the mailbox and command-queue hand-off between threads; errors, e.g. EAGAIN, are in syscalls.csv. strace slows every call, which changes batching: treat these as counts under load, not timings.)\n");
+        write_file(o, "syscalls.csv", &csv)
+    }
 }
 
 /// User-space instructions of one server process under callgrind serving `rounds` ping-pong
@@ -1141,22 +1306,26 @@ fn cpu(o: &Opts) -> io::Result<()> {
         }
     }
     let mut table = String::from(
-        "| server | conns x size | messages/s | server CPU µs per message | server CPU busy | CPU per message / mio's |\n|---|---|---:|---:|---:|---:|\n",
+        "| server | conns x size | messages/s | server CPU µs per message | server CPU busy | CPU per message / mio's | / uring-loop's |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
     for (case, &(conns, size, _)) in cases.iter().enumerate() {
-        let mio = rows
-            .iter()
-            .find(|r| r.1 == case && r.0.name() == "mio")
-            .map(|r| r.2[1]);
+        let base = |name: &str| {
+            rows.iter()
+                .find(|r| r.1 == case && r.0.name() == name)
+                .map(|r| r.2[1])
+        };
+        let (mio, uring) = (base("mio"), base("uring-loop"));
         for (kind, _, m) in rows.iter().filter(|r| r.1 == case) {
-            let ratio = mio.map_or("-".into(), |b| format!("{:.2}x", m[1] / b));
+            let ratio = |b: Option<f64>| b.map_or("-".into(), |b| format!("{:.2}x", m[1] / b));
             let _ = writeln!(
                 table,
-                "| {} | {conns} x {size} B | {:.0} | {:.2} | {:.0}% | {ratio} |",
+                "| {} | {conns} x {size} B | {:.0} | {:.2} | {:.0}% | {} | {} |",
                 kind.name(),
                 m[0],
                 m[1],
-                m[2] * 100.0
+                m[2] * 100.0,
+                ratio(mio),
+                ratio(uring)
             );
         }
     }
@@ -1183,4 +1352,156 @@ fn cpu_run(srv: &mut ServerProc, conns: usize, size: usize, rounds: usize) -> io
     let msgs = ((rounds - 1) * conns) as f64;
     let cpu_us = (c - b) as f64 - (b - a) as f64;
     Ok([msgs / secs, cpu_us / msgs, cpu_us / 1e6 / secs])
+}
+
+/// The 64 KiB stream as an independent client drives it (issue 17): `client::mio_stream`, one
+/// thread writing 64 KiB chunks as fast as the socket takes them while reading the echo, 1 GiB
+/// per run (64 MiB with `--quick`), bounded at 60 s. Per server: throughput (median of the
+/// runs), server CPU per MiB echoed, and how the server moved the bytes: its system calls
+/// per MiB (under `perf stat`, when it can count syscall tracepoints: in the kernel, at full
+/// speed), bytes per receive call, and for the proactor servers bytes per read completion,
+/// poller wake-ups and arena chunks allocated.
+fn stream(o: &Opts) -> io::Result<()> {
+    let mib: usize = if o.quick { 64 } else { 1024 };
+    let perf = perf_works();
+    println!(
+        "## Stream: one connection, {mib} MiB in 64 KiB non-blocking writes while reading the echo (single-threaded mio client; median of {} runs){}\n",
+        o.reps,
+        if perf { "" } else { "; no syscall counts: perf stat cannot count tracepoints here" }
+    );
+    let mut csv = String::from(
+        "server,rep,bytes,secs,mib_per_s,server_cpu_us_per_mib,client_writes,client_reads,client_polls\n",
+    );
+    let mut sys_csv = String::from("server,syscall,calls_per_mib\n");
+    // (server, median MiB/s, median CPU µs per MiB, busy, syscalls per MiB, pstats per run)
+    let mut rows = Vec::new();
+    for &kind in &o.servers {
+        let file = o.out.join(format!("perf-stream-{}.txt", kind.name()));
+        let wrap = if perf { perf_wrap(&file) } else { Vec::new() };
+        let mut srv = ServerProc::start(kind, &wrap)?;
+        let (mut rate, mut cpu, mut busy) = (Vec::new(), Vec::new(), Vec::new());
+        let mut polls = Vec::new();
+        let mut bytes_total = 0u64;
+        for rep in 0..o.reps {
+            let a = srv.cpu_us()?;
+            let r = run_client(
+                srv.addr,
+                "stream",
+                1,
+                64 * 1024,
+                mib,
+                Duration::from_secs(75),
+            );
+            srv.idle()?;
+            let b = srv.cpu_us()?;
+            let r = match r {
+                Ok(r) if r.len() == 5 => r,
+                other => {
+                    eprintln!("stream, {}: {other:?}", kind.name());
+                    continue;
+                }
+            };
+            let bytes: u64 = r[0].parse().unwrap_or(0);
+            let secs: f64 = r[1].parse().unwrap_or(f64::NAN);
+            if bytes < (mib as u64) << 20 {
+                eprintln!("stream, {}: time limit hit ({bytes} bytes)", kind.name());
+            }
+            bytes_total += bytes;
+            let m = bytes as f64 / f64::from(1 << 20);
+            let cpu_us = (b - a) as f64;
+            rate.push(m / secs);
+            cpu.push(cpu_us / m);
+            busy.push(cpu_us / 1e6 / secs);
+            polls.push(r[4].parse::<f64>().unwrap_or(f64::NAN) / m);
+            let _ = writeln!(
+                csv,
+                "{},{rep},{bytes},{secs:.6},{:.1},{:.1},{},{},{}",
+                kind.name(),
+                m / secs,
+                cpu_us / m,
+                r[2],
+                r[3],
+                r[4]
+            );
+        }
+        let pstats = srv.quit()?;
+        let m = bytes_total as f64 / f64::from(1 << 20);
+        let (calls, switches) = if perf && m > 0.0 {
+            let text = fs::read_to_string(&file)?;
+            let counts = parse_perf(&text);
+            for (name, (c, _)) in &counts {
+                let _ = writeln!(sys_csv, "{},{name},{:.2}", kind.name(), *c as f64 / m);
+            }
+            (Some(counts), perf_context_switches(&text))
+        } else {
+            (None, None)
+        };
+        if rate.is_empty() {
+            continue;
+        }
+        rows.push((
+            kind,
+            [median(&mut rate), median(&mut cpu), median(&mut busy)],
+            calls,
+            pstats,
+            m,
+            switches,
+            median(&mut polls),
+        ));
+    }
+    let mut table = String::from("| server | MiB/s | / mio | / uring-loop | server CPU µs per MiB | CPU busy | receive calls per MiB | bytes per receive call | sends per MiB | waits per MiB | server context switches per MiB | client polls per MiB | bytes per read completion | wake-ups per MiB | chunks |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let base = |name: &str| rows.iter().find(|r| r.0.name() == name).map(|r| r.1[0]);
+    let (mio, uring) = (base("mio"), base("uring-loop"));
+    for (kind, [rate, cpu, busy], calls, pstats, m, switches, polls) in &rows {
+        let ratio = |b: Option<f64>| b.map_or("-".into(), |b| format!("{:.2}x", rate / b));
+        let per = |names: &[&str]| {
+            calls.as_ref().map_or("-".into(), |c| {
+                let n: u64 = names.iter().map(|x| c.get(*x).map_or(0, |v| v.0)).sum();
+                format!("{:.1}", n as f64 / m)
+            })
+        };
+        let recv_calls = calls.as_ref().map(|c| {
+            ["recvfrom", "read"]
+                .iter()
+                .map(|x| c.get(*x).map_or(0, |v| v.0))
+                .sum::<u64>()
+        });
+        let per_recv = match (recv_calls, kind.name().contains("uring")) {
+            // (On io_uring the kernel receives; `read` is the eventfd's.)
+            (_, true) => "-".into(),
+            (Some(n), false) if n > 0 => format!("{:.0}", *m * f64::from(1 << 20) / n as f64),
+            _ => "-".into(),
+        };
+        let (per_read, wakeups, chunks) = match pstats {
+            Some(p) => {
+                // Echo: every read completion is followed by one write completion.
+                let reads = p[2] as f64 / 2.0;
+                (
+                    format!("{:.0}", p[3] as f64 / reads.max(1.0)),
+                    format!("{:.1}", p[0] as f64 / m),
+                    p[5].to_string(),
+                )
+            }
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {rate:.0} | {} | {} | {cpu:.0} | {:.0}% | {} | {per_recv} | {} | {} | {} | {polls:.1} | {per_read} | {wakeups} | {chunks} |",
+            kind.name(),
+            ratio(mio),
+            ratio(uring),
+            busy * 100.0,
+            per(&["recvfrom", "read"]),
+            per(&["sendto", "sendmsg", "write", "writev"]),
+            per(&["epoll_wait", "epoll_pwait", "io_uring_enter"]),
+            switches.map_or("-".into(), |c| format!("{:.1}", c as f64 / m)),
+        );
+    }
+    println!("{table}");
+    println!("(Server CPU: user + system over the run, including the connect and the first chunk's check. System calls per MiB over every run, setup included; `read` and `write` include eventfd wake-ups. A proactor server's counters are over its whole life, the check rounds included.)\n");
+    write_file(o, "stream.csv", &csv)?;
+    if perf {
+        write_file(o, "stream_syscalls.csv", &sys_csv)?;
+    }
+    Ok(())
 }

@@ -5,13 +5,16 @@
 #   scripts/bench.sh --quick    smoke run: tiny sizes and times, proves everything works;
 #                               its figures are noise, and it leaves docs/ alone
 #
-# Steps: release build -> benches/echo.rs (criterion, four servers per case) -> benches/scale.rs
+# Steps: release build -> benches/echo.rs (criterion, every server per case) -> benches/scale.rs
 # (burst scaling 1K..16K, memory per idle connection, latency percentiles, syscalls per message
-# under strace, server CPU per message) -> summary with ratios against the issue's targets -> docs/scaling.svg.
+# under strace, server CPU per message, the independent 64 KiB stream client) -> syscalls per
+# message again under `perf stat` (full speed), where perf can count syscall tracepoints ->
+# summary with ratios against the issues' targets -> docs/scaling.svg.
 # Everything lands in target/bench/ (criterion's own reports in target/criterion/).
 #
 # Environment, passed through to the benches:
-#   PROACTOR_BENCH_SERVERS=proactor,mio   servers to run (default: all four)
+#   PROACTOR_BENCH_SERVERS=proactor,mio   servers to run (default: all; the io_uring ones
+#                                         where the kernel allows io_uring)
 #   PROACTOR_BENCH_PIN=0                  no CPU pinning (default: server CPU 0, client CPU 1)
 #   PROACTOR_BENCH_SERVER_CPU / PROACTOR_BENCH_CLIENT_CPU
 #   PROACTOR_BENCH_TOKIO_WORKERS=N        tokio worker threads (default: 1 when pinned)
@@ -80,12 +83,20 @@ cargo bench --bench echo -- "${CRIT_ARGS[@]}" 2>&1 | tee "$OUT/echo.txt"
 step "scaling, memory, latency, syscalls, server CPU"
 cargo bench --bench scale -- --out "$OUT" "${SCALE_ARGS[@]}" 2>&1 | tee "$OUT/scale.txt"
 
+step "syscalls at full speed (perf stat of the syscall tracepoints)"
+if perf stat -e syscalls:sys_enter_getpid true >/dev/null 2>&1; then
+  cargo bench --bench scale -- --out "$OUT" --phases syscalls --tracer perf "${SCALE_ARGS[@]}" 2>&1 | tee -a "$OUT/scale.txt"
+else
+  rm -f "$OUT/syscalls-perf.csv"
+  echo "perf cannot count syscall tracepoints here: skipped"
+fi
+
 step "summary"
 python3 - "$CRIT" "$OUT" "$ECHO_START" <<'PY' | tee "$OUT/summary.md"
 import csv, glob, json, os, sys
 
 crit, out, since = sys.argv[1], sys.argv[2], float(sys.argv[3])
-SERVERS = ["proactor", "tokio", "mio", "std"]
+BASELINES = ["tokio", "mio", "uring-loop", "std"]
 
 # Criterion medians of this run: (group, server) -> (median ns, throughput dict).
 res = {}
@@ -112,7 +123,8 @@ def dur(ns):
             return f"{ns / div:.3g} {unit}"
     return f"{ns:.3g} ns"
 
-# Targets: group prefix -> [(baseline, minimum throughput ratio proactor/baseline)].
+# Targets: group prefix -> [(baseline, minimum throughput ratio proactor/baseline)]; the
+# readiness engine's (issue 5) and the io_uring engine's (issue 17).
 TARGETS = {
     "stream_64KiB": [("mio", 1.0)],
     "pingpong_1x128B": [("tokio", 1.0), ("mio", 0.95)],
@@ -120,13 +132,20 @@ TARGETS = {
     "pingpong_1000x4KiB": [("mio", 1.0), ("tokio", 1.3)],
     "burst_8192x1KiB": [("mio", 1.0)],
 }
+URING_TARGETS = {
+    "stream_64KiB": [("mio", 0.95)],
+    "pingpong_1x128B": [("mio", 0.95)],
+    "pingpong_100x128B": [("mio", 1.0)],
+    "pingpong_1000x4KiB": [("mio", 1.0)],
+}
 
 ORDER = ["stream_", "pingpong_1x", "pingpong_100x128B", "x4KiB", "burst_"]
 groups = sorted({g for g, _ in res}, key=lambda g: next((i for i, o in enumerate(ORDER) if o in g), 99))
 # Both proactor modes are judged: inline is what a dedicated server loop should use, the
 # threaded default what select/game-loop/async users get.
-MODES = ["proactor-inline", "proactor"]
-ALL = MODES + SERVERS[1:]
+MODES = ["proactor-inline", "proactor", "proactor-uring-inline", "proactor-uring"]
+URING = {"proactor-uring-inline", "proactor-uring"}
+ALL = MODES + BASELINES
 groups = [g for g in groups if any((g, s) in res for s in ALL)]  # not the pool's groups
 print("### Echo (criterion medians; time per iteration, throughput)\n")
 print("| case | " + " | ".join(ALL) + " |")
@@ -138,8 +157,8 @@ for g in groups:
         cells.append(f"{dur(r[0])}, {rate(*r)}" if r else "-")
     print(f"| {g} | " + " | ".join(cells) + " |")
 print("\n### Ratios (throughput of the proactor mode / the baseline's; > 1: proactor faster)\n")
-print("| case | mode | vs mio | vs tokio | vs std | targets |")
-print("|---|---|---:|---:|---:|---|")
+print("| case | mode | vs mio | vs tokio | vs std | vs uring-loop | targets |")
+print("|---|---|---:|---:|---:|---:|---|")
 verdicts = []
 for g in groups:
     for mode in MODES:
@@ -147,12 +166,12 @@ for g in groups:
         if not p:
             continue
         ratios = []
-        for base in ("mio", "tokio", "std"):
+        for base in ("mio", "tokio", "std", "uring-loop"):
             b = res.get((g, base))
             # Throughput ratio = baseline time / proactor time.
             ratios.append(f"{b[0] / p[0]:.2f}x" if b else "-")
         target = []
-        for base, need in TARGETS.get(g, []):
+        for base, need in (URING_TARGETS if mode in URING else TARGETS).get(g, []):
             b = res.get((g, base))
             if b:
                 got = b[0] / p[0]
@@ -179,7 +198,30 @@ mem = {r["server"]: r for r in read_csv("memory.csv")}
 sc = {}
 for r in read_csv("syscalls.csv"):
     sc[(r["server"], r["conns"])] = sc.get((r["server"], r["conns"]), 0.0) + num(r["calls_per_msg"])
+# (At full speed, where perf could count them; strace slows every call and so batches more.)
+scp = {}
+for r in read_csv("syscalls-perf.csv"):
+    scp[(r["server"], r["conns"])] = scp.get((r["server"], r["conns"]), 0.0) + num(r["calls_per_msg"])
+cpu = read_csv("cpu.csv")
+cpu_by = {(r["server"], int(r["conns"]), int(r["size"])): num(r["cpu_us_per_msg"]) for r in cpu}
 for mode in MODES:
+    if mode in URING:
+        if mode in mem:
+            got = num(mem[mode]["bytes_per_conn"])
+            verdicts.append((f"idle memory per connection beyond the ring's fixed memory ({mode})", f"{got:.0f} B", "<= 130 B", got <= 130))
+        if mode == "proactor-uring-inline":
+            for table, how in ((scp, "perf"), (sc, "strace")):
+                if (mode, "100") in table:
+                    got = table[(mode, "100")]
+                    verdicts.append((f"syscalls per message, 100 conns, {how} ({mode})", f"{got:.2f}", "<= 0.6", round(got, 2) <= 0.6))
+        for c, size in ((100, 128), (1000, 4096)):
+            p = cpu_by.get((mode, c, size))
+            for base, need in (("mio", 0.9), ("uring-loop", 1.1)):
+                b = cpu_by.get((base, c, size))
+                if p and b:
+                    got = p / b
+                    verdicts.append((f"server CPU per message, {c} x {size} B, vs {base} ({mode})", f"{got:.2f}x", f"<= {need}x", got <= need))
+        continue
     for conns in ("100", "1000"):
         p, m = lat.get((mode, conns)), lat.get(("mio", conns))
         if p and m:
@@ -198,19 +240,34 @@ for mode in MODES:
             # connection; the target is about the steady state.
             verdicts.append((f"syscalls per message, {conns} conn(s) ({mode})", f"{got:.2f}", f"<= {need}", round(got, 2) <= need))
 
-cpu = read_csv("cpu.csv")
 if cpu:
     print("\n### Server CPU per echoed message at saturation (µs; lower is better)\n")
     cases = sorted({(int(r["conns"]), int(r["size"])) for r in cpu})
     by = {(r["server"], int(r["conns"]), int(r["size"])): num(r["cpu_us_per_msg"]) for r in cpu}
     names = [s for s in ALL if any(k[0] == s for k in by)]
-    print("| case | " + " | ".join(names) + " | inline / mio |")
-    print("|---|" + "---:|" * (len(names) + 1))
+    print("| case | " + " | ".join(names) + " | inline / mio | uring-inline / mio | uring-inline / uring-loop |")
+    print("|---|" + "---:|" * (len(names) + 3))
     for c, size in cases:
         cells = [f"{by[(s, c, size)]:.2f}" if (s, c, size) in by else "-" for s in names]
-        i, m = by.get(("proactor-inline", c, size)), by.get(("mio", c, size))
-        ratio = f"{i / m:.2f}x" if i and m else "-"
-        print(f"| {c} x {size} B | " + " | ".join(cells) + f" | {ratio} |")
+        def ratio(a, b):
+            x, y = by.get((a, c, size)), by.get((b, c, size))
+            return f"{x / y:.2f}x" if x and y else "-"
+        ratios = [ratio("proactor-inline", "mio"), ratio("proactor-uring-inline", "mio"),
+                  ratio("proactor-uring-inline", "uring-loop")]
+        print(f"| {c} x {size} B | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+
+stream = read_csv("stream.csv")
+if stream:
+    import statistics
+    print("\n### Independent 64 KiB stream client (MiB/s, median of the runs; scale.txt has the rest)\n")
+    st = {}
+    for r in stream:
+        st.setdefault(r["server"], []).append(num(r["mib_per_s"]))
+    med = {s: statistics.median(v) for s, v in st.items()}
+    names = [s for s in ALL if s in med]
+    print("| " + " | ".join(names) + " |")
+    print("|" + "---:|" * len(names))
+    print("| " + " | ".join(f"{med[s]:.0f}" + (f" ({med[s] / med['mio']:.2f}x mio)" if "mio" in med else "") for s in names) + " |")
 
 scale = {}
 for r in read_csv("scale.csv"):
@@ -234,7 +291,7 @@ print("| target | measured | required | |")
 print("|---|---:|---:|---|")
 for name, got, need, ok in verdicts:
     print(f"| {name} | {got} | {need} | {'PASS' if ok else 'FAIL'} |")
-print(f"\n(Scale, memory, latency, syscall and CPU tables: {out}/scale.txt; CSV files beside it.)")
+print(f"\n(Scale, memory, latency, syscall, CPU and stream tables: {out}/scale.txt; CSV files beside it.)")
 PY
 
 step "chart"

@@ -15,7 +15,16 @@ import math
 import sys
 from xml.sax.saxutils import escape
 
-COLORS = {"proactor": "#d62728", "tokio": "#1f77b4", "mio": "#2ca02c", "std": "#7f7f7f"}
+COLORS = {
+    "proactor": "#d62728",
+    "proactor-inline": "#ff9896",
+    "proactor-uring": "#8c564b",
+    "proactor-uring-inline": "#e377c2",
+    "tokio": "#1f77b4",
+    "mio": "#2ca02c",
+    "uring-loop": "#bcbd22",
+    "std": "#7f7f7f",
+}
 W, H = 760, 460
 LEFT, RIGHT, TOP, BOTTOM = 70, 200, 40, 60
 

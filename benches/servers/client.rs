@@ -159,11 +159,19 @@ pub fn checked_round(conns: &mut [TcpStream], msg: &[u8]) -> io::Result<()> {
 
 /// Streams `total` bytes through one connection and reads them all back: writes ahead as far
 /// as the socket buffers allow while reading the echo, on one thread (`poll(2)` when neither
-/// direction can move). The connection is switched to non-blocking mode for good.
-pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -> io::Result<()> {
+/// direction can move): one write attempt of at most `chunk`, then one read into `rbuf`, per
+/// turn. The connection is switched to non-blocking mode for good. Returns the write and read
+/// calls that moved bytes and the `poll` calls.
+pub fn stream(
+    conn: &mut TcpStream,
+    total: u64,
+    chunk: &[u8],
+    rbuf: &mut [u8],
+) -> io::Result<(u64, u64, u64)> {
     conn.set_nonblocking(true)?;
     let deadline = Instant::now() + IO_TIMEOUT.max(Duration::from_millis(total / 50_000));
     let (mut sent, mut got) = (0u64, 0u64);
+    let (mut writes, mut reads, mut polls) = (0, 0, 0);
     while got < total {
         let mut moved = false;
         if sent < total {
@@ -171,6 +179,7 @@ pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -
             match conn.write(&chunk[..want]) {
                 Ok(n) => {
                     sent += n as u64;
+                    writes += 1;
                     moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -182,6 +191,7 @@ pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 got += n as u64;
+                reads += 1;
                 moved = true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -203,9 +213,93 @@ pub fn stream(conn: &mut TcpStream, total: u64, chunk: &[u8], rbuf: &mut [u8]) -
             };
             // SAFETY: one live pollfd, count 1.
             unsafe { libc::poll(&mut pfd, 1, 100) };
+            polls += 1;
         }
     }
-    Ok(())
+    Ok((writes, reads, polls))
+}
+
+/// What [`mio_stream`] measured.
+pub struct StreamRun {
+    /// Bytes echoed back (all of them, unless the time limit ended the run).
+    pub bytes: u64,
+    pub wall: Duration,
+    /// Write and read calls that moved bytes, and the client's `poll` wake-ups.
+    pub writes: u64,
+    pub reads: u64,
+    pub polls: u64,
+}
+
+/// The 64 KiB stream as an independent client writes it (issue 17): one thread, mio
+/// edge-triggered, one connection; on every wake-up it writes 64 KiB chunks (`chunk`) as
+/// fast as the socket takes them, until `WouldBlock` or `total` bytes are out, and reads the
+/// echo into `rbuf` until `WouldBlock`. Ends when `total` bytes came back, or at `limit`.
+/// The first chunk's echo is checked byte for byte (the rest are counted).
+pub fn mio_stream(
+    addr: SocketAddr,
+    total: u64,
+    chunk: &[u8],
+    rbuf: &mut [u8],
+    limit: Duration,
+) -> io::Result<StreamRun> {
+    let mut first = connect(addr)?;
+    checked_round(std::slice::from_mut(&mut first), chunk)?;
+    first.set_nonblocking(true)?;
+    let mut s = mio::net::TcpStream::from_std(first);
+    let mut poll = mio::Poll::new()?;
+    let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+    poll.registry().register(&mut s, mio::Token(0), interest)?;
+    let mut events = mio::Events::with_capacity(8);
+    let (mut sent, mut got, mut writes, mut reads, mut polls) = (0u64, 0u64, 0, 0, 0);
+    let start = Instant::now();
+    let deadline = start + limit;
+    while got < total {
+        // Write while the socket takes it.
+        while sent < total {
+            let off = (sent % chunk.len() as u64) as usize;
+            let want = (chunk.len() - off).min((total - sent) as usize);
+            match s.write(&chunk[off..off + want]) {
+                Ok(n) => {
+                    sent += n as u64;
+                    writes += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Read the echo until drained.
+        loop {
+            match s.read(rbuf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    got += n as u64;
+                    reads += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if got >= total {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        poll.poll(&mut events, Some(deadline - now))?;
+        polls += 1;
+    }
+    let wall = start.elapsed();
+    set_linger_zero(&s);
+    Ok(StreamRun {
+        bytes: got,
+        wall,
+        writes,
+        reads,
+        polls,
+    })
 }
 
 /// Per-round-trip latencies, in nanoseconds, of a closed loop: each of `conns` connections

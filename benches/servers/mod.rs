@@ -6,7 +6,13 @@
 //!
 //! - [`Kind::Proactor`]: one [`Watcher`] (poller pinned with `poller_cpu`) and the `WaitIO`
 //!   loop on one thread: Accept -> `ReadInternal`; read done -> `Write(bytes)`; write done ->
-//!   `ReadInternal`; error or end of stream -> `Free`; one Accept kept outstanding.
+//!   `ReadInternal`; error or end of stream -> `Free`; one Accept kept outstanding. On the
+//!   readiness engine (epoll), set explicitly, whatever `PROACTOR_ENGINE` says.
+//! - [`Kind::ProactorInline`]: the same loop on an inline watcher (no poller thread).
+//! - [`Kind::ProactorUring`], [`Kind::ProactorUringInline`]: the same two on the io_uring
+//!   engine (`Engine::Uring`).
+//! - [`Kind::UringLoop`]: a hand-written single-threaded io_uring echo loop on the `io-uring`
+//!   crate ([`uring_loop`]): the limit for the io_uring engine, as mio is for epoll.
 //! - [`Kind::Tokio`]: the multi-thread runtime, a task per connection, a 64 KiB buffer each,
 //!   `read` then `write_all`, as a competent tokio user writes it.
 //! - [`Kind::Mio`]: a hand-written single-threaded edge-triggered mio server: read until
@@ -23,6 +29,8 @@
 //! `PROACTOR_BENCH_PIN=0` to turn it off. It is also off when either CPU is not available.
 
 pub mod client;
+#[cfg(target_os = "linux")]
+pub mod uring_loop;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -33,7 +41,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use proactor::{Cmd, Conn, Error, Op, Watcher};
+use proactor::{Cmd, Conn, Engine, Error, Op, Watcher};
 
 /// Size of the per-connection (tokio, std) or shared (mio) read buffer.
 pub const BUF: usize = 64 * 1024;
@@ -41,22 +49,34 @@ pub const BUF: usize = 64 * 1024;
 /// The servers under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// The `WaitIO` loop on a threaded watcher, readiness engine.
     Proactor,
     /// The same loop on an inline watcher (`WatcherBuilder::inline`): no poller thread.
     ProactorInline,
+    /// [`Kind::Proactor`] on the io_uring engine.
+    ProactorUring,
+    /// [`Kind::ProactorInline`] on the io_uring engine.
+    ProactorUringInline,
     Tokio,
     Mio,
     /// The mio server without the final `EAGAIN` read after a short read (opt-in).
     MioShort,
+    /// The hand-written io_uring echo loop (Linux 6.1 or later).
+    UringLoop,
     Std,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    /// The default set, in the order the benches run them (those this machine cannot run,
+    /// io_uring on an older or locked-down kernel, are left out: see [`Kind::available`]).
+    pub const ALL: [Kind; 8] = [
         Kind::Proactor,
         Kind::ProactorInline,
+        Kind::ProactorUring,
+        Kind::ProactorUringInline,
         Kind::Tokio,
         Kind::Mio,
+        Kind::UringLoop,
         Kind::Std,
     ];
 
@@ -64,10 +84,40 @@ impl Kind {
         match self {
             Kind::Proactor => "proactor",
             Kind::ProactorInline => "proactor-inline",
+            Kind::ProactorUring => "proactor-uring",
+            Kind::ProactorUringInline => "proactor-uring-inline",
             Kind::Tokio => "tokio",
             Kind::Mio => "mio",
             Kind::MioShort => "mio-short",
+            Kind::UringLoop => "uring-loop",
             Kind::Std => "std",
+        }
+    }
+
+    /// Whether this machine can run the server: the io_uring ones need a kernel and a
+    /// sandbox that allow io_uring (checked once per process).
+    pub fn available(self) -> bool {
+        match self {
+            Kind::ProactorUring | Kind::ProactorUringInline => {
+                static OK: OnceLock<bool> = OnceLock::new();
+                // (On a thread of its own, which the ring's teardown cannot disturb.)
+                *OK.get_or_init(|| {
+                    thread::spawn(|| {
+                        Watcher::builder()
+                            .engine(Engine::Uring)
+                            .inline(true)
+                            .build()
+                            .is_ok()
+                    })
+                    .join()
+                    .unwrap_or(false)
+                })
+            }
+            #[cfg(target_os = "linux")]
+            Kind::UringLoop => uring_loop::available(),
+            #[cfg(not(target_os = "linux"))]
+            Kind::UringLoop => false,
+            _ => true,
         }
     }
 
@@ -79,11 +129,21 @@ impl Kind {
             .find(|k| k.name() == s.trim())
     }
 
-    /// `PROACTOR_BENCH_SERVERS=proactor,mio` selects servers (default: all four).
+    /// `PROACTOR_BENCH_SERVERS=proactor,mio` selects servers (default: [`Kind::ALL`], less
+    /// those this machine cannot run, with a note on stderr).
     pub fn selected() -> Vec<Kind> {
         match std::env::var("PROACTOR_BENCH_SERVERS") {
             Ok(list) => Kind::parse_list(&list),
-            Err(_) => Kind::ALL.to_vec(),
+            Err(_) => Kind::ALL
+                .into_iter()
+                .filter(|k| {
+                    let ok = k.available();
+                    if !ok {
+                        eprintln!("bench: {} left out: io_uring is not usable here", k.name());
+                    }
+                    ok
+                })
+                .collect(),
         }
     }
 
@@ -292,11 +352,20 @@ pub struct Server {
 impl Server {
     pub fn start(kind: Kind) -> io::Result<Server> {
         match kind {
-            Kind::Proactor => start_proactor(false),
-            Kind::ProactorInline => start_proactor(true),
+            Kind::Proactor
+            | Kind::ProactorInline
+            | Kind::ProactorUring
+            | Kind::ProactorUringInline => start_proactor(kind),
             Kind::Tokio => start_tokio(),
             Kind::Mio => start_mio(false),
             Kind::MioShort => start_mio(true),
+            #[cfg(target_os = "linux")]
+            Kind::UringLoop => uring_loop::start(),
+            #[cfg(not(target_os = "linux"))]
+            Kind::UringLoop => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "uring-loop: Linux only",
+            )),
             Kind::Std => start_std(),
         }
     }
@@ -332,14 +401,40 @@ fn proactor_accepts() -> usize {
     env_usize("PROACTOR_BENCH_ACCEPTS").unwrap_or(1).max(1)
 }
 
-fn start_proactor(inline: bool) -> io::Result<Server> {
+/// The ring's receive buffers for the io_uring kinds: `PROACTOR_BENCH_URING_BUFFERS=COUNTxSIZE`
+/// (e.g. `64x65536`, the library's default, used when unset).
+fn uring_buffers() -> Option<(u16, u32)> {
+    let v = std::env::var("PROACTOR_BENCH_URING_BUFFERS").ok()?;
+    let (count, size) = v.trim().split_once('x')?;
+    Some((count.parse().ok()?, size.parse().ok()?))
+}
+
+/// One of the four proactor kinds: threaded or inline, readiness or io_uring engine (set
+/// explicitly, so a name means the same whatever `PROACTOR_ENGINE` says).
+fn start_proactor(kind: Kind) -> io::Result<Server> {
+    let (inline, engine) = match kind {
+        Kind::Proactor => (false, Engine::Readiness),
+        Kind::ProactorInline => (true, Engine::Readiness),
+        Kind::ProactorUring => (false, Engine::Uring),
+        Kind::ProactorUringInline => (true, Engine::Uring),
+        _ => unreachable!("not a proactor kind"),
+    };
     let listener = bind_listener()?;
     let addr = listener.local_addr()?;
-    let mut builder = Watcher::builder().inline(inline);
+    let mut builder = Watcher::builder().inline(inline).engine(engine);
+    if let (Engine::Uring, Some((count, size))) = (engine, uring_buffers()) {
+        builder = builder.uring_buffers(count, size);
+    }
     if let (Some(cpu), false) = (pins().server, inline) {
         builder = builder.poller_cpu(cpu); // inline: the pinned loop thread is the poller
     }
-    let watcher = Arc::new(builder.build()?);
+    // Built on a thread of its own: the thread that creates an io_uring ring is signalled
+    // (task work, TWA_SIGNAL) when the ring is closed, 10 to 50 ms later, and a blocking
+    // `connect` of the load generator on that thread then failed with EINTR (see `stop`).
+    let watcher = thread::spawn(move || builder.build())
+        .join()
+        .map_err(|_| io::Error::other("building the watcher panicked"))??;
+    let watcher = Arc::new(watcher);
     let lconn = watcher.listen(listener).map_err(io::Error::other)?;
     for _ in 0..proactor_accepts() {
         lconn.send(Cmd::Accept).map_err(io::Error::other)?;
@@ -354,18 +449,22 @@ fn start_proactor(inline: bool) -> io::Result<Server> {
         })?;
     let w = watcher.clone();
     Ok(Server {
-        kind: if inline {
-            Kind::ProactorInline
-        } else {
-            Kind::Proactor
-        },
+        kind,
         addr,
         counters,
         watcher: Some(watcher),
         stop: Some(Box::new(move || {
             // Completes every pending operation with `WatcherClosed`, closes every socket and
             // ends the mailbox, so `wait_io` in the loop fails and the loop returns.
-            w.close();
+            //
+            // On a thread of its own: when no thread is inside `wait_io`, `close` runs an
+            // inline watcher's shutdown on the calling thread, which then submits to the
+            // ring, and when the ring is closed the kernel's ring-exit work signals every
+            // thread that made or submitted to it (task work, TWA_SIGNAL): 10 to 50 ms later
+            // this thread, the benches' load generator, saw a blocking `connect` fail with
+            // EINTR (docs/benchmarks.md, "Engines side by side").
+            let closer = thread::spawn(move || w.close());
+            let _ = closer.join();
             let _ = handle.join();
         })),
     })
@@ -373,6 +472,7 @@ fn start_proactor(inline: bool) -> io::Result<Server> {
 
 /// A pool of `watchers` inline watchers, one `WaitIO` loop thread each (the echo-server
 /// example's shape), for the watcher-scaling group. Not pinned: the point is to use cores.
+/// On the readiness engine, as the earlier figures were.
 pub fn start_pool(watchers: usize) -> io::Result<Server> {
     let listener = bind_listener()?;
     let addr = listener.local_addr()?;
@@ -380,7 +480,7 @@ pub fn start_pool(watchers: usize) -> io::Result<Server> {
         proactor::Pool::builder()
             .watchers(watchers)
             .per_watcher_mailboxes()
-            .watcher_options(Watcher::builder().inline(true))
+            .watcher_options(Watcher::builder().inline(true).engine(Engine::Readiness))
             .build()?,
     );
     let lconn = pool.listen(listener).map_err(io::Error::other)?;
@@ -409,8 +509,21 @@ pub fn start_pool(watchers: usize) -> io::Result<Server> {
     })
 }
 
+/// `PROACTOR_BENCH_PIPELINE=1` (an experiment for the 64 KiB stream, docs/benchmarks.md):
+/// the echo loop issues a connection's next `ReadInternal` together with the `Write` of what
+/// it read, instead of after the write completed, as long as no earlier write of that
+/// connection is still in flight (else when it completes): one read and at most two writes
+/// outstanding per connection, so the poller can read the next bytes in the round that sends
+/// the last ones.
+fn pipeline() -> bool {
+    std::env::var("PROACTOR_BENCH_PIPELINE").is_ok_and(|v| v.trim() == "1")
+}
+
 /// The `WaitIO` echo loop.
 fn proactor_loop(watcher: &Watcher, listener: &Conn, k: &Counters) {
+    if pipeline() {
+        return proactor_loop_pipelined(watcher, listener, k);
+    }
     let mut batch = Vec::with_capacity(1024);
     while watcher.wait_io(&mut batch).is_ok() {
         for c in batch.drain(..) {
@@ -440,6 +553,57 @@ fn proactor_loop(watcher: &Watcher, listener: &Conn, k: &Counters) {
                 (_, Ok(())) => {} // no other operation is ever submitted
                 (_, Err(_)) => {
                     // End of stream, reset, ...: close the connection.
+                    let _ = c.conn.send(Cmd::Free);
+                }
+            }
+        }
+    }
+}
+
+/// [`proactor_loop`] with the next read issued early ([`pipeline`]).
+fn proactor_loop_pipelined(watcher: &Watcher, listener: &Conn, k: &Counters) {
+    // Per connection: writes in flight, and whether its next read waits for one of them.
+    let mut state: HashMap<proactor::ConnId, (u32, bool)> = HashMap::new();
+    let mut batch = Vec::with_capacity(1024);
+    while watcher.wait_io(&mut batch).is_ok() {
+        for c in batch.drain(..) {
+            match (c.op, c.result) {
+                (Op::Accept, result) => {
+                    if result.is_ok() {
+                        if let Some((conn, _peer)) = c.buf.into_accepted() {
+                            k.live.fetch_add(1, Relaxed);
+                            if conn.send(Cmd::ReadInternal).is_ok() {
+                                k.ready.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    let _ = listener.send(Cmd::Accept);
+                }
+                (Op::Read, Ok(())) => {
+                    let st = state.entry(c.conn.id()).or_default();
+                    let _ = c.conn.send(Cmd::Write(c.buf.into_bytes()));
+                    if st.0 == 0 {
+                        let _ = c.conn.send(Cmd::ReadInternal);
+                    } else {
+                        st.1 = true;
+                    }
+                    st.0 += 1;
+                }
+                (Op::Write, Ok(())) => {
+                    let st = state.entry(c.conn.id()).or_default();
+                    st.0 = st.0.saturating_sub(1);
+                    if st.1 {
+                        st.1 = false;
+                        let _ = c.conn.send(Cmd::ReadInternal);
+                    }
+                }
+                (Op::Free, _) => {
+                    state.remove(&c.conn.id());
+                    k.live.fetch_sub(1, Relaxed);
+                }
+                (_, Err(Error::WatcherClosed)) => {}
+                (_, Ok(())) => {}
+                (_, Err(_)) => {
                     let _ = c.conn.send(Cmd::Free);
                 }
             }
