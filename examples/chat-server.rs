@@ -35,6 +35,12 @@ const LINES_PER_READ: usize = 64;
 const ACCEPTS: usize = 64;
 /// The most bytes one write takes from a client's queue (at least one message).
 const WRITE_CHUNK: usize = 64 * 1024;
+/// Writes handed over per turn, at most: then the completions that came meanwhile are taken
+/// (a non-blocking poll) before the next ones. A new client's welcome goes first, and lines
+/// that arrive while a long flush is under way join the queues still waiting, so the next
+/// turns gather them into fewer writes (the join storm: a `joined` line for every client
+/// per join).
+const FLUSH_BUDGET: usize = 16;
 /// How long a farewell (`! line too long`, ...) may take to be written before we close anyway.
 const LINGER: Duration = Duration::from_secs(1);
 /// Tag of a farewell write: free the connection when it completes.
@@ -70,6 +76,18 @@ impl Source {
                 }
                 Err(_) => false,
             },
+        }
+    }
+
+    /// What is ready now, without waiting. `false` once the watchers are closed and
+    /// everything was taken.
+    fn poll(&self, batch: &mut Vec<Completion>) -> bool {
+        match self {
+            Source::Inline(watcher) => watcher.try_wait_io(batch).is_ok(),
+            Source::Mailbox(mailbox) => {
+                batch.extend(mailbox.try_iter());
+                !batch.is_empty() || !mailbox.is_disconnected()
+            }
         }
     }
 }
@@ -182,7 +200,7 @@ fn queue(
     id: ConnId,
     msg: Bytes,
     max_backlog: usize,
-    dirty: &mut Vec<ConnId>,
+    dirty: &mut VecDeque<ConnId>,
 ) -> bool {
     c.backlog += msg.len();
     if c.backlog > max_backlog {
@@ -191,7 +209,7 @@ fn queue(
     c.queue.push(msg);
     if !c.dirty {
         c.dirty = true;
-        dirty.push(id);
+        dirty.push_back(id);
     }
     true
 }
@@ -216,8 +234,9 @@ struct Chat {
     guests: u64,
     idle: Option<Duration>,
     max_backlog: usize,
-    /// Clients with messages queued since their queue last went out.
-    dirty: Vec<ConnId>,
+    /// Clients with messages queued since their queue last went out, in the order their
+    /// queues go (a client whose write completes joins at the back).
+    dirty: VecDeque<ConnId>,
     /// Names of clients that left, announced once the current event is handled.
     left: VecDeque<String>,
 }
@@ -229,15 +248,24 @@ impl Chat {
             guests: 0,
             idle: opts.idle,
             max_backlog: opts.max_backlog,
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             left: VecDeque::new(),
         }
     }
 
     fn run(mut self, source: &Source) {
         let mut batch = Vec::new();
-        // Until the watchers are closed (SIGINT/SIGTERM) and everything was taken.
-        while source.next(&mut batch) {
+        // Until the watchers are closed (SIGINT/SIGTERM) and everything was taken. While
+        // queues still wait to go out, only what is ready is taken.
+        loop {
+            let open = if self.dirty.is_empty() {
+                source.next(&mut batch)
+            } else {
+                source.poll(&mut batch)
+            };
+            if !open {
+                break;
+            }
             for c in batch.drain(..) {
                 self.complete(c);
                 // Announced here rather than where they happen: the announcement can push
@@ -250,10 +278,14 @@ impl Chat {
         }
     }
 
-    /// Hands every queue that filled during the batch to one `WriteAll`, for the clients
-    /// with no write in flight (the others' go when theirs completes).
+    /// Hands the waiting queues to one `WriteAll` each, in turn, up to FLUSH_BUDGET of them,
+    /// for the clients with no write in flight (the others' go when theirs completes).
     fn flush(&mut self) {
-        for id in std::mem::take(&mut self.dirty) {
+        let mut written = 0;
+        while written < FLUSH_BUDGET {
+            let Some(id) = self.dirty.pop_front() else {
+                break;
+            };
             let Some(c) = self.clients.get_mut(&id) else {
                 continue;
             };
@@ -261,15 +293,15 @@ impl Chat {
             if c.writing || c.queue.is_empty() {
                 continue;
             }
+            written += 1;
             if !c.write_queued() {
                 self.leave(id, None);
-                continue;
             }
         }
-        // (A client that left above was announced: that queued more.)
+        // A client that left above is announced (that may cut off another slow one, who is
+        // announced in turn); the lines go out with the next turns.
         while let Some(name) = self.left.pop_front() {
             self.broadcast(None, format!("* {name} left\n").into());
-            self.flush();
         }
     }
 
@@ -291,7 +323,13 @@ impl Chat {
                 dirty: false,
             },
         );
+        // The welcome goes out first, ahead of the queues already waiting: the client may
+        // talk as soon as it has it.
         self.send_to(id, welcome.into());
+        if self.dirty.back() == Some(&id) {
+            self.dirty.pop_back();
+            self.dirty.push_front(id);
+        }
         self.broadcast(Some(id), joined.into());
         self.read(id);
     }
@@ -345,7 +383,7 @@ impl Chat {
                     }
                     if !client.queue.is_empty() && !client.dirty {
                         client.dirty = true;
-                        self.dirty.push(id);
+                        self.dirty.push_back(id);
                     }
                 }
             }
