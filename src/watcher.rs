@@ -219,6 +219,15 @@ impl WatcherBuilder {
     /// shared with other watchers (their completions would wait for this one's next event);
     /// keep the threaded default for those. Commands may still be sent from any thread: they
     /// wake the driving thread.
+    ///
+    /// On the io_uring engine, each thread that drives an inline watcher submits to its ring,
+    /// and the kernel signals those threads (task work for the ring's teardown) shortly after
+    /// the watcher is closed: a blocking socket call with a timeout (`SO_RCVTIMEO`,
+    /// `SO_SNDTIMEO`) that such a thread is in then fails once with
+    /// [`ErrorKind::Interrupted`](std::io::ErrorKind::Interrupted). Retry it (std's
+    /// `read_exact` and `write_all` do), or drive the watcher from threads that make no such
+    /// calls. A threaded watcher's ring is touched by its poller thread alone, and the thread
+    /// that builds a watcher never submits to its ring.
     pub fn inline(mut self, inline: bool) -> Self {
         self.inline = inline;
         self
@@ -309,7 +318,24 @@ impl WatcherBuilder {
                     buffers: self.uring_buffers,
                     buffer_size: self.uring_buffer_size,
                 };
-                match Uring::new(&shared, setup) {
+                // Made on a short-lived thread, as the probe's ring: the kernel signals every
+                // thread that made or submitted to a ring with task work for the ring's
+                // teardown, after it is closed, and that signal makes a blocking socket call
+                // with a timeout fail with EINTR on that thread. The thread that builds a
+                // watcher should not get it; a threaded watcher's poller is then the only
+                // thread that touches its ring.
+                let made = thread::scope(|s| {
+                    thread::Builder::new()
+                        .name("proactor-ring".into())
+                        .spawn_scoped(s, || Uring::new(&shared, setup))
+                        .map(|t| t.join())
+                });
+                let made = match made {
+                    Ok(Ok(made)) => made,
+                    Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                    Err(e) => return Err(e),
+                };
+                match made {
                     Ok(engine) => AnyDriver::Uring(Driver::new(core, engine)),
                     // This watcher's ring could not be made (its memory, most likely) where
                     // the probe's could: as if the probe had failed.

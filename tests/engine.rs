@@ -303,3 +303,50 @@ fn an_example_under_the_filter_falls_back_or_refuses_as_asked() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The kernel signals every thread that made or submitted to an io_uring ring with task work
+/// for the ring's teardown, shortly after the ring is closed, and that signal fails a blocking
+/// socket call with a timeout with EINTR on the thread. The thread that builds a watcher makes
+/// no ring and submits nothing (a threaded watcher's poller or an inline watcher's driving
+/// thread does), so a blocking read with a timeout there afterwards times out, uninterrupted.
+#[test]
+fn the_thread_that_builds_a_watcher_is_not_interrupted_when_it_closes() {
+    if let Err(why) = uring_here() {
+        eprintln!("skipped: io_uring unavailable here ({why})");
+        return;
+    }
+    for inline in [false, true] {
+        let watcher = Watcher::builder()
+            .engine(Engine::Uring)
+            .inline(inline)
+            .build()
+            .unwrap();
+        if inline {
+            // Driven and closed by another thread.
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    echo_once(&watcher);
+                    watcher.close();
+                });
+            });
+        } else {
+            echo_once(&watcher);
+            watcher.close();
+        }
+        drop(watcher);
+        let (client, _server) = tcp_pair();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let err = (&client).read(&mut [0; 1]).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "inline {inline}: the read failed with {err} after {:?}, not with its timeout",
+            start.elapsed()
+        );
+    }
+}
