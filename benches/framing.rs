@@ -18,6 +18,9 @@
 //!
 //!     cargo bench --bench framing            # PROACTOR_BENCH_QUICK=1 for a smoke run
 //!
+//! `PROACTOR_BENCH_INLINE=1`: the watcher is inline (`WatcherBuilder::inline`), so the
+//! application thread runs the poller too and the split costs the same thread either way.
+//!
 //! Engines: io_uring (where the kernel allows it) and epoll, one after the other.
 
 use std::io::Write;
@@ -70,7 +73,12 @@ struct Pass {
 
 /// One pass: `lines` lines of `len` bytes on each of CONNS connections.
 fn pass(engine: Engine, reader: Reader, len: usize, lines: usize) -> Pass {
-    let watcher = Watcher::builder().engine(engine).build().expect("watcher");
+    let inline = std::env::var("PROACTOR_BENCH_INLINE").is_ok_and(|v| v.trim() == "1");
+    let watcher = Watcher::builder()
+        .engine(engine)
+        .inline(inline)
+        .build()
+        .expect("watcher");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let mut line = vec![b'x'; len - 1];
