@@ -310,8 +310,11 @@ fn every_line_reaches_every_receiver_in_order() {
 
 #[test]
 fn slow_consumer_is_disconnected_and_the_others_are_served_on() {
-    // Above what one read of the sender's (64 KiB of lines) puts in a receiver's queue at once.
-    let server = chat(&["--max-backlog", "262144"]);
+    // Well above what one read of the sender's (64 KiB of lines) puts in a receiver's queue
+    // at once, and above what the reader, a thread of this test, may fall behind the writer
+    // when the machine is busy (the server reads the writer as fast as it writes: at 256 KiB
+    // a reader starved of CPU by other tests was once cut off as slow).
+    let server = chat(&["--max-backlog", "1048576"]);
     let [slow, writer, mut reader]: [Client; 3] = join(&server, 3).try_into().ok().unwrap();
     // From now on guest1 reads nothing at all.
     small_rcvbuf(slow.stream(), 4096);
