@@ -33,6 +33,11 @@ cd "$(dirname "$0")/.."
 mode=${1:-asan}
 [ $# -gt 0 ] && shift
 export PROACTOR_SANITIZER=1
+# No Rust backtraces: the tests that make a decoder or the poller panic on purpose would
+# print one from the poller thread, and symbolizing it in a sanitized debug build is slow (a
+# test waiting for that thread once timed out on a busy machine). The sanitizer's own
+# reports carry their stacks.
+export RUST_BACKTRACE=0
 start=$(date +%s)
 
 targets=()

@@ -262,6 +262,14 @@ fn an_example_under_the_filter_falls_back_or_refuses_as_asked() {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
 
+    // scripts/sanitize.sh builds with flags a nested `cargo build` of the example cannot take
+    // (it leaves out tests/example_*.rs for that reason); the filter's effect on the library
+    // itself is checked under it by the test above.
+    if std::env::var_os("PROACTOR_SANITIZER").is_some() {
+        eprintln!("skipped under scripts/sanitize.sh: it cannot build the example");
+        return;
+    }
+
     let status = Command::new("cargo")
         .args(["build", "--quiet", "--example", "echo-server"])
         .status()
