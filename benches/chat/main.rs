@@ -61,6 +61,8 @@
 #[path = "../servers/mod.rs"]
 mod servers;
 
+use servers::process::{median, millions, percent, sig3, Busy, Meter, ServerProc, Span};
+
 mod load;
 mod tokio_chat;
 
@@ -68,12 +70,8 @@ use std::collections::BTreeMap;
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, BufRead, BufReader};
-use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -193,133 +191,6 @@ fn parse_extra(s: &str) -> Result<ServerSpec, String> {
     })
 }
 
-/// A running server process, killed when dropped.
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-/// Pins the calling (forked, not yet exec'd) process to `cpu`.
-fn set_affinity(cpu: usize) -> io::Result<()> {
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: `cpu` < CPU_SETSIZE, so the bit is inside `set`.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling process.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl ServerProc {
-    fn start(spec: &ServerSpec) -> Result<ServerProc, String> {
-        let name = &spec.name;
-        let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args)
-            .args(["--addr", "127.0.0.1:0"])
-            .env_remove(ROLE)
-            .envs(spec.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(cpu) = servers::pins().server {
-            // SAFETY: the closure runs in the child between fork and exec and only makes one
-            // system call (no allocation, no lock).
-            unsafe { cmd.pre_exec(move || set_affinity(cpu)) };
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("{name}: cannot start {}: {e}", spec.program.display()))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        let tag = name.clone();
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next();
-            let _ = tx.send(first);
-            // Anything it prints later is shown, not parsed.
-            for line in lines.map_while(Result::ok) {
-                eprintln!("  [{tag}] {line}");
-            }
-        });
-        let first = rx.recv_timeout(Duration::from_secs(30));
-        let addr = match first {
-            Ok(Some(Ok(line))) => line
-                .strip_prefix("listening on ")
-                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-                .ok_or(format!(
-                    "{name}: first line {line:?}, not `listening on HOST:PORT`"
-                )),
-            Ok(_) => Err(format!("{name}: exited before printing its address")),
-            Err(_) => Err(format!("{name}: no `listening on` line within 30 s")),
-        };
-        // Killed on the way out if its address is no good.
-        let mut srv = ServerProc {
-            child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        };
-        srv.addr = addr?;
-        Ok(srv)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The server's CPU time so far, user + system, every thread, in microseconds
-    /// (`/proc/PID/stat`, in clock ticks: 10 ms).
-    fn cpu_us(&self) -> Result<u64, String> {
-        let text = fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-            .map_err(|e| format!("/proc/{}/stat: {e}", self.pid()))?;
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14,
-        // stime 15.
-        let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(1)
-            .take(13)
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        let (Some(utime), Some(stime)) = (f.get(10), f.get(11)) else {
-            return Err(format!("bad /proc/{}/stat: {text:?}", self.pid()));
-        };
-        // SAFETY: sysconf has no memory effects.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok((utime + stime) * 1_000_000 / hz)
-    }
-
-    /// The server's peak resident set size (`VmHWM`), KiB.
-    fn peak_rss_kib(&self) -> Result<u64, String> {
-        let text = fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .map_err(|e| format!("/proc/{}/status: {e}", self.pid()))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no VmHWM in /proc/{}/status", self.pid()))
-    }
-
-    /// Checks that it is still running.
-    fn alive(&mut self, name: &str) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("{name} exited: {status}")),
-            Err(e) => Err(format!("{name}: {e}")),
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Cases
 
@@ -436,96 +307,51 @@ impl Sample {
     fn rss_mib(&self) -> f64 {
         self.peak_rss_kib as f64 / 1024.0
     }
-}
-
-/// This process's CPU time (the load generator's), seconds.
-fn gen_cpu_s() -> f64 {
-    let (user, sys) = servers::cpu_us();
-    (user + sys) as f64 / 1e6
-}
-
-/// Time CPU `cpu` spent in user and system mode (not idle, not in interrupts), every process
-/// together, in microseconds (`/proc/stat`).
-fn cpu_busy_us(cpu: usize) -> Option<u64> {
-    let stat = fs::read_to_string("/proc/stat").ok()?;
-    let name = format!("cpu{cpu}");
-    let line = stat
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(3)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    (f.len() == 3).then(|| (f[0] + f[1] + f[2]) * 1_000_000 / hz) // user, nice, system
-}
-
-/// CPU times at one moment: the server's, the load generator's, and the busy time of their
-/// CPUs (every process on them).
-struct Meter {
-    at: Instant,
-    server_us: u64,
-    gen_s: f64,
-    cpu_us: Option<u64>,
-    gen_cpu_us: Option<u64>,
-}
-
-impl Meter {
-    fn now(srv: &ServerProc) -> Result<Meter, String> {
-        Ok(Meter {
-            at: Instant::now(),
-            server_us: srv.cpu_us()?,
-            gen_s: gen_cpu_s(),
-            cpu_us: servers::pins().server.and_then(cpu_busy_us),
-            gen_cpu_us: servers::pins().client.and_then(cpu_busy_us),
-        })
-    }
-
-    /// Fills in the CPU figures of `s` from `self` to `later`.
-    fn since(&self, later: &Meter, s: &mut Sample) {
-        let server_us = later.server_us.saturating_sub(self.server_us);
-        s.server_cpu_s = server_us as f64 / 1e6;
-        s.gen_cpu_s = later.gen_s - self.gen_s;
-        // Over the time between the two readings (a little longer than the wall time of the
-        // measured part: it includes the final checks).
-        let span_us = later.at.duration_since(self.at).as_micros().max(1) as f64;
-        let share = |a: Option<u64>, b: Option<u64>, own_us: u64| match (a, b) {
-            (Some(a), Some(b)) => b.saturating_sub(a).saturating_sub(own_us) as f64 / span_us,
-            _ => f64::NAN,
-        };
-        s.others = share(self.cpu_us, later.cpu_us, server_us);
-        let gen_us = (s.gen_cpu_s * 1e6) as u64;
-        s.others_gen = share(self.gen_cpu_us, later.gen_cpu_us, gen_us);
+    /// The CPU figures of `span` (the CPUs' busy time over the span between the two
+    /// readings, a little longer than the measured part's wall time: it includes the final
+    /// checks).
+    fn cpu(&mut self, span: Span) {
+        self.server_cpu_s = span.server_cpu_s;
+        self.gen_cpu_s = span.gen_cpu_s;
+        self.others = span.others;
+        self.others_gen = span.others_gen;
     }
 }
 
 fn run_one(spec: &ServerSpec, case: &Case, quickack: bool) -> Result<Sample, String> {
-    let mut srv = ServerProc::start(spec)?;
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .args(["--addr", "127.0.0.1:0"])
+        .env_remove(ROLE)
+        .envs(spec.envs.iter().map(|(k, v)| (k, v)));
+    let mut srv = ServerProc::start(&spec.name, cmd)?;
     let trickle = matches!(case.work, Work::Trickle { .. });
     let mut gen = load::Gen::new(srv.addr, case.clients, trickle, quickack)
         .map_err(|e| format!("load generator: {e}"))?;
-    let m0 = Meter::now(&srv)?;
+    // (The load generator's CPU time is this process's.)
+    let meter = |srv: &ServerProc| {
+        let (user, sys) = servers::cpu_us();
+        Meter::now(srv, user + sys, Busy::Tasks)
+    };
+    let m0 = meter(&srv)?;
     let joined = gen.join(case.clients, Duration::from_secs(300))?;
-    let m1 = Meter::now(&srv)?;
+    let m1 = meter(&srv)?;
     let mut s = Sample::default();
     match case.work {
         Work::Join => {
             s.lines = joined.lines;
             s.wall_s = joined.wall.as_secs_f64();
-            m0.since(&m1, &mut s);
+            s.cpu(m0.since(&m1));
         }
         Work::Burst(k) => {
             let d = gen.burst(k, Duration::from_secs(300))?;
-            m1.since(&Meter::now(&srv)?, &mut s);
+            s.cpu(m1.since(&meter(&srv)?));
             s.lines = d.deliveries;
             s.wall_s = d.wall.as_secs_f64();
         }
         Work::Trickle { period, secs } => {
             let d = gen.trickle(period, lines_in(period, secs))?;
-            m1.since(&Meter::now(&srv)?, &mut s);
+            s.cpu(m1.since(&meter(&srv)?));
             s.lines = d.deliveries;
             s.wall_s = d.wall.as_secs_f64();
             let q = |q: f64| servers::client::quantile(&d.latencies, q) as f64 / 1e3;
@@ -650,45 +476,12 @@ fn parse_args() -> Result<Opts, String> {
     })
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// A figure with three significant digits.
-fn sig3(v: f64) -> String {
-    if !v.is_finite() {
-        return "-".into();
-    }
-    let digits = if v == 0.0 {
-        2
-    } else {
-        (2 - v.abs().log10().floor() as i32).clamp(0, 6) as usize
-    };
-    format!("{v:.digits$}")
-}
-
 /// A table row: a label and how to get the figure from a sample.
 struct Metric {
     label: &'static str,
     key: &'static str,
     get: fn(&Sample) -> f64,
     show: fn(f64) -> String,
-}
-
-fn millions(v: f64) -> String {
-    format!("{} M", sig3(v / 1e6))
-}
-fn percent(v: f64) -> String {
-    if v.is_finite() {
-        format!("{:.0}%", v * 100.0)
-    } else {
-        "-".into()
-    }
 }
 
 fn metrics(work: Work) -> Vec<Metric> {

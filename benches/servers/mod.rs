@@ -29,6 +29,7 @@
 //! `PROACTOR_BENCH_PIN=0` to turn it off. It is also off when either CPU is not available.
 
 pub mod client;
+pub mod process;
 #[cfg(target_os = "linux")]
 pub mod uring_loop;
 
