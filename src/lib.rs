@@ -164,6 +164,8 @@ mod shared;
 mod stats;
 #[allow(unsafe_code)]
 mod sys;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod watcher;
 
 pub use addr::PeerAddr;
@@ -177,5 +179,7 @@ pub use flume;
 pub use framing::{Decoded, Decoder, Frames, FramesIntoIter, FramesIter, Framing};
 pub use net::{reuseport_listener, tcp_listener, Connect};
 pub use pool::{Pool, PoolBuilder};
+#[cfg(feature = "tls")]
+pub use rustls;
 pub use stats::Stats;
 pub use watcher::{Watcher, WatcherBuilder};
