@@ -51,8 +51,8 @@ pub enum Error {
         len: Option<usize>,
     },
     /// The command cannot work on this kind of socket: `ReadFull`, `ReadFrame`,
-    /// `ReadFrames`, `Accept` or `Shutdown` on a datagram socket, `SendTo` on a stream. Says
-    /// which, and what to use instead.
+    /// `ReadFrames`, `Accept`, `Shutdown` or TLS on a datagram socket, `SendTo` on a stream,
+    /// TLS on a listener. Says which, and what to use instead.
     #[error("{0}")]
     Unsupported(&'static str),
     /// The TLS session failed (the `tls` feature): the peer sent something that is not TLS

@@ -102,6 +102,14 @@
 //! thread plus a handle; an idle one waiting on [`Cmd::ReadInternal`] holds no buffer at all,
 //! and your code sees finished work, in batches, on the threads and at the moments it chooses.
 //!
+//! # TLS
+//!
+//! With the `tls` cargo feature the poller runs TLS itself (rustls, with the `ring` crypto
+//! provider, re-exported as `proactor::rustls`): send `Cmd::TlsAccept(config)` or
+//! `Cmd::TlsConnect(config, server_name)` to a stream connection (at any point of its
+//! stream: STARTTLS), and every later read and write carries plaintext. See the `tls`
+//! module (in the docs built with the feature on, as docs.rs builds them).
+//!
 //! # Performance characteristics
 //!
 //! The poller takes every queued command per wake-up, tries each operation at once, gathers
