@@ -767,3 +767,97 @@ with socket.create_server(("127.0.0.1", 0)) as srv:
     assert!(collect_one(&watcher, TIMEOUT).is_ok());
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_read_deadline_ends_that_read_only_and_the_session_goes_on() {
+    let (watcher, conn, sock) = tls_server();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let client = thread::spawn(move || {
+        let mut tls = rustls_client(sock);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        rx.recv().unwrap();
+        tls.write_all(b"late but fine\n").unwrap();
+        tls.flush().unwrap();
+        let mut back = [0; 2];
+        tls.read_exact(&mut back).unwrap();
+        back
+    });
+    expect_handshake(&collect_one(&watcher, TIMEOUT));
+    conn.send(Cmd::ReadInternal.timeout(Duration::from_millis(100)))
+        .unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    assert!(matches!(c.result, Err(Error::Deadline)), "{}", describe(&c));
+    tx.send(()).unwrap();
+    conn.send(Cmd::ReadFrame(Framing::lines(64))).unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    assert_eq!(c.data(), b"late but fine", "{}", describe(&c));
+    conn.send(Cmd::Write("ok")).unwrap();
+    assert!(collect_one(&watcher, TIMEOUT).is_ok());
+    assert_eq!(&client.join().unwrap(), b"ok");
+}
+
+/// Lines of every length up to 20 KB, so that they straddle TLS records (16 KiB of
+/// plaintext each) and the framed reads keep a frame's beginning across records.
+#[test]
+fn frames_across_records_arrive_whole_and_in_order() {
+    let mut rng = Rng::new(20);
+    let lines: Vec<Vec<u8>> = (0..200)
+        .map(|i| {
+            let len = if i % 10 == 0 {
+                20_000
+            } else {
+                (rng.next_u64() % 3000) as usize
+            };
+            (0..len).map(|k| b'a' + ((i + k) % 26) as u8).collect()
+        })
+        .collect();
+    let mut stream = Vec::new();
+    for l in &lines {
+        stream.extend_from_slice(l);
+        stream.push(b'\n');
+    }
+    let (watcher, conn, sock) = tls_server();
+    let client = thread::spawn(move || {
+        let mut tls = rustls_client(sock);
+        // In uneven pieces, each write its own record(s).
+        for piece in stream.chunks(7_777) {
+            tls.write_all(piece).unwrap();
+            tls.flush().unwrap();
+        }
+        tls.conn.send_close_notify();
+        tls.flush().unwrap();
+        // (Until the server closes: closing with its session tickets unread would reset
+        // the connection, and the server could lose the last lines.)
+        tls.sock.shutdown(Shutdown::Write).unwrap();
+        let _ = tls.sock.read_to_end(&mut Vec::new());
+    });
+    expect_handshake(&collect_one(&watcher, TIMEOUT));
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut batch = Vec::new();
+    conn.send(Cmd::ReadFrames(Framing::lines(32_000), 16))
+        .unwrap();
+    loop {
+        batch.clear();
+        assert!(
+            watcher.wait_io_timeout(&mut batch, TIMEOUT).unwrap() > 0,
+            "stalled"
+        );
+        let c = batch.pop().unwrap();
+        assert!(batch.is_empty());
+        if c.is_eof() {
+            assert_eq!(c.n, 0, "{}", describe(&c));
+            break;
+        }
+        assert!(c.is_ok(), "{}", describe(&c));
+        got.extend(c.buf.frames().iter().map(<[u8]>::to_vec));
+        conn.send(Cmd::ReadFrames(Framing::lines(32_000), 16))
+            .unwrap();
+    }
+    assert_eq!(got.len(), lines.len());
+    assert!(got == lines, "the frames differ from the lines sent");
+    conn.send(Cmd::Free).unwrap();
+    assert!(collect_one(&watcher, TIMEOUT).is_ok());
+    client.join().unwrap();
+}

@@ -222,7 +222,12 @@ impl Tls {
                     taken = true;
                 }
                 // Its plaintext buffer is full: the rest waits for the reads.
-                Err(_) => break,
+                Err(_) if self.plain > 0 => break,
+                // (Anything else would leave the bytes waiting for good.)
+                Err(e) => {
+                    self.failed = Some(Fail::Tls(rustls::Error::General(e.to_string())));
+                    break;
+                }
             }
             match self.conn.process_new_packets() {
                 Ok(state) => {
