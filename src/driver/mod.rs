@@ -1339,9 +1339,13 @@ impl<E: Engine> Driver<E> {
                 continue;
             };
             st.set(QUEUED, false);
+            #[cfg(feature = "tls")]
+            let starts_tls = st.is(TLS_PENDING) && !st.is(TLS);
             let moved = (core.sink.stats.bytes_read, core.sink.stats.bytes_written);
             #[cfg(feature = "tls")]
-            tls::prepare(core, id);
+            if starts_tls {
+                tls::prepare(core, id);
+            }
             self.engine.run(core, id);
             let Some(st) = core.conns.get_mut(id) else {
                 continue;

@@ -52,21 +52,34 @@ impl Engine for Readiness {
     }
 
     fn run(&mut self, core: &mut Core, id: Key) {
-        #[cfg(feature = "tls")]
-        if core.conns.get(id).is_some_and(|st| st.is(TLS)) {
-            return run_tls(core, id);
-        }
         let Core {
             conns,
             ops,
             sink,
             arena,
             leftover,
+            #[cfg(feature = "tls")]
+                tls: sessions,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
             return;
         };
+        #[cfg(feature = "tls")]
+        if st.is(TLS) {
+            if let Some(session) = sessions.get_mut(&id) {
+                let cx = super::tls::Ctx {
+                    id,
+                    st,
+                    ops,
+                    sink,
+                    arena,
+                    leftover,
+                };
+                run_tls(cx, session);
+            }
+            return;
+        }
         let mut budget = BUDGET;
         if st.is(DGRAM) {
             if st.is(READABLE) && !reads_held(st, ops) {
@@ -498,28 +511,8 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
 /// wants some, ciphertext to the socket while there is some, and the session's work between,
 /// within the round's budget.
 #[cfg(feature = "tls")]
-fn run_tls(core: &mut Core, id: Key) {
-    use super::tls::{self, Ctx};
-    let Core {
-        conns,
-        ops,
-        sink,
-        arena,
-        leftover,
-        tls: sessions,
-        ..
-    } = core;
-    let (Some(st), Some(session)) = (conns.get_mut(id), sessions.get_mut(&id)) else {
-        return;
-    };
-    let mut cx = Ctx {
-        id,
-        st,
-        ops,
-        sink,
-        arena,
-        leftover,
-    };
+fn run_tls(mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+    use super::tls;
     let (mut budget, mut sends) = (BUDGET, BUDGET);
     loop {
         tls::process(&mut cx, session, &mut budget);

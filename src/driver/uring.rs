@@ -130,10 +130,6 @@ impl Engine for Uring {
     }
 
     fn run(&mut self, core: &mut Core, id: Key) {
-        #[cfg(feature = "tls")]
-        if core.conns.get(id).is_some_and(|st| st.is(TLS)) {
-            return self.run_tls(core, id);
-        }
         let Core {
             conns,
             ops,
@@ -141,11 +137,28 @@ impl Engine for Uring {
             arena,
             epoch,
             leftover,
+            #[cfg(feature = "tls")]
+                tls: sessions,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
             return;
         };
+        #[cfg(feature = "tls")]
+        if st.is(TLS) {
+            if let Some(session) = sessions.get_mut(&id) {
+                let cx = super::tls::Ctx {
+                    id,
+                    st,
+                    ops,
+                    sink,
+                    arena,
+                    leftover,
+                };
+                self.run_tls(cx, session);
+            }
+            return;
+        }
         let idx = idx_of(id);
         let fd = st.fd.as_raw_fd();
         if st.is(DGRAM) {
@@ -330,32 +343,13 @@ impl Engine for Uring {
 impl Uring {
     /// Runs a TLS connection (`driver/tls.rs`): the session's work, then a receive while it
     /// wants ciphertext and a send while it has some (one of each in flight).
-    fn run_tls(&mut self, core: &mut Core, id: Key) {
-        use super::tls::{self, Ctx, RECV_LEN};
-        let Core {
-            conns,
-            ops,
-            sink,
-            arena,
-            leftover,
-            tls: sessions,
-            ..
-        } = core;
-        let (Some(st), Some(session)) = (conns.get_mut(id), sessions.get_mut(&id)) else {
-            return;
-        };
+    fn run_tls(&mut self, mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+        use super::tls::{self, RECV_LEN};
+        let id = cx.id;
         // (An error a receive met before the session started.)
         if let Some(e) = self.errors.remove(&id) {
             session.fail_io(e);
         }
-        let mut cx = Ctx {
-            id,
-            st,
-            ops,
-            sink,
-            arena,
-            leftover,
-        };
         let mut budget = BUDGET;
         tls::process(&mut cx, session, &mut budget);
         let st = cx.st;
