@@ -148,6 +148,10 @@ impl Cmd {
 
     /// Writes every byte of `buf` (a `Vec<u8>`, `&'static [u8]`, `&'static str`, `String`,
     /// `Bytes`...). Writes queued on one connection go out in order, several per `writev`.
+    ///
+    /// On a TLS connection (the `tls` feature) the bytes are encrypted on the poller thread
+    /// and the write completes once its last record was sent; if a deadline ends it first,
+    /// `n` counts the bytes given to the TLS session, which may be more than the peer got.
     pub fn Write(buf: impl Into<Bytes>) -> Cmd {
         plain(Kind::Write(buf.into()))
     }
@@ -209,6 +213,9 @@ impl Cmd {
     /// a frame a [`Cmd::ReadFrame`] waited to complete, say): they come back in the
     /// completion, as [`Buf::Fd`]'s bytes and `n` (see
     /// [`Buf::into_detached`](crate::Buf::into_detached)).
+    ///
+    /// A TLS connection's session (the `tls` feature) stays behind: the socket comes back
+    /// in the middle of a TLS stream nobody can continue, so detach before TLS starts.
     pub const Detach: Cmd = plain(Kind::Detach);
 
     /// Accepts one connection on a listener registered with
@@ -226,6 +233,9 @@ impl Cmd {
     /// the peer sees a truncated stream, then end of stream. The graceful close: write the
     /// last bytes, `Shutdown`, read until [`Error::Eof`](crate::Error::Eof), then
     /// [`Cmd::Free`], so unread input does not make the kernel reset the connection.
+    ///
+    /// On a TLS connection (the `tls` feature) it first sends `close_notify`, the TLS
+    /// stream's end, and shuts the sending side once that went out.
     pub const Shutdown: Cmd = plain(Kind::Shutdown);
 
     /// Starts TLS as the server on this stream connection (the `tls` feature) and completes
