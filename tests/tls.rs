@@ -861,3 +861,118 @@ fn frames_across_records_arrive_whole_and_in_order() {
     assert!(collect_one(&watcher, TIMEOUT).is_ok());
     client.join().unwrap();
 }
+
+/// Every way a handshake can fail, on 40 connections at once: each operation completes
+/// once, with an error, and once the connections are freed the watcher holds nothing of
+/// them (no connection, no operation, no timer armed).
+#[test]
+fn failed_sessions_leave_nothing_behind() {
+    const N: usize = 40;
+    let watcher = Watcher::new().unwrap();
+    let mut peers = Vec::new();
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let (mut client, server) = tcp_pair();
+        let conn = watcher.register(server).unwrap();
+        conn.send(Cmd::TlsAccept(server_config()).timeout(Duration::from_millis(300)))
+            .unwrap();
+        conn.send(Cmd::ReadInternal.timeout(TIMEOUT)).unwrap();
+        conn.send(Cmd::Write("never").timeout(TIMEOUT)).unwrap();
+        match i % 4 {
+            0 => client
+                .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3])
+                .unwrap(),
+            1 => client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap(),
+            2 => {}                                        // stalls: the deadline
+            _ => client.shutdown(Shutdown::Both).unwrap(), // ends at once: truncated
+        }
+        peers.push(client);
+        conns.push(conn);
+    }
+    let got = collect(&watcher, 3 * N, TIMEOUT);
+    for c in &got {
+        assert!(!c.is_ok(), "{}", describe(c));
+        assert!(
+            matches!(
+                c.result,
+                Err(Error::Tls(_) | Error::TlsTruncated | Error::Deadline)
+            ),
+            "{}",
+            describe(c)
+        );
+    }
+    for conn in conns {
+        conn.send(Cmd::Free).unwrap();
+    }
+    let got = collect(&watcher, N, TIMEOUT);
+    assert!(got.iter().all(Completion::is_ok), "{}", describe_all(&got));
+    let stats = watcher.stats();
+    assert_eq!(
+        (
+            stats.connections,
+            stats.reads_in_flight,
+            stats.writes_in_flight,
+            stats.deadlines_armed
+        ),
+        (0, 0, 0, 0),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn a_client_certificate_reaches_the_server() {
+    use proactor::rustls::server::WebPkiClientVerifier;
+    let mut roots = RootCertStore::empty();
+    for c in certs("ca.pem") {
+        roots.add(c).unwrap();
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap();
+    let key = || PrivateKeyDer::from_pem_file(data("server.key")).unwrap();
+    let server = Arc::new(
+        ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs("server.pem"), key())
+            .unwrap(),
+    );
+    let mut roots = RootCertStore::empty();
+    for c in certs("ca.pem") {
+        roots.add(c).unwrap();
+    }
+    let client = Arc::new(
+        ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs("server.pem"), key())
+            .unwrap(),
+    );
+    // With a certificate: the server sees it.
+    let (watcher, conn, sock) = watcher_pair();
+    conn.send(Cmd::TlsAccept(server.clone())).unwrap();
+    let peer = thread::spawn(move || {
+        let conn = ClientConnection::new(client, localhost()).unwrap();
+        let mut tls = StreamOwned::new(conn, sock);
+        tls.write_all(b"x").unwrap();
+        tls.flush().unwrap();
+        // (Open until the server closes: an early close could reset the connection.)
+        let _ = tls.sock.read_to_end(&mut Vec::new());
+    });
+    let c = collect_one(&watcher, TIMEOUT);
+    assert_eq!(
+        expect_handshake(&c).peer_certificates(),
+        &certs("server.pem")[..]
+    );
+    conn.send(Cmd::Free).unwrap();
+    assert!(collect_one(&watcher, TIMEOUT).is_ok());
+    peer.join().unwrap();
+    // Without one: the server refuses the handshake.
+    let (watcher, conn, sock) = watcher_pair();
+    conn.send(Cmd::TlsAccept(server)).unwrap();
+    let peer = thread::spawn(move || {
+        let mut tls = rustls_client(sock);
+        let _ = tls.write_all(b"x").and_then(|()| tls.read(&mut [0; 1]));
+    });
+    let c = collect_one(&watcher, TIMEOUT);
+    assert!(is_tls_error(&c.result), "{}", describe(&c));
+    peer.join().unwrap();
+}
