@@ -162,13 +162,17 @@ pub(super) fn prepare(core: &mut Core, id: Key) {
 }
 
 impl Tls {
-    /// Ciphertext from the socket.
+    /// Ciphertext from the socket: given to rustls at once (no copy but rustls's own); what
+    /// it does not take yet (its plaintext buffer is full) waits in `inbuf`.
     pub(super) fn received(&mut self, data: &[u8]) {
         if self.failed.is_some() || self.closed {
             return; // nothing more is read after an error or the peer's close_notify
         }
         if self.inbuf.is_empty() {
-            self.inbuf = Bytes::copy_from_slice(data);
+            let n = self.take(data);
+            if n < data.len() && self.failed.is_none() && !self.closed {
+                self.inbuf = Bytes::copy_from_slice(&data[n..]);
+            }
         } else {
             let mut all = BytesMut::with_capacity(self.inbuf.len() + data.len());
             all.extend_from_slice(&self.inbuf);
@@ -205,22 +209,32 @@ impl Tls {
         self.sent += n as u64;
     }
 
-    /// Gives the ciphertext received to rustls and processes it. Returns whether any was
-    /// taken.
+    /// Gives the ciphertext waiting in `inbuf` to rustls. Returns whether any was taken.
     fn feed(&mut self) -> bool {
-        let mut taken = false;
-        while !self.inbuf.is_empty() && self.failed.is_none() {
-            let mut rd: &[u8] = &self.inbuf;
+        if self.inbuf.is_empty() {
+            return false;
+        }
+        let inbuf = std::mem::take(&mut self.inbuf);
+        let n = self.take(&inbuf);
+        if self.failed.is_none() && !self.closed {
+            self.inbuf = inbuf.slice(n..);
+        }
+        n > 0
+    }
+
+    /// Gives `data` to rustls and processes it, until rustls refuses more (its plaintext
+    /// buffer is full), an error ends the session, or the peer's `close_notify` arrived
+    /// (nothing after it is read). Returns how much of `data` was taken.
+    fn take(&mut self, data: &[u8]) -> usize {
+        let mut rd = data;
+        while !rd.is_empty() && self.failed.is_none() && !self.closed {
             match self.conn.read_tls(&mut rd) {
                 Ok(0) => {
-                    // After the peer's close_notify nothing more is read.
-                    self.inbuf.clear();
+                    // (After the peer's close_notify rustls reads nothing more.)
+                    self.closed = true;
                     break;
                 }
-                Ok(n) => {
-                    self.inbuf.advance(n);
-                    taken = true;
-                }
+                Ok(_) => {}
                 // Its plaintext buffer is full: the rest waits for the reads.
                 Err(_) if self.plain > 0 => break,
                 // (Anything else would leave the bytes waiting for good.)
@@ -241,7 +255,7 @@ impl Tls {
                 }
             }
         }
-        taken
+        data.len() - rd.len()
     }
 
     /// Moves the ciphertext rustls made into `out`.
