@@ -976,3 +976,26 @@ fn a_client_certificate_reaches_the_server() {
     assert!(is_tls_error(&c.result), "{}", describe(&c));
     peer.join().unwrap();
 }
+
+#[test]
+fn closing_the_watcher_mid_handshake_completes_everything() {
+    let (watcher, conn, _peer) = tls_server();
+    conn.send(Cmd::ReadFull(vec![0; 4])).unwrap();
+    conn.send(Cmd::Write("queued behind the handshake"))
+        .unwrap();
+    watcher.close();
+    let got = collect(&watcher, 3, TIMEOUT);
+    assert_eq!(
+        got.iter().map(|c| c.op).collect::<Vec<_>>(),
+        [Op::ReadFull, Op::Tls, Op::Write],
+        "{}",
+        describe_all(&got)
+    );
+    for c in &got {
+        assert!(
+            matches!(c.result, Err(Error::WatcherClosed)),
+            "{}",
+            describe(c)
+        );
+    }
+}
