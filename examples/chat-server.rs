@@ -11,6 +11,15 @@
 //!
 //!     cargo run --release --example chat-server -- --addr 127.0.0.1:7000 --idle-timeout 600
 //!     nc 127.0.0.1 7000        then type text, or /nick NAME, /who, /quit
+//!
+//! Over TLS (the `tls` feature): the poller runs each client's TLS session, and the chat
+//! code is the same but for one command, `Cmd::TlsAccept`, sent to each accepted connection; a
+//! client joins (welcome, number, announcement) once its handshake completes, and one that
+//! does not complete it within `--tls-handshake-timeout` (10 s) is dropped.
+//!
+//!     cargo run --release --features tls --example chat-server -- \
+//!         --tls-cert tests/data/tls/server.pem --tls-key tests/data/tls/server.key
+//!     openssl s_client -connect 127.0.0.1:7000 -CAfile tests/data/tls/ca.pem -quiet
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
@@ -52,6 +61,41 @@ struct Options {
     engine: Option<Engine>,
     idle: Option<Duration>,
     max_backlog: usize,
+    /// `--tls-cert` and `--tls-key`.
+    tls: Option<(String, String)>,
+    tls_handshake: Duration,
+}
+
+/// The TLS configuration clients are accepted with (`None`: plaintext).
+#[cfg(feature = "tls")]
+type Tls = Option<Arc<proactor::rustls::ServerConfig>>;
+#[cfg(not(feature = "tls"))]
+type Tls = Option<std::convert::Infallible>;
+
+/// The server's TLS configuration from `--tls-cert` and `--tls-key` (PEM files: the
+/// certificate chain, the private key).
+#[cfg(feature = "tls")]
+fn tls_config(opts: &Options) -> Result<Tls, String> {
+    use proactor::rustls::pki_types::pem::PemObject;
+    use proactor::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some((cert, key)) = &opts.tls else {
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--tls-cert {cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {key}: {e}"))?;
+    // (The process's default crypto provider: ring, the one the crate builds rustls with.)
+    let config = proactor::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    Ok(Some(Arc::new(config)))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_config(_: &Options) -> Result<Tls, String> {
+    Ok(None)
 }
 
 /// Where the chat thread takes its completions from.
@@ -97,8 +141,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("chat-server: {e}");
         eprintln!(
             "usage: chat-server [--addr HOST:PORT] [--watchers N] [--idle-timeout SECS] \
-             [--max-backlog BYTES] [--engine auto|uring|epoll]"
+             [--max-backlog BYTES] [--engine auto|uring|epoll] \
+             [--tls-cert PEM --tls-key PEM [--tls-handshake-timeout SECS]]"
         );
+        std::process::exit(2)
+    });
+    let tls = tls_config(&opts).unwrap_or_else(|e| {
+        eprintln!("chat-server: {e}");
         std::process::exit(2)
     });
     // Installed before anything else, so SIGINT/SIGTERM always take the clean way out.
@@ -142,7 +191,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..ACCEPTS {
         listener.send(Cmd::Accept)?;
     }
-    let chat = thread::spawn(move || Chat::new(&opts).run(&source));
+    let chat = thread::spawn(move || Chat::new(&opts, tls).run(&source));
 
     signals.forever().next();
     // Pending operations complete with `WatcherClosed`, the sockets close, `next` ends.
@@ -239,10 +288,16 @@ struct Chat {
     dirty: VecDeque<ConnId>,
     /// Names of clients that left, announced once the current event is handled.
     left: VecDeque<String>,
+    /// Clients are accepted over TLS with this configuration: they join once their
+    /// handshake completes, within `tls_handshake`.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    tls: Tls,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    tls_handshake: Duration,
 }
 
 impl Chat {
-    fn new(opts: &Options) -> Chat {
+    fn new(opts: &Options, tls: Tls) -> Chat {
         Chat {
             clients: HashMap::new(),
             guests: 0,
@@ -250,7 +305,22 @@ impl Chat {
             max_backlog: opts.max_backlog,
             dirty: VecDeque::new(),
             left: VecDeque::new(),
+            tls,
+            tls_handshake: opts.tls_handshake,
         }
+    }
+
+    /// A connection accepted: a client at once, or once its TLS handshake completes.
+    fn accepted(&mut self, conn: Conn) {
+        #[cfg(feature = "tls")]
+        if let Some(config) = &self.tls {
+            let handshake = Cmd::TlsAccept(config.clone()).timeout(self.tls_handshake);
+            if submit(&conn, handshake).is_err() {
+                let _ = submit(&conn, Cmd::Free);
+            }
+            return;
+        }
+        self.join(conn);
     }
 
     fn run(mut self, source: &Source) {
@@ -365,7 +435,7 @@ impl Chat {
             // A new client, already registered; then accept the next one.
             (Op::Accept, result) => {
                 match (result, c.buf.into_accepted()) {
-                    (Ok(()), Some((conn, _peer))) => self.join(conn),
+                    (Ok(()), Some((conn, _peer))) => self.accepted(conn),
                     // Out of file descriptors and the like: the listener pauses a little.
                     (result, _) => eprintln!("accept: {result:?}"),
                 }
@@ -397,6 +467,15 @@ impl Chat {
                 }
                 self.read(id);
             }
+            // A TLS client's handshake completed: now it is a client. One that failed (not
+            // TLS, an alert, its deadline) was never one: it goes unannounced.
+            #[cfg(feature = "tls")]
+            (Op::Tls, result) => match result {
+                Ok(()) => self.join(c.conn),
+                Err(_) => {
+                    let _ = submit(&c.conn, Cmd::Free);
+                }
+            },
             (Op::ReadFrames, Err(Error::IdleTimeout)) => self.leave(id, Some("! idle timeout\n")),
             (Op::ReadFrames, Err(Error::FrameTooLong)) => self.leave(id, Some("! line too long\n")),
             // End of stream, reset, broken pipe, ...
@@ -510,7 +589,10 @@ fn parse_args() -> Result<Options, String> {
         engine: None,
         idle: None,
         max_backlog: 1 << 20,
+        tls: None,
+        tls_handshake: Duration::from_secs(10),
     };
+    let (mut cert, mut key) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -528,8 +610,28 @@ fn parse_args() -> Result<Options, String> {
             }
             "--max-backlog" => opts.max_backlog = number()? as usize,
             "--engine" => opts.engine = Some(value.parse().map_err(|e| format!("--engine: {e}"))?),
+            "--tls-cert" => cert = Some(value),
+            "--tls-key" => key = Some(value),
+            "--tls-handshake-timeout" => {
+                opts.tls_handshake = Some(number()?)
+                    .filter(|&s| s > 0)
+                    .map(Duration::from_secs)
+                    .ok_or("--tls-handshake-timeout needs a number > 0")?
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
+    }
+    opts.tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    if opts.tls.is_some() && cfg!(not(feature = "tls")) {
+        return Err(
+            "--tls-cert/--tls-key: this chat-server was built without TLS \
+                    (cargo run --features tls --example chat-server)"
+                .into(),
+        );
     }
     Ok(opts)
 }

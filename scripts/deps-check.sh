@@ -67,7 +67,9 @@ if have nightly; then
   installed=$(rustup target list --installed)
   for t in x86_64-unknown-freebsd x86_64-apple-darwin; do
     if grep -qx "$t" <<<"$installed"; then
-      CARGO_TARGET_DIR=$target_root/stable run cargo check --all-features --lib --target "$t" --quiet
+      # (For macOS, ring's C is not compiled: see scripts/typecheck-cc.sh.)
+      CC_x86_64_apple_darwin="$root/scripts/typecheck-cc.sh" \
+        CARGO_TARGET_DIR=$target_root/stable run cargo check --all-features --lib --target "$t" --quiet
     else
       say "no std for $t installed (rustup target add $t); not checked"
     fi

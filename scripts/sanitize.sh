@@ -67,8 +67,9 @@ asan)
   echo "==> AddressSanitizer + LeakSanitizer on $host: ${targets[*]}"
   log=$(mktemp)
   set +e
+  # (With the `tls` feature, so that tests/tls.rs runs too; ring's C is not instrumented.)
   cargo +nightly test -Zbuild-std --target "$host" --target-dir target/sanitize \
-    --no-fail-fast "${targets[@]}" 2>&1 | tee "$log"
+    --features tls --no-fail-fast "${targets[@]}" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   set -e
   if grep -q -E 'ERROR: (Address|Leak)Sanitizer' "$log"; then

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite, every cargo feature on, once per engine this machine has:
+# Runs the whole test suite, every cargo feature on (`uring`, `tls`: tests/tls.rs and
+# tests/example_chat_tls.rs need it), once per engine this machine has:
 # first as built (`auto`: io_uring where the kernel allows it, else epoll), then on epoll
 # (`PROACTOR_ENGINE=epoll`). On macOS and the BSDs there is one engine, kqueue: one run.
 #

@@ -55,6 +55,19 @@ pub(crate) enum Kind {
     Shutdown,
     /// Internal: the first operation of a connection made by `Watcher::connect`.
     Connect,
+    /// `TlsAccept` or `TlsConnect` (boxed: rare, and a client's server name is large).
+    #[cfg(feature = "tls")]
+    TlsStart(Box<TlsStart>),
+}
+
+/// Which side of a TLS session a `Kind::TlsStart` starts.
+#[cfg(feature = "tls")]
+pub(crate) enum TlsStart {
+    Accept(std::sync::Arc<rustls::ServerConfig>),
+    Connect(
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    ),
 }
 
 const fn plain(kind: Kind) -> Cmd {
@@ -135,6 +148,10 @@ impl Cmd {
 
     /// Writes every byte of `buf` (a `Vec<u8>`, `&'static [u8]`, `&'static str`, `String`,
     /// `Bytes`...). Writes queued on one connection go out in order, several per `writev`.
+    ///
+    /// On a TLS connection (the `tls` feature) the bytes are encrypted on the poller thread
+    /// and the write completes once its last record was sent; if a deadline ends it first,
+    /// `n` counts the bytes given to the TLS session, which may be more than the peer got.
     pub fn Write(buf: impl Into<Bytes>) -> Cmd {
         plain(Kind::Write(buf.into()))
     }
@@ -196,6 +213,9 @@ impl Cmd {
     /// a frame a [`Cmd::ReadFrame`] waited to complete, say): they come back in the
     /// completion, as [`Buf::Fd`]'s bytes and `n` (see
     /// [`Buf::into_detached`](crate::Buf::into_detached)).
+    ///
+    /// A TLS connection's session (the `tls` feature) stays behind: the socket comes back
+    /// in the middle of a TLS stream nobody can continue, so detach before TLS starts.
     pub const Detach: Cmd = plain(Kind::Detach);
 
     /// Accepts one connection on a listener registered with
@@ -213,7 +233,60 @@ impl Cmd {
     /// the peer sees a truncated stream, then end of stream. The graceful close: write the
     /// last bytes, `Shutdown`, read until [`Error::Eof`](crate::Error::Eof), then
     /// [`Cmd::Free`], so unread input does not make the kernel reset the connection.
+    ///
+    /// On a TLS connection (the `tls` feature) it first sends `close_notify`, the TLS
+    /// stream's end, and shuts the sending side once that went out.
     pub const Shutdown: Cmd = plain(Kind::Shutdown);
+
+    /// Starts TLS as the server on this stream connection (the `tls` feature) and completes
+    /// once the handshake is done: [`Op::Tls`], its buffer a [`Buf::Tls`] with what was
+    /// negotiated (ALPN, the client's certificates if it sent any).
+    ///
+    /// TLS starts where the command stands in the stream: writes sent before it go out in
+    /// plaintext first (it waits for them, as [`Cmd::Shutdown`] does), then the handshake
+    /// runs, then every later read and write carries plaintext that the poller decrypts and
+    /// encrypts (STARTTLS: plaintext lines, then `TlsAccept`). Bytes the watcher received
+    /// before it but no read took are the first bytes of the handshake, and a read still
+    /// pending when it starts gets decrypted bytes. Writes sent after it wait for the
+    /// handshake.
+    ///
+    /// A deadline ([`Cmd::timeout`]) bounds the handshake: a peer that stalls it gets
+    /// [`Error::Deadline`](crate::Error::Deadline), and the session is over (later reads and
+    /// writes complete with [`Error::Tls`](crate::Error::Tls); free the connection). Failures
+    /// ([`Error::Tls`](crate::Error::Tls): not TLS, a refused certificate, an alert) complete
+    /// it, and every operation pending, with that error. Refused on datagram sockets and
+    /// listeners ([`Error::Unsupported`](crate::Error::Unsupported)).
+    #[cfg(feature = "tls")]
+    pub fn TlsAccept(config: std::sync::Arc<rustls::ServerConfig>) -> Cmd {
+        plain(Kind::TlsStart(Box::new(TlsStart::Accept(config))))
+    }
+
+    /// Starts TLS as the client of `server_name` on this stream connection (the `tls`
+    /// feature): the certificate the server presents must be valid for that name. As
+    /// [`Cmd::TlsAccept`] otherwise; the completion's [`Buf::Tls`] has the server's
+    /// certificates and the ALPN protocol chosen.
+    ///
+    /// ```no_run
+    /// # use proactor::{Cmd, Conn};
+    /// # use proactor::rustls::{pki_types::ServerName, ClientConfig};
+    /// # use std::{sync::Arc, time::Duration};
+    /// # #[allow(dead_code)]
+    /// # fn demo(conn: &Conn, config: Arc<ClientConfig>) -> Result<(), proactor::SendError> {
+    /// let name = ServerName::try_from("example.com").unwrap();
+    /// conn.send(Cmd::TlsConnect(config, name).timeout(Duration::from_secs(10)))?;
+    /// conn.send(Cmd::Write("GET / HTTP/1.0\r\n\r\n"))?; // waits for the handshake
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn TlsConnect(
+        config: std::sync::Arc<rustls::ClientConfig>,
+        server_name: rustls::pki_types::ServerName<'static>,
+    ) -> Cmd {
+        plain(Kind::TlsStart(Box::new(TlsStart::Connect(
+            config,
+            server_name,
+        ))))
+    }
 
     /// Completes the operation with [`Error::Deadline`](crate::Error::Deadline) if it has not
     /// finished by `deadline`. Ignored by `Free` and `Detach`, which complete at once and are
@@ -301,6 +374,8 @@ impl Kind {
             Kind::Accept => Op::Accept,
             Kind::Shutdown => Op::Shutdown,
             Kind::Connect => Op::Connect,
+            #[cfg(feature = "tls")]
+            Kind::TlsStart(_) => Op::Tls,
         }
     }
 

@@ -35,6 +35,10 @@ pub enum Op {
     Shutdown,
     /// A connection started by [`Watcher::connect`](crate::Watcher::connect).
     Connect,
+    /// A TLS handshake: [`Cmd::TlsAccept`](crate::Cmd::TlsAccept) or
+    /// [`Cmd::TlsConnect`](crate::Cmd::TlsConnect).
+    #[cfg(feature = "tls")]
+    Tls,
 }
 
 /// A buffer handed back to its owner, whatever the outcome.
@@ -61,6 +65,9 @@ pub enum Buf {
     /// A connection from [`Cmd::Accept`](crate::Cmd::Accept), already registered, and its
     /// peer's address (`None` for Unix-domain listeners).
     Accepted(Conn, Option<SocketAddr>),
+    /// What a finished TLS handshake negotiated ([`Op::Tls`]).
+    #[cfg(feature = "tls")]
+    Tls(Box<crate::tls::TlsInfo>),
 }
 
 impl Buf {
@@ -72,6 +79,8 @@ impl Buf {
             Buf::Vec(v) => v,
             Buf::Bytes(b) | Buf::Fd(_, b) => b,
             Buf::None | Buf::Accepted(..) | Buf::Frames(_) | Buf::Many(_) => &[],
+            #[cfg(feature = "tls")]
+            Buf::Tls(_) => &[],
         }
     }
 
@@ -123,6 +132,18 @@ impl Buf {
             Buf::Vec(v) => Bytes::from(v),
             Buf::Bytes(b) | Buf::Fd(_, b) => b,
             Buf::None | Buf::Accepted(..) | Buf::Frames(_) | Buf::Many(_) => Bytes::new(),
+            #[cfg(feature = "tls")]
+            Buf::Tls(_) => Bytes::new(),
+        }
+    }
+
+    /// What a finished TLS handshake negotiated, if this is the completion of one.
+    #[cfg(feature = "tls")]
+    #[inline]
+    pub fn into_tls(self) -> Option<Box<crate::tls::TlsInfo>> {
+        match self {
+            Buf::Tls(info) => Some(info),
+            _ => None,
         }
     }
 
@@ -230,6 +251,8 @@ impl Completion {
                 b
             }
             Buf::None | Buf::Accepted(..) | Buf::Frames(_) | Buf::Many(_) => Bytes::new(),
+            #[cfg(feature = "tls")]
+            Buf::Tls(_) => Bytes::new(),
         }
     }
 

@@ -51,10 +51,24 @@ pub enum Error {
         len: Option<usize>,
     },
     /// The command cannot work on this kind of socket: `ReadFull`, `ReadFrame`,
-    /// `ReadFrames`, `Accept` or `Shutdown` on a datagram socket, `SendTo` on a stream. Says
-    /// which, and what to use instead.
+    /// `ReadFrames`, `Accept`, `Shutdown` or TLS on a datagram socket, `SendTo` on a stream,
+    /// TLS on a listener. Says which, and what to use instead.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The TLS session failed (the `tls` feature): the peer sent something that is not TLS
+    /// or broke the protocol, its certificate was refused, it sent a fatal alert, or the
+    /// handshake's command ended (its deadline) before the handshake did. Every operation
+    /// pending on the connection completes with it, and so do later ones but `Free` and
+    /// `Detach`: the session cannot go on.
+    #[cfg(feature = "tls")]
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
+    /// The peer closed the connection without ending its TLS stream with `close_notify` (the
+    /// `tls` feature): what was read may have been cut short by an attacker, unlike a TLS
+    /// stream's clean end, which is [`Error::Eof`].
+    #[cfg(feature = "tls")]
+    #[error("TLS stream truncated: the peer closed the connection without close_notify")]
+    TlsTruncated,
     /// The system call failed.
     #[error(transparent)]
     Io(#[from] io::Error),

@@ -136,7 +136,7 @@ impl<T> Slab<T> {
     }
 
     /// Calls `f` on the entries of `q`, in order, until it returns `false`.
-    #[cfg(all(target_os = "linux", feature = "uring"))]
+    #[cfg(any(all(target_os = "linux", feature = "uring"), feature = "tls"))]
     pub(crate) fn walk_mut(&mut self, q: &Fifo, mut f: impl FnMut(&mut T) -> bool) {
         let mut idx = q.head;
         while idx != NIL {

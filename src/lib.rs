@@ -102,6 +102,14 @@
 //! thread plus a handle; an idle one waiting on [`Cmd::ReadInternal`] holds no buffer at all,
 //! and your code sees finished work, in batches, on the threads and at the moments it chooses.
 //!
+//! # TLS
+//!
+//! With the `tls` cargo feature the poller runs TLS itself (rustls, with the `ring` crypto
+//! provider, re-exported as `proactor::rustls`): send `Cmd::TlsAccept(config)` or
+//! `Cmd::TlsConnect(config, server_name)` to a stream connection (at any point of its
+//! stream: STARTTLS), and every later read and write carries plaintext. See the `tls`
+//! module (in the docs built with the feature on, as docs.rs builds them).
+//!
 //! # Performance characteristics
 //!
 //! The poller takes every queued command per wake-up, tries each operation at once, gathers
@@ -164,6 +172,8 @@ mod shared;
 mod stats;
 #[allow(unsafe_code)]
 mod sys;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod watcher;
 
 pub use addr::PeerAddr;
@@ -177,5 +187,7 @@ pub use flume;
 pub use framing::{Decoded, Decoder, Frames, FramesIntoIter, FramesIter, Framing};
 pub use net::{reuseport_listener, tcp_listener, Connect};
 pub use pool::{Pool, PoolBuilder};
+#[cfg(feature = "tls")]
+pub use rustls;
 pub use stats::Stats;
 pub use watcher::{Watcher, WatcherBuilder};

@@ -17,6 +17,8 @@
 mod dgram;
 mod readiness;
 mod reads;
+#[cfg(feature = "tls")]
+mod tls;
 #[cfg(all(target_os = "linux", feature = "uring"))]
 mod uring;
 
@@ -74,6 +76,9 @@ impl Dir {
             | Kind::SendTo(..)
             | Kind::Connect
             | Kind::Shutdown => Dir::Write,
+            // (TLS starts after the writes before it, as a shutdown does.)
+            #[cfg(feature = "tls")]
+            Kind::TlsStart(_) => Dir::Write,
             _ => Dir::Read,
         }
     }
@@ -109,8 +114,9 @@ impl Late {
     }
 }
 
-/// A connection's flags (`ConnState::flags`), one bit each.
-type Flags = u16;
+/// A connection's flags (`ConnState::flags`), one bit each. (`u32`: the state's size is
+/// the same as with `u16`, which padding rounded up anyway.)
+type Flags = u32;
 
 /// A plain `ReadInternal` (no timer) that is the connection's only read, kept in `ConnState`
 /// instead of in the slab: an idle connection waiting for input then costs no slab entry. It
@@ -162,6 +168,24 @@ const PARTIAL: Flags = 1 << 13;
 const OWNED: Flags = 1 << 14;
 /// A datagram socket: reads and writes move whole datagrams (`driver/dgram.rs`).
 const DGRAM: Flags = 1 << 15;
+/// A TLS session runs on the connection (`driver/tls.rs`, in `Core::tls`): the engine moves
+/// ciphertext, the core completes the reads and writes with plaintext.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+const TLS: Flags = 1 << 16;
+/// A `TlsAccept` or `TlsConnect` waits in the write FIFO: reads are held (bytes that arrive
+/// are the handshake's, not plaintext for a read) until it starts the session.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+const TLS_PENDING: Flags = 1 << 17;
+/// TLS: the session needs ciphertext from the socket (a handshake, or reads waiting).
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+const TLS_RD: Flags = 1 << 18;
+/// TLS: ciphertext waits to be sent.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+const TLS_WR: Flags = 1 << 19;
+/// TLS: the session has work that needs no I/O (a new command, bytes received, a timer
+/// that ended an operation, a budget that ran out).
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+const TLS_WORK: Flags = 1 << 20;
 
 /// What the poller keeps per connection. Its size is most of what an idle connection costs
 /// (docs/benchmarks.md), hence the parked read, the millisecond progress stamps and the flags
@@ -604,6 +628,9 @@ pub(crate) struct Core {
     leftover: HashMap<Key, Bytes>,
     /// Where datagrams are received (made on the first datagram read).
     dgram: Option<Box<dgram::Scratch>>,
+    /// The TLS sessions (connections marked `TLS`).
+    #[cfg(feature = "tls")]
+    tls: HashMap<Key, Box<tls::Tls>>,
     /// Every connection's pending operations.
     ops: Slab<Pending>,
     /// Connections with work they can do now; entries past the round's start are next round's.
@@ -704,6 +731,8 @@ impl Core {
             // (Sized so that the first connections to keep bytes do not grow it.)
             leftover: HashMap::with_capacity(64),
             dgram: None,
+            #[cfg(feature = "tls")]
+            tls: HashMap::new(),
             ops: Slab::new(),
             ready: Vec::new(),
             timers: BinaryHeap::new(),
@@ -804,6 +833,10 @@ impl Core {
             }
         }
         let unread = Core::take_leftover(&mut self.leftover, id, &mut st).unwrap_or_default();
+        #[cfg(feature = "tls")]
+        if st.is(TLS) {
+            self.tls.remove(&id);
+        }
         let fd = st.fd;
         match how {
             Retire::Free(conn, tag) => {
@@ -1231,6 +1264,15 @@ impl<E: Engine> Driver<E> {
         if st.conn.is_none() {
             st.conn = Some(conn);
         }
+        #[cfg(feature = "tls")]
+        {
+            // A session takes every new command itself; a handshake waiting to start holds
+            // the reads.
+            st.set(TLS_WORK, st.is(TLS));
+            if matches!(kind, Kind::TlsStart(_)) && !st.is(TLS) {
+                st.set(TLS_PENDING, true);
+            }
+        }
         let dir = Dir::of(&kind);
         if dir == Dir::Read {
             // A new read may take bytes the head could not (a `Read` after a frame's
@@ -1297,7 +1339,13 @@ impl<E: Engine> Driver<E> {
                 continue;
             };
             st.set(QUEUED, false);
+            #[cfg(feature = "tls")]
+            let starts_tls = st.is(TLS_PENDING) && !st.is(TLS);
             let moved = (core.sink.stats.bytes_read, core.sink.stats.bytes_written);
+            #[cfg(feature = "tls")]
+            if starts_tls {
+                tls::prepare(core, id);
+            }
             self.engine.run(core, id);
             let Some(st) = core.conns.get_mut(id) else {
                 continue;
@@ -1385,6 +1433,14 @@ impl<E: Engine> Driver<E> {
             let Some(p) = core.ops.unlink(st.queue(t.dir), t.slot) else {
                 continue;
             };
+            #[cfg(feature = "tls")]
+            {
+                // A session looks at what the timer ended (a handshake's command).
+                st.set(TLS_WORK, st.is(TLS));
+                if matches!(p.kind, Kind::TlsStart(_)) && !st.is(TLS) {
+                    st.set(TLS_PENDING, false);
+                }
+            }
             core.sink.complete(st, p, Err(late.error()), None);
             // What was behind it may run now without a new event (a `Shutdown` after a
             // write cut short by its deadline, against a peer that reads nothing).
@@ -1546,8 +1602,19 @@ fn write_all_position(bufs: &[Bytes], mut done: usize) -> (usize, usize) {
 }
 
 /// Why `kind` cannot run on `st`'s socket, if it cannot: what a datagram socket does not
-/// do, and `SendTo` on a stream.
+/// do, `SendTo` on a stream, TLS on a listener.
 fn unsupported(st: &ConnState, kind: &Kind) -> Option<&'static str> {
+    #[cfg(feature = "tls")]
+    if matches!(kind, Kind::TlsStart(_)) {
+        if st.is(DGRAM) {
+            return Some(
+                "TLS on a datagram socket: TLS runs over a stream (DTLS is not supported)",
+            );
+        }
+        if st.is(LISTENER) {
+            return Some("TLS on a listener: start it on each accepted connection");
+        }
+    }
     if !st.is(DGRAM) {
         return matches!(kind, Kind::SendTo(..))
             .then_some("SendTo on a stream socket: use Write (a stream has one peer)");
@@ -1573,11 +1640,11 @@ fn write_len(p: &Pending) -> usize {
     }
 }
 
-/// Reads wait during an accept pause, and while a `Connect` heads the write FIFO: a read
-/// would take a failed connect's error from the socket, and the connect would then never
-/// learn it.
+/// Reads wait during an accept pause, while a `Connect` heads the write FIFO (a read would
+/// take a failed connect's error from the socket, and the connect would then never learn
+/// it), and while a TLS handshake waits to start (what arrives is the handshake's).
 fn reads_held(st: &ConnState, ops: &Slab<Pending>) -> bool {
-    st.is(PAUSED) || matches!(write_head(st, ops), Some(Kind::Connect))
+    st.is(PAUSED) || st.is(TLS_PENDING) || matches!(write_head(st, ops), Some(Kind::Connect))
 }
 
 fn write_head<'a>(st: &ConnState, ops: &'a Slab<Pending>) -> Option<&'a Kind> {

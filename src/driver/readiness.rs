@@ -18,7 +18,7 @@ use super::dgram::{self, Stop};
 use super::{
     is_resource_error, reads, reads_held, write_head, write_parts, Arena, ConnState, Core, Engine,
     Pending, Sink, BUDGET, DGRAM, EOF, HUP, LEFTOVER, LISTENER, MAX_IOV, MIN_ARENA, PARKED,
-    PARTIAL, PAUSED, READABLE, WRITABLE,
+    PARTIAL, PAUSED, READABLE, TLS, TLS_RD, TLS_WORK, TLS_WR, WRITABLE,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
@@ -58,11 +58,28 @@ impl Engine for Readiness {
             sink,
             arena,
             leftover,
+            #[cfg(feature = "tls")]
+                tls: sessions,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
             return;
         };
+        #[cfg(feature = "tls")]
+        if st.is(TLS) {
+            if let Some(session) = sessions.get_mut(&id) {
+                let cx = super::tls::Ctx {
+                    id,
+                    st,
+                    ops,
+                    sink,
+                    arena,
+                    leftover,
+                };
+                run_tls(cx, session);
+            }
+            return;
+        }
         let mut budget = BUDGET;
         if st.is(DGRAM) {
             if st.is(READABLE) && !reads_held(st, ops) {
@@ -220,6 +237,8 @@ fn do_reads(
             | Kind::Detach => {
                 unreachable!("framed reads are handled above; writes wait in the write FIFO")
             }
+            #[cfg(feature = "tls")]
+            Kind::TlsStart(_) => unreachable!("a TLS start waits in the write FIFO"),
             Kind::Accept => {
                 let result = sys::accept(fd);
                 if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
@@ -400,6 +419,12 @@ fn send_writes(fd: BorrowedFd<'_>, ops: &Slab<Pending>, q: &Fifo) -> (io::Result
 /// `Shutdown` at the head needs no buffer space, so it runs whether or not the socket is
 /// writable.
 fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    if st.is(TLS) {
+        // The session says what it needs (`driver/tls.rs`).
+        return st.is(TLS_WORK)
+            || (st.is(TLS_RD) && st.is(READABLE))
+            || (st.is(TLS_WR) && st.is(WRITABLE));
+    }
     let next_read = match ops.front(&st.reads) {
         Some(p) => Some(&p.kind),
         None if st.is(PARKED) => Some(&Kind::ReadInternal),
@@ -410,8 +435,19 @@ fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
         .is_some_and(|k| st.is(READABLE) || st.is(EOF) || kept || st.misdirected(k))
         && !reads_held(st, ops);
     let head = write_head(st, ops);
-    let writes = head.is_some() && (st.is(WRITABLE) || matches!(head, Some(Kind::Shutdown)));
+    let writes = head.is_some() && (st.is(WRITABLE) || needs_no_space(head));
     reads || writes
+}
+
+/// A `Shutdown` at the head needs no buffer space, nor a TLS start (it runs, and starts the
+/// session, whether or not the socket is writable).
+fn needs_no_space(head: Option<&Kind>) -> bool {
+    match head {
+        Some(Kind::Shutdown) => true,
+        #[cfg(feature = "tls")]
+        Some(Kind::TlsStart(_)) => true,
+        _ => false,
+    }
 }
 
 fn shutdown_at_head(st: &ConnState, ops: &Slab<Pending>) -> bool {
@@ -424,6 +460,10 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
         let Some(head) = ops.front(&st.writes) else {
             break;
         };
+        #[cfg(feature = "tls")]
+        if matches!(head.kind, Kind::TlsStart(_)) {
+            break; // the session starts before the next run (`tls::prepare`)
+        }
         budget -= 1;
         let fd = st.fd.as_fd();
         // Operations that are not plain writes run alone, when they reach the head.
@@ -463,6 +503,62 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
                 let p = ops.pop_front(&mut st.writes).expect("front exists");
                 sink.complete(st, p, Err(Error::Io(e)), None);
             }
+        }
+    }
+}
+
+/// Runs a TLS connection (`driver/tls.rs`): ciphertext from the socket while the session
+/// wants some, ciphertext to the socket while there is some, and the session's work between,
+/// within the round's budget.
+#[cfg(feature = "tls")]
+fn run_tls(mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+    use super::tls;
+    let (mut budget, mut sends) = (BUDGET, BUDGET);
+    loop {
+        tls::process(&mut cx, session, &mut budget);
+        let mut moved = false;
+        if cx.st.is(TLS_RD) && cx.st.is(READABLE) && budget > 0 {
+            budget -= 1;
+            let (res, asked) = arena_recv(cx.arena, cx.st.fd.as_fd(), &mut cx.sink.stats);
+            moved = !matches!(&res, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            match res {
+                Ok(0) => {
+                    cx.st.set(EOF, true);
+                    session.eof();
+                }
+                Ok(n) => {
+                    cx.sink.stats.bytes_read += n as u64;
+                    if n < asked && !cx.st.is(HUP) {
+                        cx.st.set(READABLE, false);
+                    }
+                    let data = cx.arena.buf.split_to(n);
+                    session.received(&data);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    cx.st.set(READABLE, false);
+                    cx.st.set(HUP, false);
+                }
+                Err(e) => session.fail_io(e),
+            }
+        }
+        if cx.st.is(TLS_WR) && cx.st.is(WRITABLE) && sends > 0 {
+            sends -= 1;
+            let data = session.next_send();
+            match sys::send(cx.st.fd.as_fd(), &data) {
+                Ok(n) => {
+                    cx.sink.stats.bytes_written += n as u64;
+                    if n < data.len() {
+                        cx.st.set(WRITABLE, false);
+                    }
+                    session.sent(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => cx.st.set(WRITABLE, false),
+                Err(e) => session.fail_io(e),
+            }
+            moved = true;
+        }
+        if !moved {
+            break;
         }
     }
 }

@@ -184,10 +184,21 @@ pub(super) fn end(
     st: &mut ConnState,
     ops: &mut Slab<Pending>,
     sink: &mut Sink,
+    partial: Option<Bytes>,
+) {
+    end_with(st, ops, sink, partial, || Error::Eof)
+}
+
+/// As [`end`], with the error `err` makes (a TLS stream cut short: `TlsTruncated`).
+pub(super) fn end_with(
+    st: &mut ConnState,
+    ops: &mut Slab<Pending>,
+    sink: &mut Sink,
     mut partial: Option<Bytes>,
+    err: impl Fn() -> Error,
 ) {
     if let Some(p) = st.take_parked() {
-        sink.complete(st, p, Err(Error::Eof), None);
+        sink.complete(st, p, Err(err()), None);
     }
     while let Some(mut p) = ops.pop_front(&mut st.reads) {
         let buf = match p.kind {
@@ -197,6 +208,6 @@ pub(super) fn end(
             }),
             _ => None,
         };
-        sink.complete(st, p, Err(Error::Eof), buf);
+        sink.complete(st, p, Err(err()), buf);
     }
 }

@@ -32,10 +32,13 @@ use bytes::Bytes;
 use slotmap::{Key as _, KeyData};
 
 use super::dgram::{self, Stop};
+#[cfg(feature = "tls")]
+use super::TLS_PENDING;
 use super::{
     is_resource_error, reads, reads_held, stamp, write_all_position, write_head, write_parts,
     Arena, ConnState, Core, Engine, Pending, Retire, Sink, ARMED, BUDGET, CANCELLING, CLOSING,
-    DGRAM, EOF, LEFTOVER, LISTENER, OWNED, PARKED, PARTIAL, PAUSED, READABLE, SENDING,
+    DGRAM, EOF, LEFTOVER, LISTENER, OWNED, PARKED, PARTIAL, PAUSED, READABLE, SENDING, TLS, TLS_RD,
+    TLS_WORK, TLS_WR,
 };
 use crate::cmd::Kind;
 use crate::conn::Key;
@@ -134,11 +137,28 @@ impl Engine for Uring {
             arena,
             epoch,
             leftover,
+            #[cfg(feature = "tls")]
+                tls: sessions,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
             return;
         };
+        #[cfg(feature = "tls")]
+        if st.is(TLS) {
+            if let Some(session) = sessions.get_mut(&id) {
+                let cx = super::tls::Ctx {
+                    id,
+                    st,
+                    ops,
+                    sink,
+                    arena,
+                    leftover,
+                };
+                self.run_tls(cx, session);
+            }
+            return;
+        }
         let idx = idx_of(id);
         let fd = st.fd.as_raw_fd();
         if st.is(DGRAM) {
@@ -194,6 +214,9 @@ impl Engine for Uring {
                     self.ring.poll_out(fd, idx);
                     st.set(SENDING, true);
                 }
+                // The session starts before the next run (`tls::prepare`).
+                #[cfg(feature = "tls")]
+                Kind::TlsStart(_) => break,
                 Kind::Shutdown => {
                     let r = sys::shutdown_write(st.fd.as_fd());
                     let p = ops.pop_front(&mut st.writes).expect("front exists");
@@ -270,7 +293,9 @@ impl Engine for Uring {
     }
 
     fn hold(&mut self, id: Key, st: &mut ConnState, ops: &mut Slab<Pending>, _seq: u64) -> bool {
-        if !st.is(SENDING) {
+        // (A TLS send holds the session's ciphertext, never a write's buffer: the write's
+        // plaintext was copied into the session.)
+        if !st.is(SENDING) || st.is(TLS) {
             return false;
         }
         match write_head(st, ops) {
@@ -310,6 +335,33 @@ impl Engine for Uring {
             if let Some(how) = core.closing.remove(&id) {
                 core.settle(id, how);
             }
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Uring {
+    /// Runs a TLS connection (`driver/tls.rs`): the session's work, then a receive while it
+    /// wants ciphertext and a send while it has some (one of each in flight).
+    fn run_tls(&mut self, mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+        use super::tls::{self, RECV_LEN};
+        let id = cx.id;
+        // (An error a receive met before the session started.)
+        if let Some(e) = self.errors.remove(&id) {
+            session.fail_io(e);
+        }
+        let mut budget = BUDGET;
+        tls::process(&mut cx, session, &mut budget);
+        let st = cx.st;
+        let (idx, fd) = (idx_of(id), st.fd.as_raw_fd());
+        if st.is(TLS_RD) && !st.is(ARMED) && !st.is(EOF) {
+            self.ring.recv(fd, idx, RECV_LEN);
+            st.set(ARMED, true);
+        }
+        if st.is(TLS_WR) && !st.is(SENDING) {
+            let data = session.next_send();
+            self.ring.send(fd, idx, std::iter::once((data, 0)));
+            st.set(SENDING, true);
         }
     }
 }
@@ -582,6 +634,8 @@ impl Parts<'_> {
             arena,
             leftover,
             closing,
+            #[cfg(feature = "tls")]
+                tls: sessions,
             ..
         } = &mut *core;
         let Some(st) = conns.get_mut(id) else {
@@ -589,6 +643,41 @@ impl Parts<'_> {
         };
         let idx = idx_of(id);
         match op {
+            #[cfg(feature = "tls")]
+            Op::Recv | Op::Send if st.is(TLS) && !(op == Op::Recv && st.is(CLOSING)) => {
+                let Some(session) = sessions.get_mut(&id) else {
+                    return;
+                };
+                let transient = |e: i32| matches!(e, libc::EAGAIN | libc::EINTR | libc::ECANCELED);
+                if op == Op::Recv {
+                    if !more {
+                        st.set(ARMED, false);
+                        st.set(CANCELLING, false);
+                    }
+                    if let Some(data) = data {
+                        sink.stats.bytes_read += data.len() as u64;
+                        st.read_progress = now;
+                        session.received(data);
+                    } else if res == 0 {
+                        st.set(EOF, true);
+                        session.eof();
+                    } else if res < 0 && !transient(-res) && -res != libc::ENOBUFS {
+                        session.fail_io(io::Error::from_raw_os_error(-res));
+                    }
+                } else {
+                    st.set(SENDING, false);
+                    if res >= 0 {
+                        sink.stats.bytes_written += res as u64;
+                        if res > 0 {
+                            st.write_progress = now;
+                        }
+                        session.sent(res as usize);
+                    } else if !transient(-res) {
+                        session.fail_io(io::Error::from_raw_os_error(-res));
+                    }
+                }
+                st.set(TLS_WORK, true);
+            }
             Op::Recv => {
                 if !more {
                     st.set(ARMED, false);
@@ -606,6 +695,18 @@ impl Parts<'_> {
                             Core::keep_leftover(leftover, id, st, bytes, true);
                         }
                         return self.settle_if_done(core, id);
+                    }
+                    #[cfg(feature = "tls")]
+                    if st.is(TLS_PENDING) {
+                        // The first bytes of a handshake about to start: kept for the
+                        // session (`tls::prepare`), not served to a read.
+                        let kept = Core::take_leftover(leftover, id, st).unwrap_or_default();
+                        let bytes = arena.concat(&[&kept, data], &mut sink.stats);
+                        Core::keep_leftover(leftover, id, st, bytes, true);
+                        if !st.is(ARMED) {
+                            st.set(CANCELLING, false);
+                        }
+                        return core.mark(id, runnable);
                     }
                     let want = wanted(st, ops, arena.chunk) as usize;
                     // (An internal read, or a batch of frames, is topped up; a read into a
@@ -813,6 +914,12 @@ fn wanted(st: &ConnState, ops: &Slab<Pending>, chunk: usize) -> u32 {
 fn runnable(st: &ConnState, ops: &Slab<Pending>) -> bool {
     if st.is(CLOSING) {
         return false;
+    }
+    if st.is(TLS) {
+        // The session says what it needs (`driver/tls.rs`).
+        return st.is(TLS_WORK)
+            || (st.is(TLS_RD) && !st.is(ARMED) && !st.is(EOF))
+            || (st.is(TLS_WR) && !st.is(SENDING));
     }
     // (Bytes waiting on a stream while a receive is armed wait for it: it tops them up.)
     let waiting = st.is(READABLE) && (st.is(LISTENER) || !st.is(ARMED));

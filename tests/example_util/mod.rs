@@ -26,10 +26,19 @@ const STARTUP: Duration = Duration::from_secs(10);
 
 /// Builds `examples/NAME.rs` (once per test binary) and returns the executable's path.
 pub fn example(name: &str) -> PathBuf {
+    example_with(name, &[])
+}
+
+/// Builds `examples/NAME.rs` with the crate's `features` on besides the default ones (once
+/// per test binary and feature set), and returns the executable's path: a copy of its own
+/// (`NAME.FEATURES`, `NAME.default`), so that another build of the same example does not
+/// replace it.
+pub fn example_with(name: &str, features: &[&str]) -> PathBuf {
     static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let built = built.get_or_insert_with(HashMap::new);
-    if let Some(path) = built.get(name) {
+    let key = format!("{name}.{}", features.join(","));
+    if let Some(path) = built.get(&key) {
         return path.clone();
     }
     let mut cmd = Command::new(env!("CARGO"));
@@ -47,22 +56,35 @@ pub fn example(name: &str) -> PathBuf {
     if exe.components().any(|c| c.as_os_str() == "release") {
         cmd.arg("--release");
     }
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
     let out = cmd.output().expect("run cargo build");
     assert!(out.status.success(), "cargo build --example {name} failed");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let key = "\"executable\":\"";
+    let field = "\"executable\":\"";
     let path = stdout
         .lines()
         .filter(|l| {
             l.contains("\"compiler-artifact\"") && l.contains(&format!("\"name\":\"{name}\""))
         })
         .find_map(|l| {
-            let start = l.find(key)? + key.len();
+            let start = l.find(field)? + field.len();
             let len = l[start..].find('"')?;
             Some(PathBuf::from(&l[start..start + len]))
         })
         .unwrap_or_else(|| panic!("no executable for example {name} in cargo's output"));
-    built.insert(name.to_string(), path.clone());
+    // (Copied: a later build of the same example with other features, by this test binary
+    // or another, replaces the executable cargo names.)
+    let tag = if features.is_empty() {
+        "default".to_string()
+    } else {
+        features.join(",")
+    };
+    let own = path.with_file_name(format!("{name}.{tag}"));
+    std::fs::copy(&path, &own).expect("copy the example's executable");
+    let path = own;
+    built.insert(key, path.clone());
     path
 }
 
@@ -77,8 +99,13 @@ impl Server {
     /// Starts `example` with `--addr 127.0.0.1:0` and `args`, and reads its first line,
     /// which must be `listening on HOST:PORT`.
     pub fn start(example_name: &str, args: &[&str]) -> Server {
+        Server::start_with(example_name, &[], args)
+    }
+
+    /// [`Server::start`] with the example built with `features` (see [`example_with`]).
+    pub fn start_with(example_name: &str, features: &[&str], args: &[&str]) -> Server {
         raise_fd_limit(); // for the test's clients, and inherited by the server
-        let mut child = Command::new(example(example_name))
+        let mut child = Command::new(example_with(example_name, features))
             .args(["--addr", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())
