@@ -1,0 +1,1002 @@
+//! The TLS bench (issue 20, item 5): TLS echo servers side by side, proactor's TLS (rustls
+//! driven by the poller) against tokio-rustls, with the same certificate, protocol version
+//! and cipher suite, every echoed byte checked.
+//!
+//! Servers ([`servers`]; `--servers` picks): `proactor-uring` and `proactor-epoll` (an inline
+//! watcher: accept, `TlsAccept`, then a `ReadInternal` + `Write` echo loop) and
+//! `tokio-rustls` (tokio-rustls on tokio's default runtime, a task per connection), the
+//! baseline. Each runs in a process of its own, this binary re-executed with
+//! `PROACTOR_BENCH_ROLE=tls-server`, pinned to CPU `PROACTOR_BENCH_SERVER_CPU` (0) before it
+//! starts, and starts afresh for every run. Both sides use rustls 0.23 with the `ring`
+//! provider narrowed to TLS 1.3, `TLS13_AES_128_GCM_SHA256` and X25519; the server presents
+//! tests/data/tls/server.pem (ECDSA P-256) and sends no session tickets, the client resumes
+//! nothing.
+//!
+//! Load ([`load`]): this process, pinned to `PROACTOR_BENCH_CLIENT_CPU` (1), one thread of
+//! rustls clients over non-blocking mio sockets. The cases, each a run of its own:
+//!
+//! - **stream**: one connection writes `--stream-mib` (256) MiB of plaintext in 64 KiB
+//!   writes, at most 256 KiB not yet echoed, and reads the echo back (after 8 MiB of
+//!   warm-up): MB/s (10^6 bytes of plaintext each way per second) and server CPU per MiB.
+//! - **echo**: `--conns` (1,000) connections, each echoing `--size` (4 KiB) messages in a
+//!   closed loop (each echo received sends the next message): round trips per second, the
+//!   p50 and p99 round trip (from the write into rustls to the last byte back, so the
+//!   generator's own queueing is in it, for every server alike), server CPU per round trip;
+//!   `--warm` (0.5) s of warm-up, `--secs` (3) s measured.
+//! - **idle** (measured in the echo run, before its messages): the server's `VmRSS`
+//!   (`/proc/PID/status`) after one warm-up connection (handshake, one byte echoed, closed),
+//!   then again once the `--conns` connections have each done the handshake and echoed one
+//!   byte and wait, idle, the server in a read on each: the growth over the connections, in
+//!   bytes per connection.
+//! - **handshake**: fresh connections, `--inflight` (32) at a time, each a full handshake
+//!   (no resumption), one byte echoed (so the server has finished its side) and a close
+//!   (with a reset, no TIME_WAIT): handshakes per second and server CPU per handshake;
+//!   `--warm` s of warm-up, `--secs` s measured.
+//!
+//! On 2 CPUs the load generator saturates its own CPU in most cases, so rates are partly its
+//! figures: the server's CPU per unit (user + system from `/proc/PID/stat`, every thread,
+//! 10 ms ticks) is the measure to compare. Noise: each CPU's busy time from `/proc/stat`
+//! less the server's or the generator's own; a run in which other processes took more than
+//! `--max-others` percent (5) of either CPU is run again, up to `--retries` times (2; 0 with
+//! `--quick`), and the last try is kept.
+//!
+//! ```text
+//! cargo bench --features tls --bench tls -- [--cases stream,echo,handshake]
+//!     [--servers NAME,...] [--reps 3] [--secs 3] [--warm 0.5] [--stream-mib 256]
+//!     [--conns 1000] [--size 4096] [--inflight 32] [--max-others 5] [--retries 2]
+//!     [--out DIR] [--quick]
+//! ```
+//!
+//! `--quick` (or `PROACTOR_BENCH_QUICK=1`): one rep, 0.3 s runs, a 32 MiB stream, no
+//! retries: a smoke run well under a minute. Each rep runs every case on every server, the
+//! server order reversed on odd reps. Prints Markdown tables (medians, ratios to
+//! tokio-rustls, issue 20's targets and verdicts, the range over the reps) and writes
+//! `tls.md`, `tls.csv` (medians) and `tls_raw.csv` (every run) under `target/bench/` (or
+//! `--out`). A failed run makes the bench exit with status 1 once every run is done.
+//! `scripts/tls-bench.sh` runs it.
+
+#[allow(dead_code)]
+#[path = "../servers/mod.rs"]
+mod bench_servers;
+
+mod load;
+mod servers;
+
+use std::collections::BTreeMap;
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const ROLE: &str = "PROACTOR_BENCH_ROLE";
+const KIND: &str = "PROACTOR_BENCH_KIND";
+/// The server every other is compared with.
+const BASELINE: &str = "tokio-rustls";
+const CASES: [&str; 3] = ["stream", "echo", "handshake"];
+
+fn main() {
+    if env::var(ROLE).as_deref() == Ok("tls-server") {
+        let kind = env::var(KIND).unwrap_or_default();
+        if let Err(e) = servers::serve(&kind) {
+            eprintln!("{kind}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    match orchestrate() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("tls: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server process
+
+/// Pins the calling (forked, not yet exec'd) process to `cpu`.
+fn set_affinity(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` < CPU_SETSIZE, so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling process.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A running server process, killed when dropped.
+struct ServerProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ServerProc {
+    fn start(name: &str) -> Result<ServerProc, String> {
+        let exe = env::current_exe().map_err(|e| format!("this binary: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.env(ROLE, "tls-server")
+            .env(KIND, name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(cpu) = bench_servers::pins().server {
+            // SAFETY: the closure runs in the child between fork and exec and only makes one
+            // system call (no allocation, no lock).
+            unsafe { cmd.pre_exec(move || set_affinity(cpu)) };
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("{name}: cannot start: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        let tag = name.to_string();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for line in lines.map_while(Result::ok) {
+                eprintln!("  [{tag}] {line}");
+            }
+        });
+        let tag = name.to_string();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // (The engine line is printed once per server start: noise in the output.)
+                if !line.starts_with("engine: ") {
+                    eprintln!("  [{tag}] {line}");
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(Ok(line))) => line
+                .strip_prefix("listening on ")
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                .ok_or(format!(
+                    "{name}: first line {line:?}, not `listening on HOST:PORT`"
+                )),
+            Ok(_) => Err(format!("{name}: exited before printing its address")),
+            Err(_) => Err(format!("{name}: no `listening on` line within 30 s")),
+        };
+        // Killed on the way out if its address is no good.
+        let mut srv = ServerProc {
+            child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        srv.addr = addr?;
+        Ok(srv)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's CPU time so far, user + system, every thread, in microseconds
+    /// (`/proc/PID/stat`, in clock ticks).
+    fn cpu_us(&self) -> Result<u64, String> {
+        let path = format!("/proc/{}/stat", self.pid());
+        let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        // Fields after the command name (which may hold spaces): utime is field 14, stime 15.
+        let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .take(13)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let (Some(utime), Some(stime)) = (f.get(10), f.get(11)) else {
+            return Err(format!("bad {path}: {text:?}"));
+        };
+        Ok((utime + stime) * 1_000_000 / clock_ticks())
+    }
+
+    /// The server's resident memory, KiB (`VmRSS` in `/proc/PID/status`).
+    fn rss_kib(&self) -> Result<u64, String> {
+        let path = format!("/proc/{}/status", self.pid());
+        let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        text.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .ok_or(format!("no VmRSS in {path}"))
+    }
+
+    /// Checks that it is still running.
+    fn alive(&mut self, name: &str) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(format!("{name} exited: {status}")),
+            Err(e) => Err(format!("{name}: {e}")),
+        }
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+/// Time CPU `cpu` was busy (user, nice, system, irq and softirq time), every process
+/// together, in microseconds (`/proc/stat`).
+fn cpu_busy_us(cpu: usize) -> Option<u64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(7)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user, nice, system, (idle, iowait,) irq, softirq
+    (f.len() == 7).then(|| (f[0] + f[1] + f[2] + f[5] + f[6]) * 1_000_000 / clock_ticks())
+}
+
+/// This thread's CPU time (the load generator's), microseconds.
+fn thread_cpu_us() -> u64 {
+    // SAFETY: rusage is a plain C struct; all-zero is a valid value for getrusage to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a live rusage; RUSAGE_THREAD is a valid `who` on Linux.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return 0;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
+/// CPU times at one moment: the server's, the load generator's, and the busy time of their
+/// CPUs (every process on them).
+struct Meter {
+    at: Instant,
+    server_us: u64,
+    gen_us: u64,
+    cpu_us: Option<u64>,
+    gen_cpu_us: Option<u64>,
+}
+
+impl Meter {
+    fn now(srv: &ServerProc) -> Result<Meter, String> {
+        let pins = bench_servers::pins();
+        Ok(Meter {
+            at: Instant::now(),
+            server_us: srv.cpu_us()?,
+            gen_us: thread_cpu_us(),
+            cpu_us: pins.server.and_then(cpu_busy_us),
+            gen_cpu_us: pins.client.and_then(cpu_busy_us),
+        })
+    }
+
+    /// The CPU figures from `self` to `later`.
+    fn since(&self, later: &Meter) -> Sample {
+        let server_us = later.server_us.saturating_sub(self.server_us);
+        let gen_us = later.gen_us.saturating_sub(self.gen_us);
+        let span_us = later.at.duration_since(self.at).as_micros().max(1) as f64;
+        let share = |a: Option<u64>, b: Option<u64>, own_us: u64| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a).saturating_sub(own_us) as f64 / span_us,
+            _ => f64::NAN,
+        };
+        Sample {
+            units: 0.0,
+            wall_s: span_us / 1e6,
+            server_cpu_s: server_us as f64 / 1e6,
+            gen_cpu_s: gen_us as f64 / 1e6,
+            others: share(self.cpu_us, later.cpu_us, server_us),
+            others_gen: share(self.gen_cpu_us, later.gen_cpu_us, gen_us),
+            p50_us: f64::NAN,
+            p99_us: f64::NAN,
+            idle_bytes: f64::NAN,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One run
+
+/// One run's figures.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    /// Bytes streamed (each way), round trips, or handshakes, in the measured part.
+    units: f64,
+    wall_s: f64,
+    server_cpu_s: f64,
+    gen_cpu_s: f64,
+    /// The share of the server's CPU, and of the load generator's, that other processes
+    /// took over the measured part (NaN when not pinned).
+    others: f64,
+    others_gen: f64,
+    /// The echo case: round-trip quantiles, and the idle connections' memory.
+    p50_us: f64,
+    p99_us: f64,
+    idle_bytes: f64,
+}
+
+impl Sample {
+    fn per_s(&self) -> f64 {
+        self.units / self.wall_s
+    }
+    fn busy(&self) -> f64 {
+        self.server_cpu_s / self.wall_s
+    }
+    fn gen_busy(&self) -> f64 {
+        self.gen_cpu_s / self.wall_s
+    }
+    /// The larger share of either CPU that other processes took (0 when not pinned).
+    fn noise(&self) -> f64 {
+        let n = self.others.max(self.others_gen);
+        if n.is_finite() {
+            n
+        } else {
+            0.0
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+fn run_one(o: &Opts, case: &str, server: &str) -> Result<Sample, String> {
+    let config = servers::client_config().map_err(io_err("client config"))?;
+    let mut srv = ServerProc::start(server)?;
+    let s = match case {
+        "stream" => {
+            let mut st = load::Stream::connect(srv.addr, &config, 64 * 1024, 256 * 1024)
+                .map_err(io_err("connect"))?;
+            let limit = Duration::from_secs(120);
+            st.transfer(8 << 20, limit).map_err(io_err("warm-up"))?;
+            let bytes = o.stream_mib << 20;
+            let m0 = Meter::now(&srv)?;
+            st.transfer(bytes, limit).map_err(io_err("stream"))?;
+            let mut s = m0.since(&Meter::now(&srv)?);
+            s.units = bytes as f64;
+            s
+        }
+        "echo" => {
+            let limit = Duration::from_secs(30);
+            // One connection first, so the server's first-use allocations are in the "before".
+            load::Echo::connect(srv.addr, &config, 1, o.size, limit)
+                .map_err(io_err("warm-up connection"))?;
+            thread::sleep(Duration::from_millis(200));
+            let rss0 = srv.rss_kib()?;
+            let mut e = load::Echo::connect(srv.addr, &config, o.conns, o.size, limit)
+                .map_err(io_err("connect"))?;
+            thread::sleep(Duration::from_millis(200));
+            let rss1 = srv.rss_kib()?;
+            e.start().map_err(io_err("echo"))?;
+            e.run_until(Instant::now() + secs(o.warm))
+                .map_err(io_err("echo warm-up"))?;
+            let m0 = Meter::now(&srv)?;
+            let d0 = e.done;
+            e.recording = true;
+            e.run_until(m0.at + secs(o.secs)).map_err(io_err("echo"))?;
+            let m1 = Meter::now(&srv)?;
+            e.recording = false;
+            let d1 = e.done;
+            e.drain(Duration::from_secs(10))
+                .map_err(io_err("echo drain"))?;
+            let mut s = m0.since(&m1);
+            s.units = (d1 - d0) as f64;
+            let lat = &mut e.lat_ns;
+            lat.sort_unstable();
+            let q = |q: f64| {
+                if lat.is_empty() {
+                    f64::NAN
+                } else {
+                    lat[((lat.len() - 1) as f64 * q).round() as usize] as f64 / 1e3
+                }
+            };
+            s.p50_us = q(0.50);
+            s.p99_us = q(0.99);
+            s.idle_bytes = (rss1 as f64 - rss0 as f64) * 1024.0 / o.conns as f64;
+            s
+        }
+        "handshake" => {
+            let mut h =
+                load::Handshakes::new(srv.addr, &config, o.inflight).map_err(io_err("start"))?;
+            h.run_until(Instant::now() + secs(o.warm))
+                .map_err(io_err("handshake warm-up"))?;
+            let m0 = Meter::now(&srv)?;
+            let d0 = h.done;
+            h.run_until(m0.at + secs(o.secs))
+                .map_err(io_err("handshakes"))?;
+            let m1 = Meter::now(&srv)?;
+            let d1 = h.done;
+            h.drain(Duration::from_secs(10))
+                .map_err(io_err("handshake drain"))?;
+            let mut s = m0.since(&m1);
+            s.units = (d1 - d0) as f64;
+            s
+        }
+        _ => return Err(format!("no case {case:?}")),
+    };
+    srv.alive(server)?;
+    if s.units <= 0.0 {
+        return Err("nothing done in the measured part".into());
+    }
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orchestration
+
+struct Opts {
+    quick: bool,
+    cases: Vec<String>,
+    servers: Vec<String>,
+    reps: usize,
+    secs: f64,
+    warm: f64,
+    stream_mib: u64,
+    conns: usize,
+    size: usize,
+    inflight: usize,
+    /// A run in which other processes took more than this share (%) of the server's or the
+    /// generator's CPU is run again, up to `retries` times.
+    max_others: f64,
+    retries: usize,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Opts, String> {
+    let mut quick = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
+    let mut cases: Vec<String> = CASES.map(String::from).to_vec();
+    let mut server_names: Vec<String> = servers::ALL.map(String::from).to_vec();
+    let (mut reps, mut secs, mut warm, mut stream_mib) = (None, None, None, None);
+    let (mut conns, mut size, mut inflight) = (1000, 4096, 32);
+    let mut max_others = 5.0;
+    let mut retries = None;
+    let mut out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
+        .join("bench");
+    let list = |v: String| -> Vec<String> {
+        v.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        v.trim().parse().map_err(|e| format!("{flag} {v:?}: {e}"))
+    }
+    let mut args = env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--bench" => {} // added by `cargo bench`
+            "--quick" => quick = true,
+            "--cases" => cases = list(value()?),
+            "--servers" => server_names = list(value()?),
+            "--reps" => reps = Some(num(&a, value()?)?),
+            "--secs" => secs = Some(num(&a, value()?)?),
+            "--warm" => warm = Some(num(&a, value()?)?),
+            "--stream-mib" => stream_mib = Some(num(&a, value()?)?),
+            "--conns" => conns = num(&a, value()?)?,
+            "--size" => size = num(&a, value()?)?,
+            "--inflight" => inflight = num(&a, value()?)?,
+            "--max-others" => max_others = num(&a, value()?)?,
+            "--retries" => retries = Some(num(&a, value()?)?),
+            "--out" => out = PathBuf::from(value()?),
+            _ => {
+                return Err(format!(
+                    "unknown argument {a:?} (see the doc at the top of benches/tls/main.rs)"
+                ))
+            }
+        }
+    }
+    for s in &server_names {
+        if !servers::ALL.contains(&s.as_str()) {
+            return Err(format!(
+                "unknown server {s:?} (servers: {})",
+                servers::ALL.join(",")
+            ));
+        }
+    }
+    for c in &cases {
+        if !CASES.contains(&c.as_str()) {
+            return Err(format!("unknown case {c:?} (cases: {})", CASES.join(",")));
+        }
+    }
+    if conns == 0 || inflight == 0 || !(1..=64 * 1024).contains(&size) {
+        return Err("--conns and --inflight at least 1, --size from 1 to 65,536".into());
+    }
+    Ok(Opts {
+        quick,
+        cases,
+        servers: server_names,
+        reps: reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        secs: secs.unwrap_or(if quick { 0.3 } else { 3.0 }),
+        warm: warm.unwrap_or(if quick { 0.1 } else { 0.5 }),
+        stream_mib: stream_mib.unwrap_or(if quick { 32 } else { 256 }).max(1),
+        conns,
+        size,
+        inflight,
+        max_others,
+        // A smoke run's figures are noise anyway: it is not run again.
+        retries: retries.unwrap_or(if quick { 0 } else { 2 }),
+        out,
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A figure with three significant digits.
+fn sig3(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    let digits = if v == 0.0 {
+        2
+    } else {
+        (2 - v.abs().log10().floor() as i32).clamp(0, 6) as usize
+    };
+    format!("{v:.digits$}")
+}
+
+fn percent(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.0}%", v * 100.0)
+    } else {
+        "-".into()
+    }
+}
+
+/// Which way is better, for a target.
+#[derive(Clone, Copy)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+/// A table row: a label and how to get the figure from a sample.
+struct Metric {
+    case: &'static str,
+    label: &'static str,
+    key: &'static str,
+    get: fn(&Sample) -> f64,
+    show: fn(f64) -> String,
+    /// Whether a ratio to the baseline means something.
+    ratio: bool,
+    /// Issue 20's target, as a ratio to the baseline, and what it says.
+    target: Option<(f64, Better, &'static str)>,
+}
+
+fn metrics() -> Vec<Metric> {
+    let m = |case, label, key, get: fn(&Sample) -> f64, show: fn(f64) -> String, ratio, target| {
+        Metric {
+            case,
+            label,
+            key,
+            get,
+            show,
+            ratio,
+            target,
+        }
+    };
+    let noise = |case| {
+        [
+            m(
+                case,
+                "server CPU busy",
+                "server_busy",
+                Sample::busy,
+                percent,
+                false,
+                None,
+            ),
+            m(
+                case,
+                "load generator CPU busy",
+                "gen_busy",
+                Sample::gen_busy,
+                percent,
+                false,
+                None,
+            ),
+            m(
+                case,
+                "other processes on the server's CPU",
+                "others",
+                |s| s.others,
+                percent,
+                false,
+                None,
+            ),
+            m(
+                case,
+                "other processes on the generator's CPU",
+                "others_gen",
+                |s| s.others_gen,
+                percent,
+                false,
+                None,
+            ),
+        ]
+    };
+    let mut v = vec![
+        m(
+            "stream",
+            "MB/s (64 KiB stream, each way)",
+            "mb_s",
+            |s| s.per_s() / 1e6,
+            sig3,
+            true,
+            Some((1.0, Better::Higher, "throughput >= 1.0x")),
+        ),
+        m(
+            "stream",
+            "server CPU us per MiB",
+            "cpu_us_mib",
+            |s| s.server_cpu_s * 1e6 / (s.units / (1 << 20) as f64),
+            sig3,
+            true,
+            Some((
+                1.0,
+                Better::Lower,
+                "(the same in server CPU: per MiB <= 1.0x)",
+            )),
+        ),
+    ];
+    v.extend(noise("stream"));
+    v.extend([
+        m(
+            "echo",
+            "round trips/s (1,000 conns x 4 KiB)",
+            "rtt_s",
+            Sample::per_s,
+            sig3,
+            true,
+            None,
+        ),
+        m(
+            "echo",
+            "p50 round trip, us",
+            "p50_us",
+            |s| s.p50_us,
+            sig3,
+            true,
+            None,
+        ),
+        m(
+            "echo",
+            "p99 round trip, us",
+            "p99_us",
+            |s| s.p99_us,
+            sig3,
+            true,
+            Some((1.0, Better::Lower, "p99 <= 1.0x")),
+        ),
+        m(
+            "echo",
+            "server CPU us per round trip",
+            "cpu_us_rt",
+            |s| s.server_cpu_s * 1e6 / s.units,
+            sig3,
+            true,
+            Some((1.0, Better::Lower, "(server CPU per round trip <= 1.0x)")),
+        ),
+        m(
+            "echo",
+            "idle connection: server RSS growth, bytes",
+            "idle_bytes",
+            |s| s.idle_bytes,
+            |v| format!("{v:.0}"),
+            true,
+            Some((1.0, Better::Lower, "idle memory <= 1.0x")),
+        ),
+    ]);
+    v.extend(noise("echo"));
+    v.extend([
+        m(
+            "handshake",
+            "full handshakes/s",
+            "hs_s",
+            Sample::per_s,
+            sig3,
+            true,
+            Some((0.95, Better::Higher, "handshakes/s >= 0.95x")),
+        ),
+        m(
+            "handshake",
+            "server CPU us per handshake",
+            "cpu_us_hs",
+            |s| s.server_cpu_s * 1e6 / s.units,
+            sig3,
+            true,
+            Some((
+                1.0 / 0.95,
+                Better::Lower,
+                "(server CPU per handshake <= 1.05x)",
+            )),
+        ),
+    ]);
+    v.extend(noise("handshake"));
+    v
+}
+
+fn orchestrate() -> Result<bool, String> {
+    let o = parse_args()?;
+    fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    bench_servers::pin_client_thread();
+    let pins = bench_servers::pins();
+    let mut header = String::new();
+    let _ = writeln!(
+        header,
+        "tls: servers {:?}, cases {:?}, {} rep(s); stream {} MiB in 64 KiB writes; echo {} \
+         conns x {} B, {} s (after {} s of warm-up); handshakes {} in flight, {} s; TLS 1.3 \
+         {:?}, X25519, ECDSA P-256 certificate; server CPU {:?}, load generator CPU {:?}{}",
+        o.servers,
+        o.cases,
+        o.reps,
+        o.stream_mib,
+        o.conns,
+        o.size,
+        o.secs,
+        o.warm,
+        o.inflight,
+        o.secs,
+        servers::suite().suite(),
+        pins.server,
+        pins.client,
+        if o.quick { ", quick" } else { "" },
+    );
+    print!("{header}");
+    let started = Instant::now();
+    let mut raw = String::from(
+        "rep,attempt,case,server,ok,kept,units,wall_s,server_cpu_s,gen_cpu_s,others,\
+         others_gen,p50_us,p99_us,idle_bytes,error\n",
+    );
+    let (mut retried, mut noisy_kept) = (0, 0);
+    // (case, server) -> samples.
+    let mut got: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for rep in 0..o.reps {
+        for (ci, case) in o.cases.iter().enumerate() {
+            let mut order: Vec<usize> = (0..o.servers.len()).collect();
+            if rep % 2 == 1 {
+                order.reverse();
+            }
+            for si in order {
+                let name = &o.servers[si];
+                let label = format!("[rep {}/{}] {case} {name}", rep + 1, o.reps);
+                for attempt in 0..=o.retries {
+                    let t = Instant::now();
+                    let r = run_one(&o, case, name);
+                    let took = t.elapsed().as_secs_f64();
+                    let s = match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            println!("{label}: FAILED ({took:.1} s): {e}");
+                            let _ = writeln!(
+                                raw,
+                                "{rep},{attempt},{case},{name},0,0,,,,,,,,,,\"{}\"",
+                                e.replace('"', "'")
+                            );
+                            failures.push(format!("{label}: {e}"));
+                            break;
+                        }
+                    };
+                    let noisy = s.noise() * 100.0 > o.max_others;
+                    let keep = !noisy || attempt == o.retries;
+                    let note = match (noisy, keep) {
+                        (false, _) => "",
+                        (true, false) => " [noisy: run again]",
+                        (true, true) => " [noisy, kept: out of retries]",
+                    };
+                    let what = match case.as_str() {
+                        "stream" => format!(
+                            "{} MB/s, {} us CPU per MiB",
+                            sig3(s.per_s() / 1e6),
+                            sig3(s.server_cpu_s * 1e6 / (s.units / (1 << 20) as f64))
+                        ),
+                        "echo" => format!(
+                            "{} round trips/s, p50 {} us, p99 {} us, {} us CPU per round trip, \
+                             idle {:.0} B/conn",
+                            sig3(s.per_s()),
+                            sig3(s.p50_us),
+                            sig3(s.p99_us),
+                            sig3(s.server_cpu_s * 1e6 / s.units),
+                            s.idle_bytes
+                        ),
+                        _ => format!(
+                            "{} handshakes/s, {} us CPU per handshake",
+                            sig3(s.per_s()),
+                            sig3(s.server_cpu_s * 1e6 / s.units)
+                        ),
+                    };
+                    println!(
+                        "{label}: {what}; server {} busy, generator {}, others {} / {} \
+                         ({took:.1} s){note}",
+                        percent(s.busy()),
+                        percent(s.gen_busy()),
+                        percent(s.others),
+                        percent(s.others_gen),
+                    );
+                    let _ = writeln!(
+                        raw,
+                        "{rep},{attempt},{case},{name},1,{},{},{:.6},{:.3},{:.3},{:.4},{:.4},\
+                         {:.1},{:.1},{:.0},",
+                        u8::from(keep),
+                        s.units,
+                        s.wall_s,
+                        s.server_cpu_s,
+                        s.gen_cpu_s,
+                        s.others,
+                        s.others_gen,
+                        s.p50_us,
+                        s.p99_us,
+                        s.idle_bytes,
+                    );
+                    thread::sleep(Duration::from_millis(100));
+                    if keep {
+                        if noisy {
+                            noisy_kept += 1;
+                        }
+                        got.entry((ci, si)).or_default().push(s);
+                        break;
+                    }
+                    retried += 1;
+                }
+            }
+        }
+    }
+    let (md, csv) = report(&o, &got);
+    println!("\n{md}");
+    if !failures.is_empty() {
+        println!("FAILED runs:");
+        for f in &failures {
+            println!("- {f}");
+        }
+    }
+    println!(
+        "(all runs: {:.0} s; {retried} run(s) repeated and {noisy_kept} kept with other \
+         processes above {}% of the server's or the generator's CPU)",
+        started.elapsed().as_secs_f64(),
+        o.max_others
+    );
+    for (name, text) in [
+        ("tls.md", format!("{header}\n{md}")),
+        ("tls.csv", csv),
+        ("tls_raw.csv", raw),
+    ] {
+        let path = o.out.join(name);
+        fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(failures.is_empty())
+}
+
+/// The Markdown tables (medians with ratios to the baseline, the targets, the range over the
+/// reps) and the medians' CSV.
+fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, String) {
+    let names: Vec<&str> = o.servers.iter().map(String::as_str).collect();
+    let base = names.iter().position(|&n| n == BASELINE);
+    let others: Vec<usize> = (0..names.len()).filter(|&i| Some(i) != base).collect();
+    let mut md = format!("### TLS: medians of {} rep(s)\n\n| case | metric |", o.reps);
+    for n in &names {
+        let _ = write!(md, " {n} |");
+    }
+    if base.is_some() {
+        for &i in &others {
+            let _ = write!(md, " {} / {BASELINE} |", names[i]);
+        }
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---:|".repeat(names.len() + if base.is_some() { others.len() } else { 0 }));
+    md.push('\n');
+    let mut spread = format!(
+        "\n### TLS: range over the reps (min-max)\n\n| case | metric |{}\n|---|---|{}\n",
+        names.iter().map(|n| format!(" {n} |")).collect::<String>(),
+        "---:|".repeat(names.len())
+    );
+    let mut csv = String::from("case,metric,server,median,min,max,runs\n");
+    let mut targets = String::new();
+    for (ci, case) in o.cases.iter().enumerate() {
+        for m in metrics().into_iter().filter(|m| m.case == case) {
+            let label = format!("| {case} | {} |", m.label);
+            md.push_str(&label);
+            spread.push_str(&label);
+            let mut row = Vec::new();
+            for (si, name) in names.iter().enumerate() {
+                let mut v: Vec<f64> = got
+                    .get(&(ci, si))
+                    .map(|s| s.iter().map(m.get).collect())
+                    .unwrap_or_default();
+                let med = median(&mut v);
+                row.push(med);
+                if v.is_empty() {
+                    md.push_str(" fail |");
+                    spread.push_str(" fail |");
+                    continue;
+                }
+                let _ = write!(md, " {} |", (m.show)(med));
+                let (lo, hi) = (v[0], v[v.len() - 1]);
+                let _ = write!(spread, " {}-{} |", (m.show)(lo), (m.show)(hi));
+                let _ = writeln!(csv, "{case},{},{name},{med},{lo},{hi},{}", m.key, v.len());
+            }
+            if let Some(b) = base {
+                for &i in &others {
+                    let r = row[i] / row[b];
+                    if m.ratio && r.is_finite() {
+                        let _ = write!(md, " {r:.2}x |");
+                    } else {
+                        md.push_str(" - |");
+                    }
+                }
+                if let Some((t, better, what)) = m.target {
+                    let _ = write!(targets, "| {what} | {case}: {} |", m.label);
+                    for &i in &others {
+                        let r = row[i] / row[b];
+                        let ok = match better {
+                            Better::Higher => r >= t,
+                            Better::Lower => r <= t,
+                        };
+                        if r.is_finite() {
+                            let _ =
+                                write!(targets, " {r:.2}x {} |", if ok { "met" } else { "missed" });
+                        } else {
+                            targets.push_str(" - |");
+                        }
+                    }
+                    targets.push('\n');
+                }
+            }
+            md.push('\n');
+            spread.push('\n');
+        }
+    }
+    if base.is_some() && !targets.is_empty() {
+        let _ = write!(
+            md,
+            "\n### Issue 20's targets (ratios of the medians to {BASELINE}'s; in parentheses \
+             the same target read in server CPU per unit, the measure to compare when the \
+             load generator saturates its CPU)\n\n| target | metric |{}\n|---|---|{}\n{targets}",
+            others
+                .iter()
+                .map(|&i| format!(" {} |", names[i]))
+                .collect::<String>(),
+            "---|".repeat(others.len())
+        );
+    }
+    if o.reps > 1 {
+        md.push_str(&spread);
+    }
+    (md, csv)
+}
