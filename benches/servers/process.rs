@@ -1,5 +1,5 @@
 //! What the benches that run each server in a process of its own share (benches/chat,
-//! benches/udp): starting a server process pinned to the server's CPU and reading its
+//! benches/udp, benches/tls): starting a server process pinned to the server's CPU and reading its
 //! `listening on HOST:PORT` line, its CPU time and peak memory from `/proc`, how busy each CPU
 //! was (to tell a run that other processes disturbed), and the figures' formatting.
 
@@ -117,6 +117,16 @@ impl ServerProc {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .ok_or_else(|| format!("no VmHWM in {path}"))
+    }
+
+    /// The server's resident memory (`VmRSS`), KiB.
+    pub fn rss_kib(&self) -> Result<u64, String> {
+        let path = format!("/proc/{}/status", self.pid());
+        let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| format!("no VmRSS in {path}"))
     }
 
     /// Checks that it is still running.

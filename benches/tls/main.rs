@@ -59,6 +59,8 @@
 #[path = "../servers/mod.rs"]
 mod bench_servers;
 
+use bench_servers::process::{median, percent, sig3, Busy, Meter, ServerProc, Span};
+
 mod load;
 mod servers;
 
@@ -66,12 +68,9 @@ use std::collections::BTreeMap;
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, BufRead, BufReader};
-use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -103,159 +102,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------------
 // The server process
 
-/// Pins the calling (forked, not yet exec'd) process to `cpu`.
-fn set_affinity(cpu: usize) -> io::Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` < CPU_SETSIZE, so the bit is inside `set`.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling process.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A running server process, killed when dropped.
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ServerProc {
-    fn start(name: &str) -> Result<ServerProc, String> {
-        let exe = env::current_exe().map_err(|e| format!("this binary: {e}"))?;
-        let mut cmd = Command::new(exe);
-        cmd.env(ROLE, "tls-server")
-            .env(KIND, name)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(cpu) = bench_servers::pins().server {
-            // SAFETY: the closure runs in the child between fork and exec and only makes one
-            // system call (no allocation, no lock).
-            unsafe { cmd.pre_exec(move || set_affinity(cpu)) };
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("{name}: cannot start: {e}"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel();
-        let tag = name.to_string();
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for line in lines.map_while(Result::ok) {
-                eprintln!("  [{tag}] {line}");
-            }
-        });
-        let tag = name.to_string();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                // (The engine line is printed once per server start: noise in the output.)
-                if !line.starts_with("engine: ") {
-                    eprintln!("  [{tag}] {line}");
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Some(Ok(line))) => line
-                .strip_prefix("listening on ")
-                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-                .ok_or(format!(
-                    "{name}: first line {line:?}, not `listening on HOST:PORT`"
-                )),
-            Ok(_) => Err(format!("{name}: exited before printing its address")),
-            Err(_) => Err(format!("{name}: no `listening on` line within 30 s")),
-        };
-        // Killed on the way out if its address is no good.
-        let mut srv = ServerProc {
-            child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        };
-        srv.addr = addr?;
-        Ok(srv)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The server's CPU time so far, user + system, every thread, in microseconds
-    /// (`/proc/PID/stat`, in clock ticks).
-    fn cpu_us(&self) -> Result<u64, String> {
-        let path = format!("/proc/{}/stat", self.pid());
-        let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        // Fields after the command name (which may hold spaces): utime is field 14, stime 15.
-        let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(1)
-            .take(13)
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        let (Some(utime), Some(stime)) = (f.get(10), f.get(11)) else {
-            return Err(format!("bad {path}: {text:?}"));
-        };
-        Ok((utime + stime) * 1_000_000 / clock_ticks())
-    }
-
-    /// The server's resident memory, KiB (`VmRSS` in `/proc/PID/status`).
-    fn rss_kib(&self) -> Result<u64, String> {
-        let path = format!("/proc/{}/status", self.pid());
-        let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        text.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .ok_or(format!("no VmRSS in {path}"))
-    }
-
-    /// Checks that it is still running.
-    fn alive(&mut self, name: &str) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("{name} exited: {status}")),
-            Err(e) => Err(format!("{name}: {e}")),
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no memory effects.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
-}
-
-/// Time CPU `cpu` was busy (user, nice, system, irq and softirq time), every process
-/// together, in microseconds (`/proc/stat`).
-fn cpu_busy_us(cpu: usize) -> Option<u64> {
-    let stat = fs::read_to_string("/proc/stat").ok()?;
-    let name = format!("cpu{cpu}");
-    let line = stat
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(7)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user, nice, system, (idle, iowait,) irq, softirq
-    (f.len() == 7).then(|| (f[0] + f[1] + f[2] + f[5] + f[6]) * 1_000_000 / clock_ticks())
-}
-
 /// This thread's CPU time (the load generator's), microseconds.
 fn thread_cpu_us() -> u64 {
     // SAFETY: rusage is a plain C struct; all-zero is a valid value for getrusage to fill.
@@ -268,49 +114,24 @@ fn thread_cpu_us() -> u64 {
     us(ru.ru_utime) + us(ru.ru_stime)
 }
 
-/// CPU times at one moment: the server's, the load generator's, and the busy time of their
-/// CPUs (every process on them).
-struct Meter {
-    at: Instant,
-    server_us: u64,
-    gen_us: u64,
-    cpu_us: Option<u64>,
-    gen_cpu_us: Option<u64>,
+/// The figures of `span`, before the case's own.
+fn sample(span: Span) -> Sample {
+    Sample {
+        units: 0.0,
+        wall_s: span.wall_s,
+        server_cpu_s: span.server_cpu_s,
+        gen_cpu_s: span.gen_cpu_s,
+        others: span.others,
+        others_gen: span.others_gen,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+        idle_bytes: f64::NAN,
+    }
 }
 
-impl Meter {
-    fn now(srv: &ServerProc) -> Result<Meter, String> {
-        let pins = bench_servers::pins();
-        Ok(Meter {
-            at: Instant::now(),
-            server_us: srv.cpu_us()?,
-            gen_us: thread_cpu_us(),
-            cpu_us: pins.server.and_then(cpu_busy_us),
-            gen_cpu_us: pins.client.and_then(cpu_busy_us),
-        })
-    }
-
-    /// The CPU figures from `self` to `later`.
-    fn since(&self, later: &Meter) -> Sample {
-        let server_us = later.server_us.saturating_sub(self.server_us);
-        let gen_us = later.gen_us.saturating_sub(self.gen_us);
-        let span_us = later.at.duration_since(self.at).as_micros().max(1) as f64;
-        let share = |a: Option<u64>, b: Option<u64>, own_us: u64| match (a, b) {
-            (Some(a), Some(b)) => b.saturating_sub(a).saturating_sub(own_us) as f64 / span_us,
-            _ => f64::NAN,
-        };
-        Sample {
-            units: 0.0,
-            wall_s: span_us / 1e6,
-            server_cpu_s: server_us as f64 / 1e6,
-            gen_cpu_s: gen_us as f64 / 1e6,
-            others: share(self.cpu_us, later.cpu_us, server_us),
-            others_gen: share(self.gen_cpu_us, later.gen_cpu_us, gen_us),
-            p50_us: f64::NAN,
-            p99_us: f64::NAN,
-            idle_bytes: f64::NAN,
-        }
-    }
+/// Now, for the load generator (this thread) and the server; softirqs count as busy time.
+fn meter(srv: &ServerProc) -> Result<Meter, String> {
+    Meter::now(srv, thread_cpu_us(), Busy::WithIrq)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,7 +186,10 @@ fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
 
 fn run_one(o: &Opts, case: &str, server: &str) -> Result<Sample, String> {
     let config = servers::client_config().map_err(io_err("client config"))?;
-    let mut srv = ServerProc::start(server)?;
+    let exe = env::current_exe().map_err(|e| format!("this binary: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.env(ROLE, "tls-server").env(KIND, server);
+    let mut srv = ServerProc::start(server, cmd)?;
     let s = match case {
         "stream" => {
             let mut st = load::Stream::connect(srv.addr, &config, 64 * 1024, 256 * 1024)
@@ -373,9 +197,9 @@ fn run_one(o: &Opts, case: &str, server: &str) -> Result<Sample, String> {
             let limit = Duration::from_secs(120);
             st.transfer(8 << 20, limit).map_err(io_err("warm-up"))?;
             let bytes = o.stream_mib << 20;
-            let m0 = Meter::now(&srv)?;
+            let m0 = meter(&srv)?;
             st.transfer(bytes, limit).map_err(io_err("stream"))?;
-            let mut s = m0.since(&Meter::now(&srv)?);
+            let mut s = sample(m0.since(&meter(&srv)?));
             s.units = bytes as f64;
             s
         }
@@ -393,16 +217,16 @@ fn run_one(o: &Opts, case: &str, server: &str) -> Result<Sample, String> {
             e.start().map_err(io_err("echo"))?;
             e.run_until(Instant::now() + secs(o.warm))
                 .map_err(io_err("echo warm-up"))?;
-            let m0 = Meter::now(&srv)?;
+            let m0 = meter(&srv)?;
             let d0 = e.done;
             e.recording = true;
             e.run_until(m0.at + secs(o.secs)).map_err(io_err("echo"))?;
-            let m1 = Meter::now(&srv)?;
+            let m1 = meter(&srv)?;
             e.recording = false;
             let d1 = e.done;
             e.drain(Duration::from_secs(10))
                 .map_err(io_err("echo drain"))?;
-            let mut s = m0.since(&m1);
+            let mut s = sample(m0.since(&m1));
             s.units = (d1 - d0) as f64;
             let lat = &mut e.lat_ns;
             lat.sort_unstable();
@@ -423,15 +247,15 @@ fn run_one(o: &Opts, case: &str, server: &str) -> Result<Sample, String> {
                 load::Handshakes::new(srv.addr, &config, o.inflight).map_err(io_err("start"))?;
             h.run_until(Instant::now() + secs(o.warm))
                 .map_err(io_err("handshake warm-up"))?;
-            let m0 = Meter::now(&srv)?;
+            let m0 = meter(&srv)?;
             let d0 = h.done;
             h.run_until(m0.at + secs(o.secs))
                 .map_err(io_err("handshakes"))?;
-            let m1 = Meter::now(&srv)?;
+            let m1 = meter(&srv)?;
             let d1 = h.done;
             h.drain(Duration::from_secs(10))
                 .map_err(io_err("handshake drain"))?;
-            let mut s = m0.since(&m1);
+            let mut s = sample(m0.since(&m1));
             s.units = (d1 - d0) as f64;
             s
         }
@@ -546,36 +370,6 @@ fn parse_args() -> Result<Opts, String> {
         retries: retries.unwrap_or(if quick { 0 } else { 2 }),
         out,
     })
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// A figure with three significant digits.
-fn sig3(v: f64) -> String {
-    if !v.is_finite() {
-        return "-".into();
-    }
-    let digits = if v == 0.0 {
-        2
-    } else {
-        (2 - v.abs().log10().floor() as i32).clamp(0, 6) as usize
-    };
-    format!("{v:.digits$}")
-}
-
-fn percent(v: f64) -> String {
-    if v.is_finite() {
-        format!("{:.0}%", v * 100.0)
-    } else {
-        "-".into()
-    }
 }
 
 /// Which way is better, for a target.
