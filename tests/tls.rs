@@ -545,6 +545,54 @@ fn a_reset_mid_record_fails_the_read() {
     assert!(collect_one(&watcher, TIMEOUT).is_ok());
 }
 
+/// A peer that resets while ciphertext waits to be sent: the writes end with the reset, and
+/// then the poller rests. Nothing is left to send; a failed send is not tried again round
+/// after round.
+#[test]
+fn a_reset_with_ciphertext_waiting_fails_the_writes_and_the_poller_rests() {
+    const WRITES: usize = 16;
+    let (watcher, conn, sock) = tls_server();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let client = thread::spawn(move || {
+        let mut tls = rustls_client(sock);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        // Reads nothing, then resets.
+        rx.recv().unwrap();
+        set_linger_zero(&tls.sock);
+    });
+    expect_handshake(&collect_one(&watcher, TIMEOUT));
+    // 16 MiB: far more than the socket buffers hold.
+    for _ in 0..WRITES {
+        conn.send(Cmd::Write(vec![b'w'; 1 << 20])).unwrap();
+    }
+    // Stuck: the socket full, ciphertext waiting, the poller waiting for room.
+    wait_until("the writes to stall", TIMEOUT, || {
+        let s = watcher.stats();
+        s.bytes_written > 0 && watcher.is_asleep()
+    });
+    tx.send(()).unwrap();
+    client.join().unwrap(); // (the socket is reset as it is dropped)
+    let got = collect(&watcher, WRITES, TIMEOUT);
+    assert!(
+        got.iter().any(|c| matches!(&c.result, Err(Error::Io(_)))),
+        "{}",
+        got.iter().map(describe).collect::<Vec<_>>().join("\n")
+    );
+    wait_until("the poller to rest", TIMEOUT, || watcher.is_asleep());
+    let before = watcher.stats().wakeups;
+    thread::sleep(Duration::from_millis(300)); // the window in which a spin would show
+    let after = watcher.stats().wakeups;
+    assert!(
+        after - before <= 2,
+        "{} wake-ups in 300 ms after the session failed",
+        after - before
+    );
+    conn.send(Cmd::Free).unwrap();
+    assert!(collect_one(&watcher, TIMEOUT).is_ok());
+}
+
 #[test]
 fn a_peer_that_never_reads_holds_the_writes_back() {
     const WRITES: usize = 64;

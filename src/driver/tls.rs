@@ -91,6 +91,8 @@ pub(crate) struct Tls {
     /// The peer's `close_notify` arrived.
     closed: bool,
     failed: Option<Fail>,
+    /// A receive or send failed: nothing more goes out (what waits is dropped).
+    io_failed: bool,
 }
 
 /// The parts of the core a session works on, for one connection.
@@ -157,6 +159,7 @@ pub(super) fn prepare(core: &mut Core, id: Key) {
             eof,
             closed: false,
             failed: None,
+            io_failed: false,
         }),
     );
 }
@@ -191,6 +194,7 @@ impl Tls {
         if self.failed.is_none() {
             self.failed = Some(Fail::Io(e.raw_os_error(), e.kind()));
         }
+        self.io_failed = true;
     }
 
     /// The ciphertext to send next (empty if none): what a short send left, else all that
@@ -352,6 +356,13 @@ pub(super) fn process(cx: &mut Ctx<'_>, tls: &mut Tls, budget: &mut u32) {
         fail_all(cx, fail);
     }
     tls.drain();
+    if tls.io_failed {
+        // The socket failed: what waits (writes' records, an alert) can never go out, and
+        // trying again would fail again, round after round. (On io_uring a send in flight
+        // keeps its own reference to its bytes until its completion.)
+        tls.out.clear();
+        tls.sending = Bytes::new();
+    }
     let st = &mut *cx.st;
     let wants_in = tls.conn.is_handshaking() || has_read(st);
     st.set(
