@@ -291,6 +291,83 @@ fn starttls_after_plaintext_lines() {
     assert_eq!(&client.join().unwrap(), b"welcome\n");
 }
 
+/// STARTTLS behind a plaintext write the peer does not take: the handshake's command ends
+/// at its deadline while the write is still in flight (on io_uring, in the kernel's send),
+/// and the reads it held run again: the peer's next bytes reach a read.
+#[test]
+fn a_starttls_deadline_behind_a_stalled_write_lets_the_reads_go_on() {
+    const BIG: usize = 32 << 20; // more than the socket buffers hold
+    let (watcher, conn, mut sock) = watcher_pair();
+    conn.send(Cmd::Write(vec![b'p'; BIG]).tag(1)).unwrap();
+    conn.send(
+        Cmd::TlsAccept(server_config())
+            .timeout(Duration::from_millis(300))
+            .tag(2),
+    )
+    .unwrap();
+    conn.send(Cmd::ReadInternal.tag(3)).unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    assert_eq!(c.tag, 2, "{}", describe(&c));
+    assert!(matches!(c.result, Err(Error::Deadline)), "{}", describe(&c));
+    sock.write_all(b"still plaintext").unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    assert_eq!(
+        (c.tag, c.data()),
+        (3, &b"still plaintext"[..]),
+        "{}",
+        describe(&c)
+    );
+    conn.send(Cmd::Free).unwrap();
+    let got = collect(&watcher, 2, TIMEOUT);
+    assert!(got.iter().any(|c| c.tag == 1), "{}", describe_all(&got));
+}
+
+/// Two handshake commands queued behind a stalled write: the first ends at its deadline, the
+/// second starts once the write went out, and its handshake completes.
+#[test]
+fn a_second_handshake_command_starts_after_the_first_timed_out() {
+    const BIG: usize = 32 << 20;
+    let (watcher, conn, sock) = watcher_pair();
+    conn.send(Cmd::Write(vec![b'p'; BIG]).tag(1)).unwrap();
+    conn.send(
+        Cmd::TlsAccept(server_config())
+            .timeout(Duration::from_millis(300))
+            .tag(2),
+    )
+    .unwrap();
+    conn.send(Cmd::TlsAccept(server_config()).timeout(TIMEOUT).tag(3))
+        .unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    assert_eq!(c.tag, 2, "{}", describe(&c));
+    assert!(matches!(c.result, Err(Error::Deadline)), "{}", describe(&c));
+    // The peer takes the plaintext, then speaks TLS.
+    let client = thread::spawn(move || {
+        let mut sock = sock;
+        let mut plain = vec![0; BIG];
+        sock.read_exact(&mut plain).unwrap();
+        assert!(plain.iter().all(|&b| b == b'p'));
+        let mut tls = rustls_client(sock);
+        tls.write_all(b"hi").unwrap();
+        tls.flush().unwrap();
+        tls
+    });
+    let got = collect(&watcher, 2, TIMEOUT);
+    assert!(
+        got.iter().any(|c| c.tag == 1 && c.is_ok()),
+        "{}",
+        describe_all(&got)
+    );
+    let hs = got
+        .iter()
+        .find(|c| c.tag == 3)
+        .expect("the second handshake");
+    expect_handshake(hs);
+    conn.send(Cmd::ReadInternal).unwrap();
+    let c = collect_one(&watcher, TIMEOUT);
+    assert_eq!(c.data(), b"hi", "{}", describe(&c));
+    drop(client.join().unwrap());
+}
+
 /// A pseudo-random stream of `len` bytes from `seed`.
 fn stream_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = Rng::new(seed);

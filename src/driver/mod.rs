@@ -1401,6 +1401,12 @@ impl<E: Engine> Driver<E> {
             if p.late.is_some() {
                 continue; // already ended, waiting for the kernel
             }
+            // A handshake's command waiting to start is in no send, whatever the kernel holds
+            // of the writes ahead of it.
+            #[cfg(feature = "tls")]
+            let in_no_send = matches!(p.kind, Kind::TlsStart(_));
+            #[cfg(not(feature = "tls"))]
+            let in_no_send = false;
             if let Some(idle) = t.idle {
                 // The timer fired no earlier than `idle` after the command was taken (or
                 // after the progress that last re-armed it); it is over unless bytes moved in
@@ -1423,7 +1429,10 @@ impl<E: Engine> Driver<E> {
             } else {
                 Late::Deadline
             };
-            if t.dir == Dir::Write && self.engine.hold(t.id, st, &mut core.ops, t.seq) {
+            if t.dir == Dir::Write
+                && !in_no_send
+                && self.engine.hold(t.id, st, &mut core.ops, t.seq)
+            {
                 // The kernel holds it: it completes when the kernel gives it back.
                 if let Some(p) = core.ops.get_mut(t.slot) {
                     p.late = Some(late);
@@ -1437,8 +1446,8 @@ impl<E: Engine> Driver<E> {
             {
                 // A session looks at what the timer ended (a handshake's command).
                 st.set(TLS_WORK, st.is(TLS));
-                if matches!(p.kind, Kind::TlsStart(_)) && !st.is(TLS) {
-                    st.set(TLS_PENDING, false);
+                if matches!(p.kind, Kind::TlsStart(_)) {
+                    st.set(TLS_PENDING, tls_pending(st, &core.ops));
                 }
             }
             core.sink.complete(st, p, Err(late.error()), None);
@@ -1638,6 +1647,16 @@ fn write_len(p: &Pending) -> usize {
         Kind::WriteAll(_, len) => *len,
         _ => 0,
     }
+}
+
+/// Whether a handshake's command waits to start on `st`: no session yet, and a `TlsAccept` or
+/// `TlsConnect` among its writes (more than one may be queued).
+#[cfg(feature = "tls")]
+pub(super) fn tls_pending(st: &ConnState, ops: &Slab<Pending>) -> bool {
+    !st.is(TLS)
+        && ops
+            .iter(&st.writes)
+            .any(|p| matches!(p.kind, Kind::TlsStart(_)))
 }
 
 /// Reads wait during an accept pause, while a `Connect` heads the write FIFO (a read would

@@ -133,6 +133,8 @@ pub(super) fn prepare(core: &mut Core, id: Key) {
         Ok(conn) => conn,
         Err(e) => {
             let p = core.ops.pop_front(&mut st.writes).expect("front exists");
+            // (Another handshake's command may wait behind it.)
+            st.set(TLS_PENDING, super::tls_pending(st, &core.ops));
             core.sink.complete(st, p, Err(Error::Tls(e)), None);
             return;
         }
