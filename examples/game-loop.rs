@@ -127,8 +127,15 @@ enum Event {
     Done(Completion),
 }
 
-impl Game {
-    fn run(mut self, mailbox: &Receiver<Completion>, ticks: &Receiver<()>) {
+/// What a game does with each event; the TCP and the UDP game share the loop.
+trait Play {
+    fn tick(&mut self);
+    fn complete(&mut self, c: Completion);
+
+    fn run(mut self, mailbox: &Receiver<Completion>, ticks: &Receiver<()>)
+    where
+        Self: Sized,
+    {
         loop {
             // Fair among the ready ones: a flood of input cannot starve the clock.
             let event = Selector::new()
@@ -143,7 +150,9 @@ impl Game {
             }
         }
     }
+}
 
+impl Game {
     fn join(&mut self, conn: Conn) {
         self.joined += 1;
         let id = conn.id();
@@ -160,6 +169,59 @@ impl Game {
         self.read(id);
     }
 
+    /// One input line (the watcher splits them, and refuses one over MAX_LINE).
+    fn input(&mut self, id: ConnId, line: &[u8]) {
+        if let Some(p) = self.players.get_mut(&id) {
+            match parse_move(line) {
+                Some((dx, dy)) => {
+                    p.x = p.x.saturating_add(dx).clamp(-WORLD, WORLD);
+                    p.y = p.y.saturating_add(dy).clamp(-WORLD, WORLD);
+                }
+                None if line.iter().all(u8::is_ascii_whitespace) => {}
+                // At most MAX_REPLIES error lines in flight: a flood of bad lines gets the
+                // rest unanswered, so its replies cannot take the room its read needs.
+                None if p.writing < MAX_REPLIES => {
+                    self.write(id, Bytes::from_static(b"error: expected move DX DY\n"))
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn read(&mut self, id: ConnId) {
+        let Some(p) = self.players.get(&id) else {
+            return;
+        };
+        // The whole lines that arrived, up to 64 at a time.
+        let lines = Cmd::ReadFrames(Framing::lines(MAX_LINE), 64);
+        if p.conn.send(lines).is_err() {
+            self.remove(id);
+        }
+    }
+
+    fn write(&mut self, id: ConnId, msg: Bytes) {
+        let Some(p) = self.players.get_mut(&id) else {
+            return;
+        };
+        match p.conn.send(Cmd::Write(msg).timeout(WRITE_TIMEOUT)) {
+            Ok(()) => p.writing += 1,
+            // The command queue is full (a burst of commands from this thread; a player's
+            // own writes stay far below the per-connection limit: at most MAX_REPLIES
+            // replies and one tick): this one message is dropped, the player stays.
+            Err(SendError::Full(_)) => {}
+            Err(_) => self.remove(id),
+        }
+    }
+
+    /// The player leaves the game; completions still to come for it find nobody.
+    fn remove(&mut self, id: ConnId) {
+        if let Some(p) = self.players.remove(&id) {
+            let _ = p.conn.send(Cmd::Free);
+        }
+    }
+}
+
+impl Play for Game {
     /// `tick T N:X,Y ...` for every player, ordered by number, once for all.
     fn tick(&mut self) {
         self.tick += 1;
@@ -219,57 +281,6 @@ impl Game {
             _ => self.remove(id),
         }
     }
-
-    /// One input line (the watcher splits them, and refuses one over MAX_LINE).
-    fn input(&mut self, id: ConnId, line: &[u8]) {
-        if let Some(p) = self.players.get_mut(&id) {
-            match parse_move(line) {
-                Some((dx, dy)) => {
-                    p.x = p.x.saturating_add(dx).clamp(-WORLD, WORLD);
-                    p.y = p.y.saturating_add(dy).clamp(-WORLD, WORLD);
-                }
-                None if line.iter().all(u8::is_ascii_whitespace) => {}
-                // At most MAX_REPLIES error lines in flight: a flood of bad lines gets the
-                // rest unanswered, so its replies cannot take the room its read needs.
-                None if p.writing < MAX_REPLIES => {
-                    self.write(id, Bytes::from_static(b"error: expected move DX DY\n"))
-                }
-                None => {}
-            }
-        }
-    }
-
-    fn read(&mut self, id: ConnId) {
-        let Some(p) = self.players.get(&id) else {
-            return;
-        };
-        // The whole lines that arrived, up to 64 at a time.
-        let lines = Cmd::ReadFrames(Framing::lines(MAX_LINE), 64);
-        if p.conn.send(lines).is_err() {
-            self.remove(id);
-        }
-    }
-
-    fn write(&mut self, id: ConnId, msg: Bytes) {
-        let Some(p) = self.players.get_mut(&id) else {
-            return;
-        };
-        match p.conn.send(Cmd::Write(msg).timeout(WRITE_TIMEOUT)) {
-            Ok(()) => p.writing += 1,
-            // The command queue is full (a burst of commands from this thread; a player's
-            // own writes stay far below the per-connection limit: at most MAX_REPLIES
-            // replies and one tick): this one message is dropped, the player stays.
-            Err(SendError::Full(_)) => {}
-            Err(_) => self.remove(id),
-        }
-    }
-
-    /// The player leaves the game; completions still to come for it find nobody.
-    fn remove(&mut self, id: ConnId) {
-        if let Some(p) = self.players.remove(&id) {
-            let _ = p.conn.send(Cmd::Free);
-        }
-    }
 }
 
 /// A player of the UDP mode, known by its address.
@@ -296,37 +307,6 @@ impl UdpGame {
             peers: HashMap::new(),
             joined: 0,
             tick: 0,
-        }
-    }
-
-    fn run(mut self, mailbox: &Receiver<Completion>, ticks: &Receiver<()>) {
-        loop {
-            let event = Selector::new()
-                .recv(ticks, |r| r.map(|()| Event::Tick))
-                .recv(mailbox, |r| r.map(Event::Done))
-                .wait();
-            match event {
-                Ok(Event::Tick) => self.tick(),
-                Ok(Event::Done(c)) => self.complete(c),
-                Err(_) => return,
-            }
-        }
-    }
-
-    fn complete(&mut self, c: Completion) {
-        match (c.op, &c.result) {
-            (_, Err(Error::WatcherClosed)) => {}
-            // One datagram; the read is replaced whatever it held.
-            (Op::Read, result) => {
-                if result.is_ok() {
-                    if let Some(from) = c.peer.clone() {
-                        self.datagram(from, c.data());
-                    }
-                }
-                let _ = self.socket.send(Cmd::ReadInternal);
-            }
-            // A tick or a welcome that could not go (a vanished peer): its silence drops it.
-            _ => {}
         }
     }
 
@@ -365,7 +345,9 @@ impl UdpGame {
             }
         }
     }
+}
 
+impl Play for UdpGame {
     /// Drops the silent, then sends the tick line to every peer, one datagram each.
     fn tick(&mut self) {
         self.tick += 1;
@@ -383,6 +365,22 @@ impl UdpGame {
             let _ = self
                 .socket
                 .send(Cmd::SendTo(addr.clone(), snapshot.clone()));
+        }
+    }
+    fn complete(&mut self, c: Completion) {
+        match (c.op, &c.result) {
+            (_, Err(Error::WatcherClosed)) => {}
+            // One datagram; the read is replaced whatever it held.
+            (Op::Read, result) => {
+                if result.is_ok() {
+                    if let Some(from) = c.peer.clone() {
+                        self.datagram(from, c.data());
+                    }
+                }
+                let _ = self.socket.send(Cmd::ReadInternal);
+            }
+            // A tick or a welcome that could not go (a vanished peer): its silence drops it.
+            _ => {}
         }
     }
 }
