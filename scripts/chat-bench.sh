@@ -26,14 +26,7 @@ mkdir -p "$OUT"
 START=$(date +%s)
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
-  echo "cpus: $(nproc) online"
-  echo "kernel: $(uname -sr)"
-  echo "rustc: $(rustc -V)"
-  echo "fd limit: $(ulimit -n)"
-  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo ?)"
+  scripts/machine.sh
 } | tee "$OUT/chat-machine.txt"
 # 1,000 clients: about 1,000 descriptors in the load generator and as many in the server.
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 4096 ]; then

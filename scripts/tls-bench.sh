@@ -37,17 +37,10 @@ mkdir -p "$OUT"
 START=$(date +%s)
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
-  echo "cpus: $(nproc) online"
-  echo "kernel: $(uname -sr)"
-  echo "rustc: $(rustc -V)"
-  echo "fd limit: $(ulimit -n)"
+  scripts/machine.sh
   echo "rustls: $(grep -A1 '^name = "rustls"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')," \
     "tokio-rustls: $(grep -A1 '^name = "tokio-rustls"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')," \
     "tokio: $(grep -A1 '^name = "tokio"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')"
-  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo ?)"
 } | tee "$OUT/tls-machine.txt"
 
 cargo bench --features tls --no-run --bench tls

@@ -28,16 +28,9 @@ mkdir -p "$OUT"
 START=$(date +%s)
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1)"
-  echo "cpus: $(nproc) online"
-  echo "kernel: $(uname -sr)"
-  echo "rustc: $(rustc -V)"
-  echo "fd limit: $(ulimit -n)"
+  scripts/machine.sh
   echo "net.core.rmem_max: $(cat /proc/sys/net/core/rmem_max 2>/dev/null || echo ?)"
   echo "net.core.rmem_default: $(cat /proc/sys/net/core/rmem_default 2>/dev/null || echo ?)"
-  echo "load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo ?)"
 } | tee "$OUT/udp-machine.txt"
 
 cargo bench --no-run --bench udp
