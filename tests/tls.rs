@@ -83,6 +83,15 @@ fn rustls_client(sock: TcpStream) -> StreamOwned<ClientConnection, TcpStream> {
     StreamOwned::new(conn, sock)
 }
 
+/// A rustls client on `sock` whose handshake is over.
+fn handshaken_client(sock: TcpStream) -> StreamOwned<ClientConnection, TcpStream> {
+    let mut tls = rustls_client(sock);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    tls
+}
+
 /// A watcher and a registered server connection that was sent `TlsAccept`, with the peer's
 /// plain socket.
 fn tls_server() -> (Watcher, Conn, TcpStream) {
@@ -597,10 +606,7 @@ fn a_stalled_handshake_ends_at_its_deadline() {
 fn a_reset_mid_record_fails_the_read() {
     let (watcher, conn, sock) = tls_server();
     let client = thread::spawn(move || {
-        let mut tls = rustls_client(sock);
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock).unwrap();
-        }
+        let mut tls = handshaken_client(sock);
         // One record, of which only half is sent, then a reset.
         tls.conn.writer().write_all(&[7; 1000]).unwrap();
         let mut record = Vec::new();
@@ -631,10 +637,7 @@ fn a_reset_with_ciphertext_waiting_fails_the_writes_and_the_poller_rests() {
     let (watcher, conn, sock) = tls_server();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let client = thread::spawn(move || {
-        let mut tls = rustls_client(sock);
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock).unwrap();
-        }
+        let tls = handshaken_client(sock);
         // Reads nothing, then resets.
         rx.recv().unwrap();
         set_linger_zero(&tls.sock);
@@ -677,10 +680,7 @@ fn a_peer_that_never_reads_holds_the_writes_back() {
     let (watcher, conn, sock) = tls_server();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let client = thread::spawn(move || {
-        let mut tls = rustls_client(sock);
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock).unwrap();
-        }
+        let mut tls = handshaken_client(sock);
         // Reads nothing until told to.
         rx.recv().unwrap();
         let mut n = 0;
@@ -904,10 +904,7 @@ fn a_read_deadline_ends_that_read_only_and_the_session_goes_on() {
     let (watcher, conn, sock) = tls_server();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let client = thread::spawn(move || {
-        let mut tls = rustls_client(sock);
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock).unwrap();
-        }
+        let mut tls = handshaken_client(sock);
         rx.recv().unwrap();
         tls.write_all(b"late but fine\n").unwrap();
         tls.flush().unwrap();
