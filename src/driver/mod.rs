@@ -1401,12 +1401,7 @@ impl<E: Engine> Driver<E> {
             if p.late.is_some() {
                 continue; // already ended, waiting for the kernel
             }
-            // A handshake's command waiting to start is in no send, whatever the kernel holds
-            // of the writes ahead of it.
-            #[cfg(feature = "tls")]
-            let in_no_send = matches!(p.kind, Kind::TlsStart(_));
-            #[cfg(not(feature = "tls"))]
-            let in_no_send = false;
+
             if let Some(idle) = t.idle {
                 // The timer fired no earlier than `idle` after the command was taken (or
                 // after the progress that last re-armed it); it is over unless bytes moved in
@@ -1429,10 +1424,7 @@ impl<E: Engine> Driver<E> {
             } else {
                 Late::Deadline
             };
-            if t.dir == Dir::Write
-                && !in_no_send
-                && self.engine.hold(t.id, st, &mut core.ops, t.seq)
-            {
+            if t.dir == Dir::Write && self.engine.hold(t.id, st, &mut core.ops, t.seq) {
                 // The kernel holds it: it completes when the kernel gives it back.
                 if let Some(p) = core.ops.get_mut(t.slot) {
                     p.late = Some(late);

@@ -292,7 +292,7 @@ impl Engine for Uring {
         }
     }
 
-    fn hold(&mut self, id: Key, st: &mut ConnState, ops: &mut Slab<Pending>, _seq: u64) -> bool {
+    fn hold(&mut self, id: Key, st: &mut ConnState, ops: &mut Slab<Pending>, seq: u64) -> bool {
         // (A TLS send holds the session's ciphertext, never a write's buffer: the write's
         // plaintext was copied into the session.)
         if !st.is(SENDING) || st.is(TLS) {
@@ -307,6 +307,15 @@ impl Engine for Uring {
             }
             Some(Kind::Connect) => {
                 self.ring.cancel(Op::Poll, idx_of(id));
+                false
+            }
+            // Only writes are gathered into a send: a shutdown or a handshake's command
+            // queued behind it is in none, whatever the kernel holds of the writes ahead.
+            _ if !ops
+                .iter(&st.writes)
+                .find(|p| p.seq == seq)
+                .is_some_and(|p| matches!(p.kind, Kind::Write(_) | Kind::WriteAll(..))) =>
+            {
                 false
             }
             // Any write may be in the send: it ends with the bytes the send's completion
