@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+mod delims;
+
 /// How to cut a connection's byte stream into frames: lines, length-prefixed frames, or a
 /// [`Decoder`] of your own. Each has a maximum frame length: a frame longer than that
 /// completes its read with [`Error::FrameTooLong`](crate::Error::FrameTooLong), as soon as
@@ -314,7 +316,7 @@ impl Framing {
     ) -> (usize, Option<Parsed>) {
         let (mut at, mut found) = (0, 0);
         if let Kind::Delimited { delim, strip_cr } = self.kind {
-            for end in memchr::memchr_iter(delim, buf) {
+            for end in delims::delims(delim, buf) {
                 if found == limit {
                     return (at, None);
                 }
