@@ -71,6 +71,9 @@ stats! {
     /// with [`register_with`](crate::Watcher::register_with)): they count as in flight for
     /// their connections until delivered.
     stalled_completions,
+    /// Datagrams sent as segments of UDP GSO sends (several queued datagrams of one size to
+    /// one peer in one send: [`WatcherBuilder::udp_gso`](crate::WatcherBuilder::udp_gso)).
+    datagrams_segmented,
     /// Internal read-buffer chunks allocated (a used-up chunk is reused when no slice of it
     /// is still held).
     chunks_allocated,

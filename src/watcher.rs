@@ -38,6 +38,7 @@ pub struct WatcherBuilder {
     uring_entries: u32,
     uring_buffers: u16,
     uring_buffer_size: u32,
+    udp_gso: bool,
 }
 
 impl Default for WatcherBuilder {
@@ -54,6 +55,7 @@ impl Default for WatcherBuilder {
             uring_entries: 1024,
             uring_buffers: 64,
             uring_buffer_size: 64 * 1024,
+            udp_gso: true,
         }
     }
 }
@@ -199,6 +201,23 @@ impl WatcherBuilder {
         self
     }
 
+    /// UDP sockets: send queued datagrams of one size to one peer as one GSO send that the
+    /// kernel cuts into those datagrams (`UDP_SEGMENT`, Linux 4.18 and later; default: on).
+    /// Each write is still its own datagram on the wire and gets its own completion; one
+    /// pass down the network stack carries them all, which costs less than one per datagram
+    /// where a peer is sent many at once (a stream of equal-sized game or media packets, an
+    /// echo of a batch). Where the kernel, the socket or the route refuses it (an older
+    /// kernel, `SO_NO_CHECK`, a segment over the path's MTU), that socket goes back to one
+    /// datagram per message at once, without losing or failing a write. Nothing changes on
+    /// other systems, or for Unix datagram sockets. [`Stats::datagrams_segmented`] counts
+    /// the datagrams sent this way.
+    ///
+    /// [`Stats::datagrams_segmented`]: crate::Stats::datagrams_segmented
+    pub fn udp_gso(mut self, on: bool) -> Self {
+        self.udp_gso = on;
+        self
+    }
+
     /// These options without a mailbox or a CPU: a pool chooses those itself.
     pub(crate) fn without_mailbox_or_cpu(mut self) -> Self {
         self.mailbox = None;
@@ -304,7 +323,8 @@ impl WatcherBuilder {
             kind,
             fallback,
         ));
-        let core = Core::new(shared.clone(), mail_tx, self.buffer_size);
+        let mut core = Core::new(shared.clone(), mail_tx, self.buffer_size);
+        core.udp_gso = self.udp_gso;
         let mut driver = match &mut engine {
             Chosen::Readiness(_) => {
                 let engine = Readiness::new(shared.clone(), self.events_capacity);

@@ -357,6 +357,8 @@ fn a_full_send_queue_waits_then_every_datagram_goes() {
         done.len()
     );
     assert_eq!(watcher.stats().writes_in_flight as usize, N - done.len());
+    // A Unix datagram socket has no GSO: it would take the batch for one datagram.
+    assert_eq!(watcher.stats().datagrams_segmented, 0);
     let mut buf = [0u8; 2000];
     for i in 0..N {
         let n = peer.recv(&mut buf).unwrap();
@@ -370,5 +372,163 @@ fn a_full_send_queue_waits_then_every_datagram_goes() {
             "{}",
             describe(c)
         );
+    }
+}
+
+/// The datagrams of the GSO tests: (peer index, length), in the order they are queued. Runs
+/// of equal sizes to one peer (what a GSO send carries), a shorter one ending a run, a
+/// longer one starting the next, peers interleaved, empty datagrams, and a run longer than
+/// one send takes (64 segments).
+fn gso_plan() -> Vec<(usize, usize)> {
+    // (Small datagrams, under 100 per peer: the peers read only after every send completed,
+    // and what a socket's receive buffer cannot hold the kernel drops.)
+    let mut plan = Vec::new();
+    plan.extend(std::iter::repeat((0, 100)).take(20));
+    plan.push((0, 50)); // ends the run
+    plan.push((0, 100)); // a new one: longer than the last
+    plan.extend(std::iter::repeat((1, 100)).take(3)); // another peer
+    plan.extend(std::iter::repeat((0, 120)).take(70)); // over 64 segments
+    plan.extend([(0, 0), (0, 0), (1, 0)]); // empty datagrams, alone each
+    plan.extend(std::iter::repeat((1, 60)).take(10));
+    plan.push((1, 1300));
+    plan
+}
+
+/// Queues `plan` on `conn` (an inline watcher's: every write is queued before the poller
+/// looks), each datagram's first bytes its index; checks that each completes once, in
+/// order, and that each peer gets exactly its datagrams, whole, alone and in order.
+fn send_plan(watcher: &Watcher, conn: &proactor::Conn, peers: &[UdpSocket]) {
+    let plan = gso_plan();
+    for (i, &(to, len)) in plan.iter().enumerate() {
+        let mut b = vec![(i % 251) as u8; len];
+        b.iter_mut()
+            .zip((i as u32).to_le_bytes())
+            .for_each(|(b, x)| *b = x);
+        let to = PeerAddr::from(peers[to].local_addr().unwrap());
+        conn.send(Cmd::SendTo(to, b).tag(i as u64)).unwrap();
+    }
+    let done = collect(watcher, plan.len(), TIMEOUT);
+    for (i, c) in done.iter().enumerate() {
+        assert!(
+            c.is_ok() && c.tag == i as u64 && c.n == plan[i].1,
+            "{}",
+            describe(c)
+        );
+    }
+    for (p, peer) in peers.iter().enumerate() {
+        for (i, &(_, len)) in plan.iter().enumerate().filter(|(_, &(to, _))| to == p) {
+            let (got, _) = recv(peer);
+            let mut want = vec![(i % 251) as u8; len];
+            want.iter_mut()
+                .zip((i as u32).to_le_bytes())
+                .for_each(|(b, x)| *b = x);
+            assert_eq!(got, want, "peer {p}, datagram {i}");
+        }
+        peer.set_nonblocking(true).unwrap();
+        let extra = peer.recv_from(&mut [0; 16]);
+        assert!(
+            extra.is_err(),
+            "peer {p} got a datagram too many: {extra:?}"
+        );
+    }
+}
+
+#[test]
+fn queued_datagrams_to_one_peer_go_in_gso_sends_and_arrive_one_by_one() {
+    for (ip, gso) in [
+        ("127.0.0.1:0", true),
+        ("[::1]:0", true),
+        ("127.0.0.1:0", false),
+    ] {
+        let watcher = Watcher::builder()
+            .inline(true)
+            .udp_gso(gso)
+            .build()
+            .unwrap();
+        let conn = watcher.register(UdpSocket::bind(ip).unwrap()).unwrap();
+        let peers: Vec<UdpSocket> = (0..2).map(|_| UdpSocket::bind(ip).unwrap()).collect();
+        for p in &peers {
+            p.set_read_timeout(Some(TIMEOUT)).unwrap();
+        }
+        send_plan(&watcher, &conn, &peers);
+        let segmented = watcher.stats().datagrams_segmented;
+        if gso && cfg!(target_os = "linux") {
+            // The runs: 20 + 1 (the 50 ends it), 3, 64 + 6, 10 + 1 (the 1,300 is longer:
+            // alone); the 100 between and the empty ones alone.
+            assert_eq!(segmented, 21 + 3 + 70 + 10, "{ip}");
+        } else {
+            assert_eq!(segmented, 0, "{ip}, gso {gso}");
+        }
+    }
+}
+
+#[test]
+fn a_socket_that_refuses_gso_sends_every_datagram_alone_and_loses_none() {
+    let watcher = Watcher::builder().inline(true).build().unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // No checksums: Linux refuses GSO sends on such a socket (EINVAL), which the poller
+    // learns from the first one it tries.
+    let one: libc::c_int = 1;
+    // SAFETY: a live socket; the value is a c_int of the length passed.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let conn = watcher.register(socket).unwrap();
+    let peers: Vec<UdpSocket> = (0..2)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for p in &peers {
+        p.set_read_timeout(Some(TIMEOUT)).unwrap();
+    }
+    send_plan(&watcher, &conn, &peers);
+    assert_eq!(watcher.stats().datagrams_segmented, 0);
+}
+
+#[test]
+fn an_icmp_error_met_by_a_gso_send_fails_its_first_write_only() {
+    let watcher = Watcher::builder().inline(true).build().unwrap();
+    let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let gone_addr = gone.local_addr().unwrap();
+    drop(gone);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(gone_addr).unwrap();
+    let watch = socket.try_clone().unwrap();
+    let conn = watcher.register(socket).unwrap();
+    conn.send(Cmd::Write("ping")).unwrap();
+    assert!(collect_one(&watcher, TIMEOUT).is_ok());
+    // Wait until the port-unreachable has come back: the socket reports an error.
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&watch),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, TIMEOUT.as_millis() as libc::c_int) };
+    assert!(
+        r == 1 && pfd.revents & libc::POLLERR != 0,
+        "no ICMP error came back"
+    );
+    // Ten equal datagrams, one GSO send: the error is the socket's, so it fails the first
+    // write, as it would have failed the first datagram sent alone; the rest go.
+    for i in 0..10u64 {
+        conn.send(Cmd::Write(vec![i as u8; 100]).tag(i)).unwrap();
+    }
+    let got = collect(&watcher, 10, TIMEOUT);
+    match &got[0].result {
+        Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED)),
+        _ => panic!("{}", describe(&got[0])),
+    }
+    for (i, c) in got.iter().enumerate().skip(1) {
+        assert!(c.is_ok() && c.tag == i as u64, "{}", describe(c));
+    }
+    if cfg!(target_os = "linux") {
+        assert_eq!(watcher.stats().datagrams_segmented, 9);
     }
 }

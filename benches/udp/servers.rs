@@ -30,9 +30,11 @@ use std::os::fd::AsRawFd;
 use proactor::{Cmd, Engine, Error, Op, Watcher};
 
 /// The servers, by name.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 9] = [
     "proactor-uring",
     "proactor-epoll",
+    "proactor-uring-nogso",
+    "proactor-epoll-nogso",
     "proactor-uring-threaded",
     "proactor-epoll-threaded",
     "tokio",
@@ -83,10 +85,12 @@ fn announce(sock: &UdpSocket) -> io::Result<()> {
 pub fn serve(kind: &str, addr: &str, rcvbuf: usize) -> io::Result<()> {
     let sock = bind(addr, rcvbuf)?;
     match kind {
-        "proactor-uring" => proactor(sock, Engine::Uring, true),
-        "proactor-epoll" => proactor(sock, Engine::Readiness, true),
-        "proactor-uring-threaded" => proactor(sock, Engine::Uring, false),
-        "proactor-epoll-threaded" => proactor(sock, Engine::Readiness, false),
+        "proactor-uring" => proactor(sock, Engine::Uring, true, true),
+        "proactor-epoll" => proactor(sock, Engine::Readiness, true, true),
+        "proactor-uring-nogso" => proactor(sock, Engine::Uring, true, false),
+        "proactor-epoll-nogso" => proactor(sock, Engine::Readiness, true, false),
+        "proactor-uring-threaded" => proactor(sock, Engine::Uring, false, true),
+        "proactor-epoll-threaded" => proactor(sock, Engine::Readiness, false, true),
         "tokio" => tokio_server(sock),
         "std" => std_server(sock),
         "mmsg" => mmsg_server(sock),
@@ -105,8 +109,12 @@ fn reads() -> usize {
         .max(1)
 }
 
-fn proactor(sock: UdpSocket, engine: Engine, inline: bool) -> io::Result<()> {
-    let watcher = Watcher::builder().engine(engine).inline(inline).build()?;
+fn proactor(sock: UdpSocket, engine: Engine, inline: bool, gso: bool) -> io::Result<()> {
+    let watcher = Watcher::builder()
+        .engine(engine)
+        .inline(inline)
+        .udp_gso(gso)
+        .build()?;
     let local = sock.local_addr()?;
     let conn = watcher
         .register(sock)

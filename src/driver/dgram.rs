@@ -13,11 +13,13 @@
 use std::io;
 use std::os::fd::AsFd;
 
-use super::{Arena, ConnState, Pending, Sink};
+use super::{Arena, ConnState, Pending, Sink, GSO};
 use crate::cmd::Kind;
 use crate::fifo::Slab;
 use crate::stats::Stats;
-use crate::sys::dgram::{recv_batch, send_batch, Received, BATCH};
+use crate::sys::dgram::{
+    gso_refused, gso_too_large, recv_batch, send_batch, Received, BATCH, MAX_DATAGRAMS,
+};
 use crate::{Buf, Error, PeerAddr};
 
 /// Bytes per scratch slot: the largest UDP payload (65,507 on IPv4) fits.
@@ -190,26 +192,80 @@ fn finish(
     }
 }
 
+/// Segments one GSO send carries at most (`UDP_MAX_SEGMENTS` before Linux 6.11).
+const SEGMENTS: u16 = 64;
+/// Bytes one GSO send carries at most: a UDP datagram's largest payload over IPv4.
+const GSO_BYTES: usize = 65_507;
+
 /// Sends the writes at the head of `st`'s write FIFO (`Write`, `SendTo`), one datagram
-/// each, many per system call, until none is left or the socket has no room.
+/// each, many per system call, until none is left or the socket has no room. On a UDP
+/// socket marked `GSO`, consecutive datagrams to one peer, all of one size but the last
+/// (which may be shorter), go as one message that the kernel cuts into those datagrams
+/// (`UDP_SEGMENT`): one pass down the stack instead of one per datagram, and still one
+/// datagram, and one completion, per write. If the kernel refuses GSO on the socket, it is
+/// marked off and the same datagrams go one per message.
 pub(super) fn write(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) -> Stop {
     let mut budget = super::BUDGET;
+    // Off for this call after a GSO send failed for a reason of its datagrams' own (each
+    // then meets its own error).
+    let mut plain = false;
     while budget > 0 {
-        let mut msgs: [(&[u8], Option<&PeerAddr>); BATCH] = [(&[], None); BATCH];
-        let mut n = 0;
-        for (m, p) in msgs.iter_mut().zip(ops.iter(&st.writes)) {
-            *m = match &p.kind {
+        let gso = st.is(GSO) && !plain;
+        let mut msgs: [(&[u8], Option<&PeerAddr>); MAX_DATAGRAMS] = [(&[], None); MAX_DATAGRAMS];
+        let mut segs = [0u16; BATCH];
+        let (mut n, mut m) = (0, 0);
+        // The current message: its first datagram's index and length, its bytes so far.
+        let (mut head, mut size, mut bytes) = (0, 0, 0);
+        for p in ops.iter(&st.writes) {
+            if n == MAX_DATAGRAMS {
+                break;
+            }
+            let msg = match &p.kind {
                 Kind::Write(b) => (&b[..], None),
                 Kind::SendTo(b, to) => (&b[..], Some(&**to)),
                 _ => break, // (nothing else is queued on a datagram socket)
             };
+            let len = msg.0.len();
+            let joins = gso
+                && m > 0
+                && segs[m - 1] < SEGMENTS
+                && msg.1 == msgs[head].1
+                && (1..=size).contains(&len)
+                && msgs[n - 1].0.len() == size
+                && bytes + len <= GSO_BYTES;
+            if joins {
+                segs[m - 1] += 1;
+                bytes += len;
+            } else {
+                if m == BATCH {
+                    break;
+                }
+                segs[m] = 1;
+                m += 1;
+                (head, size, bytes) = (n, len, len);
+            }
+            msgs[n] = msg;
             n += 1;
         }
         if n == 0 {
             return Stop::Done;
         }
         budget -= 1;
-        let (sent, err) = send_batch(st.fd.as_fd(), &msgs[..n]);
+        let (sent, err) = send_batch(st.fd.as_fd(), &msgs[..n], &segs[..m]);
+        // The datagrams sent in GSO sends, and how many the message that failed held.
+        let (mut at, mut segmented, mut failed_segs) = (0, 0, 1);
+        for &k in &segs[..m] {
+            let k = usize::from(k);
+            if at == sent {
+                failed_segs = k;
+                break;
+            }
+            if k > 1 {
+                segmented += k as u64;
+            }
+            at += k;
+        }
+        sink.stats.datagrams_segmented += segmented;
         for _ in 0..sent {
             let mut p = ops
                 .pop_front(&mut st.writes)
@@ -220,8 +276,17 @@ pub(super) fn write(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink
         }
         match err {
             Some(e) if e.kind() == io::ErrorKind::WouldBlock => return Stop::Drained,
-            // This datagram's error (EMSGSIZE, ECONNREFUSED, EDESTADDRREQ...): its write
-            // fails, the next go on.
+            // A GSO send refused, or too large as a whole: the same datagrams again, one per
+            // message (GSO off for the socket if it refuses, for this call if too large).
+            Some(e) if failed_segs > 1 && (gso_refused(&e) || gso_too_large(&e)) => {
+                if gso_refused(&e) {
+                    st.set(GSO, false);
+                }
+                plain = true;
+            }
+            // This datagram's error (EMSGSIZE, ECONNREFUSED, EDESTADDRREQ...; of a GSO send,
+            // the socket's or the route's, which its first datagram alone would have met):
+            // its write fails, the next go on.
             Some(e) => {
                 let p = ops
                     .pop_front(&mut st.writes)

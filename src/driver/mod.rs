@@ -29,7 +29,7 @@ pub(crate) use uring::Uring;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,6 +45,7 @@ use crate::delivery::{self, Stalled};
 use crate::fifo::{Fifo, Slab};
 use crate::shared::{Ctl, Role, Route, Shared};
 use crate::stats::Stats;
+use crate::sys;
 use crate::{Buf, Cmd, Completion, Conn, Error, Op, PeerAddr};
 
 /// then waits for the next round while the others get theirs.
@@ -186,6 +187,9 @@ const TLS_WR: Flags = 1 << 19;
 /// that ended an operation, a budget that ran out).
 #[cfg_attr(not(feature = "tls"), allow(dead_code))]
 const TLS_WORK: Flags = 1 << 20;
+/// A UDP socket whose queued datagrams of one size to one peer go out in GSO sends
+/// (`driver/dgram.rs`); cleared when the kernel refuses one.
+const GSO: Flags = 1 << 21;
 
 /// What the poller keeps per connection. Its size is most of what an idle connection costs
 /// (docs/benchmarks.md), hence the parked read, the millisecond progress stamps and the flags
@@ -628,6 +632,8 @@ pub(crate) struct Core {
     leftover: HashMap<Key, Bytes>,
     /// Where datagrams are received (made on the first datagram read).
     dgram: Option<Box<dgram::Scratch>>,
+    /// UDP sockets may send in GSO batches ([`WatcherBuilder::udp_gso`](crate::WatcherBuilder::udp_gso)).
+    pub(crate) udp_gso: bool,
     /// The TLS sessions (connections marked `TLS`).
     #[cfg(feature = "tls")]
     tls: HashMap<Key, Box<tls::Tls>>,
@@ -731,6 +737,7 @@ impl Core {
             // (Sized so that the first connections to keep bytes do not grow it.)
             leftover: HashMap::with_capacity(64),
             dgram: None,
+            udp_gso: true,
             #[cfg(feature = "tls")]
             tls: HashMap::new(),
             ops: Slab::new(),
@@ -1147,6 +1154,10 @@ impl<E: Engine> Driver<E> {
                     let mut st = ConnState::new(fd, stamp(core.epoch, core.now));
                     st.set(LISTENER, role == Role::Listener);
                     st.set(DGRAM, role == Role::Datagram);
+                    st.set(
+                        GSO,
+                        role == Role::Datagram && core.udp_gso && sys::dgram::is_udp(st.fd.as_fd()),
+                    );
                     core.conns.insert(id, st);
                     core.sink.stats.connections += 1;
                     self.engine.register(id);

@@ -136,37 +136,100 @@ fn recv_headers(
     (iovs.len(), None)
 }
 
-/// Sends up to `BATCH` datagrams, each one buffer, to its address (`None`: the socket's
-/// connected peer), without waiting. Returns how many went, and the error that stopped the
-/// batch short, if one did (an error of the datagram after the last sent; `WouldBlock`: the
-/// send buffer is full).
+/// Sends datagrams without waiting, in at most `BATCH` messages: message `i` is the next
+/// `segs[i]` datagrams of `msgs`, one datagram if 1, else one send that the kernel cuts into
+/// `segs[i]` datagrams (UDP GSO, Linux: the caller groups only datagrams to one address, all
+/// as long as the first but the last, which may be shorter). Each datagram goes to its
+/// address (`None`: the socket's connected peer). Returns how many datagrams went, and the
+/// error that stopped the batch short, if one did (the error of the message after the last
+/// sent; `WouldBlock`: the send buffer is full).
 pub(crate) fn send_batch(
     fd: BorrowedFd<'_>,
     msgs: &[(&[u8], Option<&PeerAddr>)],
+    segs: &[u16],
 ) -> (usize, Option<io::Error>) {
-    let n = msgs.len().min(BATCH);
+    let m = segs.len().min(BATCH);
+    let n = msgs.len().min(MAX_DATAGRAMS);
     // SAFETY: all-zero sockaddr_storage and iovec are valid; filled in below.
     let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
     let mut name_lens = [0 as libc::socklen_t; BATCH];
-    let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
-    for (i, (buf, to)) in msgs[..n].iter().enumerate() {
-        iovs[i] = libc::iovec {
+    let mut iovs: [libc::iovec; MAX_DATAGRAMS] = unsafe { zeroed() };
+    for (iov, (buf, _)) in iovs.iter_mut().zip(&msgs[..n]) {
+        *iov = libc::iovec {
             // The kernel only reads through a send's iovec.
             iov_base: buf.as_ptr() as *mut libc::c_void,
             iov_len: buf.len(),
         };
-        if let Some(to) = to {
+    }
+    let mut first = 0;
+    for i in 0..m {
+        if first + usize::from(segs[i]) > n {
+            // (Not a caller's mistake this layer could meet: fewer datagrams than said.)
+            return send_headers(fd, &mut names[..i], &name_lens[..i], &mut iovs, &segs[..i]);
+        }
+        if let Some(to) = msgs[first].1 {
             match peer_to_raw(to) {
                 Ok((storage, len)) => (names[i], name_lens[i]) = (storage, len),
                 // An address no socket can have: that datagram fails, after those before.
                 Err(e) if i == 0 => return (0, Some(e)),
                 Err(_) => {
-                    return send_headers(fd, &mut names[..i], &name_lens[..i], &mut iovs[..i])
+                    return send_headers(
+                        fd,
+                        &mut names[..i],
+                        &name_lens[..i],
+                        &mut iovs,
+                        &segs[..i],
+                    )
                 }
             }
         }
+        first += usize::from(segs[i]);
     }
-    send_headers(fd, &mut names[..n], &name_lens[..n], &mut iovs[..n])
+    send_headers(fd, &mut names[..m], &name_lens[..m], &mut iovs, &segs[..m])
+}
+
+/// Datagrams one `send_batch` takes at most (in `BATCH` messages).
+pub(crate) const MAX_DATAGRAMS: usize = 256;
+
+/// `UDP_SEGMENT` (linux/udp.h; kernel ABI since 4.18): the segment size of a GSO send.
+#[cfg(target_os = "linux")]
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Room for one control message holding a `u16`, aligned as `cmsghdr` wants.
+#[cfg(target_os = "linux")]
+type Control = [u64; 4];
+
+/// Whether `fd` is a UDP socket (`SO_PROTOCOL`), on which datagrams may be sent in GSO
+/// batches. Not a Unix or ICMP datagram socket: those would ignore the control message and
+/// send the batch as one datagram.
+#[cfg(target_os = "linux")]
+pub(crate) fn is_udp(fd: BorrowedFd<'_>) -> bool {
+    super::socket::get_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL)
+        .is_ok_and(|p| p == libc::IPPROTO_UDP)
+}
+
+/// Whether `fd` is a UDP socket (GSO is a Linux feature: never, elsewhere).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn is_udp(_fd: BorrowedFd<'_>) -> bool {
+    false
+}
+
+/// Whether an error of a GSO send says the kernel or the route refuses GSO on this socket
+/// (no `UDP_SEGMENT` before Linux 4.18, a socket without checksums, a device without
+/// checksum offload, a segment over the path's MTU), rather than something about the
+/// datagrams themselves.
+pub(crate) fn gso_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
+}
+
+/// Whether an error of a GSO send may be about the send's size as a whole (a limit of the
+/// kernel or the route on what one GSO send carries), so that the same datagrams sent one
+/// by one may go.
+pub(crate) fn gso_too_large(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EMSGSIZE)
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
@@ -175,29 +238,64 @@ fn send_headers(
     names: &mut [libc::sockaddr_storage],
     name_lens: &[libc::socklen_t],
     iovs: &mut [libc::iovec],
+    segs: &[u16],
 ) -> (usize, Option<io::Error>) {
-    let n = iovs.len();
-    // SAFETY: all-zero mmsghdr is valid; each is pointed at its name and iovec below.
+    let m = names.len();
+    // SAFETY: all-zero mmsghdr is valid; each is pointed at its name and iovecs below.
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    for i in 0..n {
+    #[cfg(target_os = "linux")]
+    let mut controls = [[0u64; 4]; BATCH];
+    let mut first = 0;
+    for i in 0..m {
         let h = &mut hdrs[i].msg_hdr;
         if name_lens[i] > 0 {
             h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = name_lens[i];
         }
-        h.msg_iov = &mut iovs[i];
-        h.msg_iovlen = 1;
+        let k = usize::from(segs[i]);
+        h.msg_iov = iovs[first..first + k].as_mut_ptr();
+        h.msg_iovlen = k as _;
+        #[cfg(target_os = "linux")]
+        if k > 1 {
+            segment(h, &mut controls[i], iovs[first].iov_len as u16);
+        }
+        first += k;
     }
     loop {
-        // SAFETY: `hdrs[..n]` point at live names, iovecs and buffers that outlive the call;
-        // the kernel only reads them.
+        // SAFETY: `hdrs[..m]` point at live names, iovecs, control messages and buffers that
+        // outlive the call; the kernel only reads them.
         let r =
-            unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), n as _, SEND_FLAGS as _) };
+            unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), m as _, SEND_FLAGS as _) };
         match super::cvt(r as libc::c_int) {
-            Ok(sent) => return (sent as usize, None),
+            Ok(sent) => {
+                let sent = segs[..sent as usize].iter().map(|&k| usize::from(k)).sum();
+                return (sent, None);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return (0, Some(e)),
         }
+    }
+}
+
+/// Makes `h` a GSO send of segments of `size` bytes: a `UDP_SEGMENT` control message in
+/// `control`.
+#[cfg(target_os = "linux")]
+fn segment(h: &mut libc::msghdr, control: &mut Control, size: u16) {
+    let space = std::mem::size_of::<Control>();
+    h.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a length.
+    let len = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    assert!(len <= space, "room for a UDP_SEGMENT control message");
+    h.msg_controllen = len as _;
+    // SAFETY: `h` points at `control`, `space` bytes aligned for `cmsghdr` (u64s) and at least
+    // `msg_controllen` long, so CMSG_FIRSTHDR is non-null and the header and its `u16` of
+    // data (CMSG_LEN(2) bytes from it) lie inside `control`.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
     }
 }
 
@@ -207,8 +305,11 @@ fn send_headers(
     names: &mut [libc::sockaddr_storage],
     name_lens: &[libc::socklen_t],
     iovs: &mut [libc::iovec],
+    segs: &[u16],
 ) -> (usize, Option<io::Error>) {
-    for i in 0..iovs.len() {
+    // (No GSO here: every message is one datagram.)
+    debug_assert!(segs.iter().all(|&k| k == 1));
+    for i in 0..names.len() {
         // SAFETY: all-zero msghdr is valid; it is pointed at the name and iovec below.
         let mut h: libc::msghdr = unsafe { zeroed() };
         if name_lens[i] > 0 {
@@ -225,7 +326,7 @@ fn send_headers(
             Err(e) => return (i, Some(e)),
         }
     }
-    (iovs.len(), None)
+    (names.len(), None)
 }
 
 /// The address the kernel wrote (`len` bytes of it), as a `PeerAddr`.

@@ -26,7 +26,11 @@ fn set_int_opt(
     Ok(())
 }
 
-fn get_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+pub(super) fn get_int_opt(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> io::Result<libc::c_int> {
     get_opt(fd, level, opt, 0)
 }
 
