@@ -25,7 +25,10 @@
 //! Figures, over the measured seconds: datagrams echoed per second (on loopback the load
 //! generator's CPU saturates first, so this is partly its figure), and the server's CPU time
 //! per datagram: user + system from `/proc/PID/stat` (10 ms ticks), every thread of the
-//! server process, divided by the datagrams echoed: the measure to compare. Losses per run:
+//! server process, divided by the datagrams echoed: the measure to compare; and the same with
+//! the rest of the server CPU's busy time counted as the server's (softirq work its sends
+//! left for when it sleeps: with UDP GSO, about 5% of the CPU), the figure the targets are
+//! judged on. Losses per run:
 //! the generator's count, and the kernel's `Udp` `RcvbufErrors` and `InErrors` from
 //! `/proc/net/snmp` (system-wide) over the whole run; a run that lost more datagrams than
 //! the kernel dropped (the server lost some the kernel delivered) fails. Noise: as in the
@@ -161,6 +164,17 @@ impl Sample {
     }
     fn cpu_ns(&self) -> f64 {
         self.server_cpu_s * 1e9 / self.echoed as f64
+    }
+    /// The same with the server CPU's other busy time counted as the server's: softirq
+    /// work its sends left (with GSO, the loopback delivery of a send's datagrams can finish
+    /// while the server sleeps, on the idle task's time), and any other process's.
+    fn cpu_all_ns(&self) -> f64 {
+        let others = if self.others.is_finite() {
+            self.others * self.wall_s
+        } else {
+            0.0
+        };
+        (self.server_cpu_s + others) * 1e9 / self.echoed as f64
     }
     fn busy(&self) -> f64 {
         self.server_cpu_s / self.wall_s
@@ -378,6 +392,13 @@ fn metrics() -> Vec<Metric> {
             label: "server CPU ns per datagram",
             key: "cpu_ns",
             get: Sample::cpu_ns,
+            show: sig3,
+            ratio: true,
+        },
+        Metric {
+            label: "the same, the server CPU's other work included",
+            key: "cpu_all_ns",
+            get: Sample::cpu_all_ns,
             show: sig3,
             ratio: true,
         },
@@ -626,7 +647,7 @@ fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, Str
         let _ = write!(
             md,
             "\n### Issue 18's targets: server CPU per datagram <= {TARGET_CPU}x tokio's, \
-             datagrams/s >= {TARGET_RATE}x\n\n| server | size | CPU per datagram | datagrams/s |\n\
+             datagrams/s >= {TARGET_RATE}x\n\n| server | size | CPU per datagram (its CPU's other work included) | datagrams/s |\n\
              |---|---|---:|---:|\n"
         );
         for (si, name) in names.iter().enumerate() {
@@ -635,7 +656,8 @@ fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, Str
             }
             for (zi, &size) in o.sizes.iter().enumerate() {
                 let r = |key| meds[&(zi, si, key)] / meds[&(zi, b, key)];
-                let (cpu, rate) = (r("cpu_ns"), r("per_s"));
+                // (CPU with the server CPU's other work counted: the stricter figure.)
+                let (cpu, rate) = (r("cpu_all_ns"), r("per_s"));
                 let verdict = |ok: bool, v: f64| {
                     if !v.is_finite() {
                         "-".to_string()
