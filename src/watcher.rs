@@ -202,15 +202,17 @@ impl WatcherBuilder {
     }
 
     /// UDP sockets: send queued datagrams of one size to one peer as one GSO send that the
-    /// kernel cuts into those datagrams (`UDP_SEGMENT`, Linux 4.18 and later; default: on).
-    /// Each write is still its own datagram on the wire and gets its own completion; one
-    /// pass down the network stack carries them all, which costs less than one per datagram
-    /// where a peer is sent many at once (a stream of equal-sized game or media packets, an
-    /// echo of a batch). Where the kernel, the socket or the route refuses it (an older
-    /// kernel, `SO_NO_CHECK`, a segment over the path's MTU), that socket goes back to one
-    /// datagram per message at once, without losing or failing a write. Nothing changes on
-    /// other systems, or for Unix datagram sockets. [`Stats::datagrams_segmented`] counts
-    /// the datagrams sent this way.
+    /// kernel cuts into those datagrams (`UDP_SEGMENT`, Linux 4.18 and later, asked of each
+    /// socket at registration; default: on). Each write is still its own datagram on the wire
+    /// and gets its own completion; one pass down the network stack carries them all, which
+    /// costs less than one per datagram where a peer is sent many at once (a stream of
+    /// equal-sized game or media packets, an echo of a batch). Where the socket or its route
+    /// refuses a GSO send (`SO_NO_CHECK`, a device without checksum offload, a segment that
+    /// may be over the route's MTU), that socket goes back to one datagram per message at
+    /// once, without losing or failing a write. Errors the socket reports on a send (an ICMP
+    /// error) fail the first write of a GSO send, as they would fail that datagram's write
+    /// without GSO. Nothing changes on other systems, or for Unix datagram sockets.
+    /// [`Stats::datagrams_segmented`] counts the datagrams sent this way.
     ///
     /// [`Stats::datagrams_segmented`]: crate::Stats::datagrams_segmented
     pub fn udp_gso(mut self, on: bool) -> Self {

@@ -397,8 +397,12 @@ fn gso_plan() -> Vec<(usize, usize)> {
 /// Queues `plan` on `conn` (an inline watcher's: every write is queued before the poller
 /// looks), each datagram's first bytes its index; checks that each completes once, in
 /// order, and that each peer gets exactly its datagrams, whole, alone and in order.
-fn send_plan(watcher: &Watcher, conn: &proactor::Conn, peers: &[UdpSocket]) {
-    let plan = gso_plan();
+fn send_plan(
+    watcher: &Watcher,
+    conn: &proactor::Conn,
+    peers: &[UdpSocket],
+    plan: &[(usize, usize)],
+) {
     for (i, &(to, len)) in plan.iter().enumerate() {
         let mut b = vec![(i % 251) as u8; len];
         b.iter_mut()
@@ -450,7 +454,7 @@ fn queued_datagrams_to_one_peer_go_in_gso_sends_and_arrive_one_by_one() {
         for p in &peers {
             p.set_read_timeout(Some(TIMEOUT)).unwrap();
         }
-        send_plan(&watcher, &conn, &peers);
+        send_plan(&watcher, &conn, &peers, &gso_plan());
         let segmented = watcher.stats().datagrams_segmented;
         if gso && cfg!(target_os = "linux") {
             // The runs: 20 + 1 (the 50 ends it), 3, 64 + 6, 10 + 1 (the 1,300 is longer:
@@ -459,6 +463,17 @@ fn queued_datagrams_to_one_peer_go_in_gso_sends_and_arrive_one_by_one() {
         } else {
             assert_eq!(segmented, 0, "{ip}, gso {gso}");
         }
+        // One send carries at most 60,000 bytes: 61 datagrams of 1,000 go as 60 and 1.
+        send_plan(&watcher, &conn, &peers, &[(0, 1000); 61]);
+        let more = watcher.stats().datagrams_segmented - segmented;
+        assert_eq!(
+            more,
+            if gso && cfg!(target_os = "linux") {
+                60
+            } else {
+                0
+            }
+        );
     }
 }
 
@@ -487,7 +502,7 @@ fn a_socket_that_refuses_gso_sends_every_datagram_alone_and_loses_none() {
     for p in &peers {
         p.set_read_timeout(Some(TIMEOUT)).unwrap();
     }
-    send_plan(&watcher, &conn, &peers);
+    send_plan(&watcher, &conn, &peers, &gso_plan());
     assert_eq!(watcher.stats().datagrams_segmented, 0);
 }
 

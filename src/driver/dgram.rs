@@ -17,9 +17,7 @@ use super::{Arena, ConnState, Pending, Sink, GSO};
 use crate::cmd::Kind;
 use crate::fifo::Slab;
 use crate::stats::Stats;
-use crate::sys::dgram::{
-    gso_refused, gso_too_large, recv_batch, send_batch, Received, BATCH, MAX_DATAGRAMS,
-};
+use crate::sys::dgram::{gso_refused, recv_batch, send_batch, Received, BATCH, MAX_DATAGRAMS};
 use crate::{Buf, Error, PeerAddr};
 
 /// Bytes per scratch slot: the largest UDP payload (65,507 on IPv4) fits.
@@ -194,23 +192,23 @@ fn finish(
 
 /// Segments one GSO send carries at most (`UDP_MAX_SEGMENTS` before Linux 6.11).
 const SEGMENTS: u16 = 64;
-/// Bytes one GSO send carries at most: a UDP datagram's largest payload over IPv4.
-const GSO_BYTES: usize = 65_507;
+/// Bytes one GSO send carries at most: well under a UDP datagram's largest payload (65,507
+/// bytes over IPv4 without options), so that IP options or IPv6 extension headers never make
+/// a send too large as a whole.
+const GSO_BYTES: usize = 60_000;
 
 /// Sends the writes at the head of `st`'s write FIFO (`Write`, `SendTo`), one datagram
 /// each, many per system call, until none is left or the socket has no room. On a UDP
 /// socket marked `GSO`, consecutive datagrams to one peer, all of one size but the last
 /// (which may be shorter), go as one message that the kernel cuts into those datagrams
 /// (`UDP_SEGMENT`): one pass down the stack instead of one per datagram, and still one
-/// datagram, and one completion, per write. If the kernel refuses GSO on the socket, it is
-/// marked off and the same datagrams go one per message.
+/// datagram, and one completion, per write. If the socket or its route refuses a GSO send
+/// (`sys::dgram::gso_refused`), GSO goes off for the socket and the same datagrams go one
+/// per message; any other error of a GSO send is the socket's, and fails its first write.
 pub(super) fn write(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) -> Stop {
     let mut budget = super::BUDGET;
-    // Off for this call after a GSO send failed for a reason of its datagrams' own (each
-    // then meets its own error).
-    let mut plain = false;
     while budget > 0 {
-        let gso = st.is(GSO) && !plain;
+        let gso = st.is(GSO);
         let mut msgs: [(&[u8], Option<&PeerAddr>); MAX_DATAGRAMS] = [(&[], None); MAX_DATAGRAMS];
         let mut segs = [0u16; BATCH];
         let (mut n, mut m) = (0, 0);
@@ -253,11 +251,11 @@ pub(super) fn write(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink
         budget -= 1;
         let (sent, err) = send_batch(st.fd.as_fd(), &msgs[..n], &segs[..m]);
         // The datagrams sent in GSO sends, and how many the message that failed held.
-        let (mut at, mut segmented, mut failed_segs) = (0, 0, 1);
+        let (mut at, mut segmented, mut failed_segs, mut failed_size) = (0, 0, 1, 0);
         for &k in &segs[..m] {
             let k = usize::from(k);
             if at == sent {
-                failed_segs = k;
+                (failed_segs, failed_size) = (k, msgs[at].0.len());
                 break;
             }
             if k > 1 {
@@ -276,14 +274,9 @@ pub(super) fn write(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink
         }
         match err {
             Some(e) if e.kind() == io::ErrorKind::WouldBlock => return Stop::Drained,
-            // A GSO send refused, or too large as a whole: the same datagrams again, one per
-            // message (GSO off for the socket if it refuses, for this call if too large).
-            Some(e) if failed_segs > 1 && (gso_refused(&e) || gso_too_large(&e)) => {
-                if gso_refused(&e) {
-                    st.set(GSO, false);
-                }
-                plain = true;
-            }
+            // A GSO send the socket or its route refuses: GSO off for the socket, the same
+            // datagrams again, one per message.
+            Some(e) if failed_segs > 1 && gso_refused(&e, failed_size) => st.set(GSO, false),
             // This datagram's error (EMSGSIZE, ECONNREFUSED, EDESTADDRREQ...; of a GSO send,
             // the socket's or the route's, which its first datagram alone would have met):
             // its write fails, the next go on.

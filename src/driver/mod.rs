@@ -1156,7 +1156,9 @@ impl<E: Engine> Driver<E> {
                     st.set(DGRAM, role == Role::Datagram);
                     st.set(
                         GSO,
-                        role == Role::Datagram && core.udp_gso && sys::dgram::is_udp(st.fd.as_fd()),
+                        role == Role::Datagram
+                            && core.udp_gso
+                            && sys::dgram::can_gso(st.fd.as_fd()),
                     );
                     core.conns.insert(id, st);
                     core.sink.stats.connections += 1;

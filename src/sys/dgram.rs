@@ -138,11 +138,13 @@ fn recv_headers(
 
 /// Sends datagrams without waiting, in at most `BATCH` messages: message `i` is the next
 /// `segs[i]` datagrams of `msgs`, one datagram if 1, else one send that the kernel cuts into
-/// `segs[i]` datagrams (UDP GSO, Linux: the caller groups only datagrams to one address, all
-/// as long as the first but the last, which may be shorter). Each datagram goes to its
-/// address (`None`: the socket's connected peer). Returns how many datagrams went, and the
-/// error that stopped the batch short, if one did (the error of the message after the last
-/// sent; `WouldBlock`: the send buffer is full).
+/// `segs[i]` datagrams (UDP GSO, Linux, where `can_gso`: the caller groups only datagrams to
+/// one address, all as long as the first but the last, which may be shorter). Each datagram
+/// goes to its address (`None`: the socket's connected peer). Returns how many datagrams
+/// went, and the error of the first message if it failed (`WouldBlock`: the send buffer is
+/// full). A later message's error is dropped by `sendmmsg`, which then reports the messages
+/// before it: the caller sends that message again first, and meets its error then (unless
+/// it was a one-off, such as an ICMP error the failed send took).
 pub(crate) fn send_batch(
     fd: BorrowedFd<'_>,
     msgs: &[(&[u8], Option<&PeerAddr>)],
@@ -199,37 +201,44 @@ const UDP_SEGMENT: libc::c_int = 103;
 #[cfg(target_os = "linux")]
 type Control = [u64; 4];
 
-/// Whether `fd` is a UDP socket (`SO_PROTOCOL`), on which datagrams may be sent in GSO
-/// batches. Not a Unix or ICMP datagram socket: those would ignore the control message and
-/// send the batch as one datagram.
+/// Whether datagrams of `fd` may go in GSO sends: a UDP socket (`SO_PROTOCOL`; not a Unix
+/// or ICMP datagram socket, which would ignore the control message and send the lot as one
+/// datagram) on a kernel that knows `UDP_SEGMENT` (asked with `getsockopt`, which fails
+/// before Linux 4.18: there, too, a `sendmsg` skips a control message of a level it does not
+/// know, and would merge the datagrams).
 #[cfg(target_os = "linux")]
-pub(crate) fn is_udp(fd: BorrowedFd<'_>) -> bool {
-    super::socket::get_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PROTOCOL)
-        .is_ok_and(|p| p == libc::IPPROTO_UDP)
+pub(crate) fn can_gso(fd: BorrowedFd<'_>) -> bool {
+    use super::socket::get_int_opt;
+    let raw = fd.as_raw_fd();
+    get_int_opt(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL).is_ok_and(|p| p == libc::IPPROTO_UDP)
+        && get_int_opt(raw, libc::SOL_UDP, UDP_SEGMENT).is_ok()
 }
 
-/// Whether `fd` is a UDP socket (GSO is a Linux feature: never, elsewhere).
+/// Whether datagrams of `fd` may go in GSO sends: never, but on Linux.
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn is_udp(_fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn can_gso(_fd: BorrowedFd<'_>) -> bool {
     false
 }
 
-/// Whether an error of a GSO send says the kernel or the route refuses GSO on this socket
-/// (no `UDP_SEGMENT` before Linux 4.18, a socket without checksums, a device without
-/// checksum offload, a segment over the path's MTU), rather than something about the
-/// datagrams themselves.
-pub(crate) fn gso_refused(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
-    )
-}
+/// The largest segment for which a GSO send's `EMSGSIZE` is surely the socket's own error
+/// (an ICMP "fragmentation needed" kept for the next send), not the kernel's check that a
+/// segment fits the route's MTU: 1,280 bytes, IPv6's smallest MTU, less 48 bytes of IPv6
+/// and UDP headers.
+const SURE_SEGMENT: usize = 1232;
 
-/// Whether an error of a GSO send may be about the send's size as a whole (a limit of the
-/// kernel or the route on what one GSO send carries), so that the same datagrams sent one
-/// by one may go.
-pub(crate) fn gso_too_large(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EMSGSIZE)
+/// Whether an error of a GSO send of `segment`-byte datagrams says the socket or its route
+/// refuses GSO, rather than something the first of those datagrams would have met alone:
+/// `EINVAL` (a socket with `SO_NO_CHECK`), `EIO` (a device without checksum offload, an
+/// IPsec route), `EMSGSIZE` for a segment that may be over the route's MTU. The ICMP errors
+/// a send reports (`ECONNREFUSED`, `EHOSTUNREACH`, `ENOPROTOOPT`, `EMSGSIZE` for a smaller
+/// segment...) are the socket's: the first write of the send fails with them, as it would
+/// have without GSO.
+pub(crate) fn gso_refused(e: &io::Error, segment: usize) -> bool {
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::EIO) => true,
+        Some(libc::EMSGSIZE) => segment > SURE_SEGMENT,
+        _ => false,
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
@@ -245,6 +254,8 @@ fn send_headers(
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
     #[cfg(target_os = "linux")]
     let mut controls = [[0u64; 4]; BATCH];
+    // (One raw pointer for all the headers: no later borrow of `iovs` invalidates it.)
+    let base = iovs.as_mut_ptr();
     let mut first = 0;
     for i in 0..m {
         let h = &mut hdrs[i].msg_hdr;
@@ -253,11 +264,15 @@ fn send_headers(
             h.msg_namelen = name_lens[i];
         }
         let k = usize::from(segs[i]);
-        h.msg_iov = iovs[first..first + k].as_mut_ptr();
+        assert!(first + k <= iovs.len(), "an iovec for each datagram");
+        // SAFETY: in bounds (just checked).
+        h.msg_iov = unsafe { base.add(first) };
         h.msg_iovlen = k as _;
         #[cfg(target_os = "linux")]
         if k > 1 {
-            segment(h, &mut controls[i], iovs[first].iov_len as u16);
+            // SAFETY: as above.
+            let size = unsafe { (*base.add(first)).iov_len };
+            segment(h, &mut controls[i], size as u16);
         }
         first += k;
     }
@@ -428,5 +443,24 @@ mod tests {
         assert!(peer_to_raw(&PeerAddr::UnixUnnamed).is_err());
         let long = PeerAddr::Unix(PathBuf::from("/".repeat(200)));
         assert!(peer_to_raw(&long).is_err());
+    }
+
+    #[test]
+    fn a_gso_send_is_refused_for_the_socket_or_the_route_not_for_icmp_errors() {
+        let e = io::Error::from_raw_os_error;
+        assert!(gso_refused(&e(libc::EINVAL), 100));
+        assert!(gso_refused(&e(libc::EIO), 100));
+        // EMSGSIZE: the MTU check only for segments that may not fit a route's MTU.
+        assert!(!gso_refused(&e(libc::EMSGSIZE), 1232));
+        assert!(gso_refused(&e(libc::EMSGSIZE), 1233));
+        for icmp in [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ENOPROTOOPT,
+            libc::EOPNOTSUPP,
+        ] {
+            assert!(!gso_refused(&e(icmp), 100), "{icmp}");
+        }
+        assert!(!gso_refused(&e(libc::EAGAIN), 100));
     }
 }
