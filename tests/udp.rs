@@ -394,6 +394,27 @@ fn gso_plan() -> Vec<(usize, usize)> {
     plan
 }
 
+/// A peer of the GSO tests: it reads only once every send completed, so its receive buffer
+/// is made large (1 MiB asked; the kernel caps it at `net.core.rmem_max`) for what a plan
+/// queues there.
+fn gso_peer(ip: &str) -> UdpSocket {
+    let peer = UdpSocket::bind(ip).unwrap();
+    peer.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let size: libc::c_int = 1 << 20;
+    // SAFETY: a live socket; the value is a c_int of the length passed.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&peer),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    peer
+}
+
 /// Queues `plan` on `conn` (an inline watcher's: every write is queued before the poller
 /// looks), each datagram's first bytes its index; checks that each completes once, in
 /// order, and that each peer gets exactly its datagrams, whole, alone and in order.
@@ -450,10 +471,7 @@ fn queued_datagrams_to_one_peer_go_in_gso_sends_and_arrive_one_by_one() {
             .build()
             .unwrap();
         let conn = watcher.register(UdpSocket::bind(ip).unwrap()).unwrap();
-        let peers: Vec<UdpSocket> = (0..2).map(|_| UdpSocket::bind(ip).unwrap()).collect();
-        for p in &peers {
-            p.set_read_timeout(Some(TIMEOUT)).unwrap();
-        }
+        let peers: Vec<UdpSocket> = (0..2).map(|_| gso_peer(ip)).collect();
         send_plan(&watcher, &conn, &peers, &gso_plan());
         let segmented = watcher.stats().datagrams_segmented;
         if gso && cfg!(target_os = "linux") {
@@ -463,17 +481,16 @@ fn queued_datagrams_to_one_peer_go_in_gso_sends_and_arrive_one_by_one() {
         } else {
             assert_eq!(segmented, 0, "{ip}, gso {gso}");
         }
-        // One send carries at most 60,000 bytes: 61 datagrams of 1,000 go as 60 and 1.
-        send_plan(&watcher, &conn, &peers, &[(0, 1000); 61]);
+        // One send carries at most 60,000 bytes: five datagrams of 12,500 (62,500 bytes, a
+        // size a UDP datagram could have) go as four and one.
+        send_plan(&watcher, &conn, &peers, &[(0, 12_500); 5]);
         let more = watcher.stats().datagrams_segmented - segmented;
-        assert_eq!(
-            more,
-            if gso && cfg!(target_os = "linux") {
-                60
-            } else {
-                0
-            }
-        );
+        let want = if gso && cfg!(target_os = "linux") {
+            4
+        } else {
+            0
+        };
+        assert_eq!(more, want, "{ip}, gso {gso}");
     }
 }
 
@@ -496,12 +513,7 @@ fn a_socket_that_refuses_gso_sends_every_datagram_alone_and_loses_none() {
     };
     assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
     let conn = watcher.register(socket).unwrap();
-    let peers: Vec<UdpSocket> = (0..2)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
-    for p in &peers {
-        p.set_read_timeout(Some(TIMEOUT)).unwrap();
-    }
+    let peers: Vec<UdpSocket> = (0..2).map(|_| gso_peer("127.0.0.1:0")).collect();
     send_plan(&watcher, &conn, &peers, &gso_plan());
     assert_eq!(watcher.stats().datagrams_segmented, 0);
 }
