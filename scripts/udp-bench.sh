@@ -4,7 +4,7 @@
 # 64 B and 1,200 B datagrams, server pinned to CPU 0, every echo checked. Builds the bench,
 # records the machine, runs it.
 #
-#   scripts/udp-bench.sh                  full run: 2 sizes x 7 servers x 5 reps of 3 s (~6 min)
+#   scripts/udp-bench.sh                  full run: 2 sizes x 9 servers x 5 reps of 3 s (~8 min)
 #   scripts/udp-bench.sh --quick          smoke run, well under a minute; figures are noise
 #   scripts/udp-bench.sh --servers proactor-uring,tokio --sizes 64 --reps 3   (any bench argument)
 #
