@@ -2,7 +2,8 @@
 //! flight, 64-byte and 1,200-byte datagrams, every echo checked.
 //!
 //! Servers ([`servers`]; `--servers` picks): `proactor-uring` and `proactor-epoll` (an
-//! inline watcher, many `ReadInternal`s outstanding, `SendTo(peer, data)` per datagram),
+//! inline watcher, many `ReadInternal`s outstanding, `SendTo(peer, data)` per datagram, UDP
+//! GSO on), `proactor-uring-nogso` and `proactor-epoll-nogso` (the same, GSO off),
 //! `proactor-uring-threaded` and `proactor-epoll-threaded` (the same loop on a threaded
 //! watcher), `tokio` (a `recv_from`/`send_to` loop in a task on tokio's default runtime),
 //! `std` (a blocking `recv_from`/`send_to` loop) and `mmsg` (a hand-written `recvmmsg` +

@@ -10,6 +10,9 @@
 //!   poller always has reads to fill (one `recvmmsg` fills up to 32); each datagram is
 //!   answered with `Cmd::SendTo(peer, c.into_data())` (the arena's bytes, no copy), which
 //!   the poller sends in `sendmmsg` batches. Completions come in batches (`wait_io`).
+//!   UDP GSO is on (the default): echoes to one peer queued back to back leave as one send.
+//! - `proactor-uring-nogso`, `proactor-epoll-nogso`: the same with
+//!   `WatcherBuilder::udp_gso(false)`.
 //! - `proactor-uring-threaded`, `proactor-epoll-threaded`: the same loop on a threaded
 //!   watcher (the default: a poller thread of its own, which shares the CPU with the loop).
 //! - `tokio`: a `tokio::net::UdpSocket` `recv_from` / `send_to` loop with a 64 KiB buffer in
