@@ -400,19 +400,23 @@ fn gso_plan() -> Vec<(usize, usize)> {
 fn gso_peer(ip: &str) -> UdpSocket {
     let peer = UdpSocket::bind(ip).unwrap();
     peer.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let size: libc::c_int = 1 << 20;
+    set_socket_option(&peer, libc::SO_RCVBUF, 1 << 20);
+    peer
+}
+
+/// Sets the `SOL_SOCKET` option `opt` of `sock` to `value`.
+fn set_socket_option(sock: &UdpSocket, opt: libc::c_int, value: libc::c_int) {
     // SAFETY: a live socket; the value is a c_int of the length passed.
     let r = unsafe {
         libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&peer),
+            std::os::fd::AsRawFd::as_raw_fd(sock),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&size as *const libc::c_int).cast(),
+            opt,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-    peer
 }
 
 /// Queues `plan` on `conn` (an inline watcher's: every write is queued before the poller
@@ -495,23 +499,13 @@ fn queued_datagrams_to_one_peer_go_in_gso_sends_and_arrive_one_by_one() {
 }
 
 #[test]
+#[cfg(target_os = "linux")] // (SO_NO_CHECK, and GSO, are Linux's)
 fn a_socket_that_refuses_gso_sends_every_datagram_alone_and_loses_none() {
     let watcher = Watcher::builder().inline(true).build().unwrap();
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     // No checksums: Linux refuses GSO sends on such a socket (EINVAL), which the poller
     // learns from the first one it tries.
-    let one: libc::c_int = 1;
-    // SAFETY: a live socket; the value is a c_int of the length passed.
-    let r = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_NO_CHECK,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    set_socket_option(&socket, libc::SO_NO_CHECK, 1);
     let conn = watcher.register(socket).unwrap();
     let peers: Vec<UdpSocket> = (0..2).map(|_| gso_peer("127.0.0.1:0")).collect();
     send_plan(&watcher, &conn, &peers, &gso_plan());
