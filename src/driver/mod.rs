@@ -570,6 +570,11 @@ pub(crate) trait Engine {
     /// Does what the runnable connection `id` can do now, within its budget.
     fn run(&mut self, core: &mut Core, id: Key);
 
+    /// As `run`, for a connection that runs TLS (`driver/tls.rs`): the engine moves the
+    /// session's ciphertext, the session does the rest.
+    #[cfg(feature = "tls")]
+    fn run_tls(&mut self, cx: tls::Ctx<'_>, session: &mut tls::Tls);
+
     /// Waits for events or completions, at most `timeout` (`None`: until something comes),
     /// and applies them: marks connections runnable, completes what the kernel finished.
     fn wait(&mut self, core: &mut Core, timeout: Option<Duration>);
@@ -1353,12 +1358,24 @@ impl<E: Engine> Driver<E> {
             };
             st.set(QUEUED, false);
             #[cfg(feature = "tls")]
-            let starts_tls = st.is(TLS_PENDING) && !st.is(TLS);
+            let (runs_tls, starts_tls) = (st.is(TLS), st.is(TLS_PENDING) && !st.is(TLS));
             let moved = (core.sink.stats.bytes_read, core.sink.stats.bytes_written);
             #[cfg(feature = "tls")]
             if starts_tls {
                 tls::prepare(core, id);
             }
+            #[cfg(feature = "tls")]
+            let session = if runs_tls || starts_tls {
+                tls::running(core, id)
+            } else {
+                None
+            };
+            #[cfg(feature = "tls")]
+            match session {
+                Some((cx, session)) => self.engine.run_tls(cx, session),
+                None => self.engine.run(core, id),
+            }
+            #[cfg(not(feature = "tls"))]
             self.engine.run(core, id);
             let Some(st) = core.conns.get_mut(id) else {
                 continue;

@@ -51,6 +51,11 @@ impl Engine for Readiness {
         runnable(st, ops)
     }
 
+    #[cfg(feature = "tls")]
+    fn run_tls(&mut self, cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+        drive_tls(cx, session);
+    }
+
     fn run(&mut self, core: &mut Core, id: Key) {
         let Core {
             conns,
@@ -58,28 +63,11 @@ impl Engine for Readiness {
             sink,
             arena,
             leftover,
-            #[cfg(feature = "tls")]
-                tls: sessions,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
             return;
         };
-        #[cfg(feature = "tls")]
-        if st.is(TLS) {
-            if let Some(session) = sessions.get_mut(&id) {
-                let cx = super::tls::Ctx {
-                    id,
-                    st,
-                    ops,
-                    sink,
-                    arena,
-                    leftover,
-                };
-                run_tls(cx, session);
-            }
-            return;
-        }
         let mut budget = BUDGET;
         if st.is(DGRAM) {
             if st.is(READABLE) && !reads_held(st, ops) {
@@ -511,7 +499,7 @@ fn do_writes(st: &mut ConnState, ops: &mut Slab<Pending>, sink: &mut Sink) {
 /// wants some, ciphertext to the socket while there is some, and the session's work between,
 /// within the round's budget.
 #[cfg(feature = "tls")]
-fn run_tls(mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+fn drive_tls(mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
     use super::tls;
     let (mut budget, mut sends) = (BUDGET, BUDGET);
     loop {

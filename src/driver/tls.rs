@@ -96,7 +96,7 @@ pub(crate) struct Tls {
 }
 
 /// The parts of the core a session works on, for one connection.
-pub(super) struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     pub(super) id: Key,
     pub(super) st: &'a mut ConnState,
     pub(super) ops: &'a mut Slab<Pending>,
@@ -105,16 +105,39 @@ pub(super) struct Ctx<'a> {
     pub(super) leftover: &'a mut HashMap<Key, Bytes>,
 }
 
-/// Starts the session of connection `id` if its `TlsAccept` or `TlsConnect` heads the
-/// write FIFO (every write before it is done). Bytes received and kept are its first
-/// ciphertext; a configuration rustls refuses completes the command with the error.
+/// The session of connection `id` and what its work needs, if it runs TLS.
+pub(super) fn running(core: &mut Core, id: Key) -> Option<(Ctx<'_>, &mut Tls)> {
+    let Core {
+        conns,
+        ops,
+        sink,
+        arena,
+        leftover,
+        tls: sessions,
+        ..
+    } = core;
+    let st = conns.get_mut(id).filter(|st| st.is(TLS))?;
+    let session = sessions.get_mut(&id)?;
+    let cx = Ctx {
+        id,
+        st,
+        ops,
+        sink,
+        arena,
+        leftover,
+    };
+    Some((cx, session))
+}
+
+/// Starts the session of connection `id` (marked `TLS_PENDING`, no session yet) if its
+/// `TlsAccept` or `TlsConnect` heads the write FIFO (every write before it is done). Bytes
+/// received and kept are its first ciphertext; a configuration rustls refuses completes the
+/// command with the error.
 pub(super) fn prepare(core: &mut Core, id: Key) {
     let Some(st) = core.conns.get_mut(id) else {
         return;
     };
-    if st.is(TLS) || !st.is(TLS_PENDING) {
-        return;
-    }
+    debug_assert!(st.is(TLS_PENDING) && !st.is(TLS));
     let Some(p) = core.ops.front(&st.writes) else {
         return;
     };

@@ -129,6 +129,11 @@ impl Engine for Uring {
         runnable(st, ops)
     }
 
+    #[cfg(feature = "tls")]
+    fn run_tls(&mut self, cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+        self.drive_tls(cx, session);
+    }
+
     fn run(&mut self, core: &mut Core, id: Key) {
         let Core {
             conns,
@@ -137,28 +142,11 @@ impl Engine for Uring {
             arena,
             epoch,
             leftover,
-            #[cfg(feature = "tls")]
-                tls: sessions,
             ..
         } = core;
         let Some(st) = conns.get_mut(id) else {
             return;
         };
-        #[cfg(feature = "tls")]
-        if st.is(TLS) {
-            if let Some(session) = sessions.get_mut(&id) {
-                let cx = super::tls::Ctx {
-                    id,
-                    st,
-                    ops,
-                    sink,
-                    arena,
-                    leftover,
-                };
-                self.run_tls(cx, session);
-            }
-            return;
-        }
         let idx = idx_of(id);
         let fd = st.fd.as_raw_fd();
         if st.is(DGRAM) {
@@ -352,7 +340,7 @@ impl Engine for Uring {
 impl Uring {
     /// Runs a TLS connection (`driver/tls.rs`): the session's work, then a receive while it
     /// wants ciphertext and a send while it has some (one of each in flight).
-    fn run_tls(&mut self, mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
+    fn drive_tls(&mut self, mut cx: super::tls::Ctx<'_>, session: &mut super::tls::Tls) {
         use super::tls::{self, RECV_LEN};
         let id = cx.id;
         // (An error a receive met before the session started.)
