@@ -189,15 +189,21 @@ fn stream_commands_are_refused_on_datagram_sockets_and_send_to_on_streams() {
     assert_eq!(c.buf.as_slice(), b"x");
 }
 
-#[test]
-fn an_icmp_error_fails_one_command_and_the_socket_stays_usable() {
-    let watcher = Watcher::new().unwrap();
-    // A port with nobody on it (bound, then closed).
+/// A UDP socket connected to a port with nobody on it (bound, then closed): its sends bring
+/// back ICMP port-unreachable errors.
+fn connected_to_a_closed_port() -> UdpSocket {
     let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
     let gone_addr = gone.local_addr().unwrap();
     drop(gone);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.connect(gone_addr).unwrap();
+    socket
+}
+
+#[test]
+fn an_icmp_error_fails_one_command_and_the_socket_stays_usable() {
+    let watcher = Watcher::new().unwrap();
+    let socket = connected_to_a_closed_port();
     let conn = watcher.register(socket).unwrap();
     conn.send(Cmd::Read(vec![0; 8]).tag(1)).unwrap();
     conn.send(Cmd::Write("ping").tag(2)).unwrap();
@@ -400,23 +406,8 @@ fn gso_plan() -> Vec<(usize, usize)> {
 fn gso_peer(ip: &str) -> UdpSocket {
     let peer = UdpSocket::bind(ip).unwrap();
     peer.set_read_timeout(Some(TIMEOUT)).unwrap();
-    set_socket_option(&peer, libc::SO_RCVBUF, 1 << 20);
+    set_opt(&peer, libc::SOL_SOCKET, libc::SO_RCVBUF, &(1 << 20));
     peer
-}
-
-/// Sets the `SOL_SOCKET` option `opt` of `sock` to `value`.
-fn set_socket_option(sock: &UdpSocket, opt: libc::c_int, value: libc::c_int) {
-    // SAFETY: a live socket; the value is a c_int of the length passed.
-    let r = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(sock),
-            libc::SOL_SOCKET,
-            opt,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
 }
 
 /// Queues `plan` on `conn` (an inline watcher's: every write is queued before the poller
@@ -459,6 +450,7 @@ fn send_plan(
             extra.is_err(),
             "peer {p} got a datagram too many: {extra:?}"
         );
+        peer.set_nonblocking(false).unwrap(); // (the next plan's reads wait again)
     }
 }
 
@@ -505,7 +497,7 @@ fn a_socket_that_refuses_gso_sends_every_datagram_alone_and_loses_none() {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     // No checksums: Linux refuses GSO sends on such a socket (EINVAL), which the poller
     // learns from the first one it tries.
-    set_socket_option(&socket, libc::SO_NO_CHECK, 1);
+    set_opt(&socket, libc::SOL_SOCKET, libc::SO_NO_CHECK, &1);
     let conn = watcher.register(socket).unwrap();
     let peers: Vec<UdpSocket> = (0..2).map(|_| gso_peer("127.0.0.1:0")).collect();
     send_plan(&watcher, &conn, &peers, &gso_plan());
@@ -515,11 +507,7 @@ fn a_socket_that_refuses_gso_sends_every_datagram_alone_and_loses_none() {
 #[test]
 fn an_icmp_error_met_by_a_gso_send_fails_its_first_write_only() {
     let watcher = Watcher::builder().inline(true).build().unwrap();
-    let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let gone_addr = gone.local_addr().unwrap();
-    drop(gone);
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.connect(gone_addr).unwrap();
+    let socket = connected_to_a_closed_port();
     let watch = socket.try_clone().unwrap();
     let conn = watcher.register(socket).unwrap();
     conn.send(Cmd::Write("ping")).unwrap();

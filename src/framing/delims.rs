@@ -121,7 +121,9 @@ use mask64_plain as mask64;
 
 #[cfg(test)]
 mod tests {
-    use super::{delims, mask64, mask64_plain};
+    use super::delims;
+    #[cfg(target_arch = "x86_64")]
+    use super::{mask64, mask64_plain};
 
     proptest::proptest! {
         /// The scanner finds what a byte loop finds, over runs long and short, dense and sparse.
@@ -142,6 +144,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")] // (elsewhere `mask64` is the plain one)
     fn the_vector_mask_agrees_with_the_plain_one() {
         let mut block = [0u8; 64];
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -150,7 +153,8 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                *b = (x % 4) as u8 + 0x7e; // around 0x80, where a signed compare would go wrong
+                // Around 0x80, where a signed compare would go wrong, and zero.
+                *b = [0x7e, 0x7f, 0x80, 0x81, 0][(x % 5) as usize];
             }
             for delim in [0x7e, 0x7f, 0x80, 0x81, 0] {
                 assert_eq!(mask64(&block, delim), mask64_plain(&block, delim));
