@@ -40,7 +40,7 @@ fn certs(name: &str) -> Vec<CertificateDer<'static>> {
 
 /// A server configuration presenting `leaf` (`server` or `untrusted`), offering `alpn`.
 fn server_config_of(leaf: &str, alpn: &[&[u8]]) -> Arc<ServerConfig> {
-    let key = PrivateKeyDer::from_pem_file(data(&format!("{leaf}.key"))).expect("key");
+    let key = key_of(leaf);
     // (The process's default provider: `ring`, the only one the crate builds rustls with.)
     let mut config = ServerConfig::builder()
         .with_no_client_auth()
@@ -54,14 +54,24 @@ fn server_config() -> Arc<ServerConfig> {
     server_config_of("server", &[b"chat/1"])
 }
 
-/// A client configuration trusting the test CA, asking for `alpn`.
-fn client_config_with(alpn: &[&[u8]]) -> Arc<ClientConfig> {
+/// The test CA, as a root store.
+fn ca_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     for c in certs("ca.pem") {
         roots.add(c).unwrap();
     }
+    roots
+}
+
+/// The private key of `leaf` (`server` or `untrusted`).
+fn key_of(leaf: &str) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_file(data(&format!("{leaf}.key"))).expect("key")
+}
+
+/// A client configuration trusting the test CA, asking for `alpn`.
+fn client_config_with(alpn: &[&[u8]]) -> Arc<ClientConfig> {
     let mut config = ClientConfig::builder()
-        .with_root_certificates(roots)
+        .with_root_certificates(ca_roots())
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
@@ -643,6 +653,11 @@ fn a_reset_with_ciphertext_waiting_fails_the_writes_and_the_poller_rests() {
         set_linger_zero(&tls.sock);
     });
     expect_handshake(&collect_one(&watcher, TIMEOUT));
+    // (The handshake's own bytes: the writes' ciphertext comes on top.)
+    wait_stats(&watcher, "the handshake's bytes counted", |s| {
+        s.bytes_written > 0
+    });
+    let handshake = watcher.stats().bytes_written;
     // 16 MiB: far more than the socket buffers hold.
     for _ in 0..WRITES {
         conn.send(Cmd::Write(vec![b'w'; 1 << 20])).unwrap();
@@ -650,7 +665,7 @@ fn a_reset_with_ciphertext_waiting_fails_the_writes_and_the_poller_rests() {
     // Stuck: the socket full, ciphertext waiting, the poller waiting for room.
     wait_until("the writes to stall", TIMEOUT, || {
         let s = watcher.stats();
-        s.bytes_written > 0 && watcher.is_asleep()
+        s.bytes_written > handshake && s.writes_in_flight > 0 && watcher.is_asleep()
     });
     tx.send(()).unwrap();
     client.join().unwrap(); // (the socket is reset as it is dropped)
@@ -999,8 +1014,9 @@ fn failed_sessions_leave_nothing_behind() {
     let watcher = Watcher::new().unwrap();
     let mut peers = Vec::new();
     let mut conns = Vec::new();
+    let pairs = Pairs::new();
     for i in 0..N {
-        let (mut client, server) = tcp_pair();
+        let (mut client, server) = pairs.pair();
         let conn = watcher.register(server).unwrap();
         conn.send(Cmd::TlsAccept(server_config()).timeout(Duration::from_millis(300)))
             .unwrap();
@@ -1034,44 +1050,33 @@ fn failed_sessions_leave_nothing_behind() {
     }
     let got = collect(&watcher, N, TIMEOUT);
     assert!(got.iter().all(Completion::is_ok), "{}", describe_all(&got));
-    let stats = watcher.stats();
-    assert_eq!(
+    // (The poller publishes its counters after it hands out the round's completions.)
+    wait_stats(&watcher, "nothing left behind", |s| {
         (
-            stats.connections,
-            stats.reads_in_flight,
-            stats.writes_in_flight,
-            stats.deadlines_armed
-        ),
-        (0, 0, 0, 0),
-        "{stats:?}"
-    );
+            s.connections,
+            s.reads_in_flight,
+            s.writes_in_flight,
+            s.deadlines_armed,
+        ) == (0, 0, 0, 0)
+    });
 }
 
 #[test]
 fn a_client_certificate_reaches_the_server() {
     use proactor::rustls::server::WebPkiClientVerifier;
-    let mut roots = RootCertStore::empty();
-    for c in certs("ca.pem") {
-        roots.add(c).unwrap();
-    }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+    let verifier = WebPkiClientVerifier::builder(Arc::new(ca_roots()))
         .build()
         .unwrap();
-    let key = || PrivateKeyDer::from_pem_file(data("server.key")).unwrap();
     let server = Arc::new(
         ServerConfig::builder()
             .with_client_cert_verifier(verifier)
-            .with_single_cert(certs("server.pem"), key())
+            .with_single_cert(certs("server.pem"), key_of("server"))
             .unwrap(),
     );
-    let mut roots = RootCertStore::empty();
-    for c in certs("ca.pem") {
-        roots.add(c).unwrap();
-    }
     let client = Arc::new(
         ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs("server.pem"), key())
+            .with_root_certificates(ca_roots())
+            .with_client_auth_cert(certs("server.pem"), key_of("server"))
             .unwrap(),
     );
     // With a certificate: the server sees it.
@@ -1111,6 +1116,11 @@ fn closing_the_watcher_mid_handshake_completes_everything() {
     conn.send(Cmd::ReadFull(vec![0; 4])).unwrap();
     conn.send(Cmd::Write("queued behind the handshake"))
         .unwrap();
+    // Every command taken by the poller (the read, the handshake and the write behind it)
+    // before the close fails what is pending.
+    wait_stats(&watcher, "the three commands taken", |s| {
+        (s.reads_in_flight, s.writes_in_flight) == (1, 2)
+    });
     watcher.close();
     let got = collect(&watcher, 3, TIMEOUT);
     assert_eq!(
