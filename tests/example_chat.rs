@@ -3,7 +3,7 @@
 
 mod example_util;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -323,9 +323,13 @@ fn slow_consumer_is_disconnected_and_the_others_are_served_on() {
     // the backlog limit.
     const AHEAD: usize = 128;
     let stop = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(AtomicUsize::new(0));
+    // A credit per line the writer may send: AHEAD to start with, one back per line read.
+    let (credit, credits) = std::sync::mpsc::sync_channel::<()>(AHEAD);
+    for _ in 0..AHEAD {
+        credit.send(()).unwrap();
+    }
     let mut w = writer;
-    let (stop2, received2) = (stop.clone(), received.clone());
+    let stop2 = stop.clone();
     let sender = thread::spawn(move || {
         let pad = "p".repeat(1000);
         let start = Instant::now();
@@ -334,8 +338,8 @@ fn slow_consumer_is_disconnected_and_the_others_are_served_on() {
             && sent < 50_000
             && start.elapsed() < Duration::from_secs(30)
         {
-            if sent >= received2.load(Ordering::SeqCst) + AHEAD {
-                thread::yield_now();
+            // (Bounded, to look at `stop` again while the reader is behind.)
+            if credits.recv_timeout(Duration::from_millis(50)).is_err() {
                 continue;
             }
             w.send(format!("{sent} {pad}\n"));
@@ -364,7 +368,8 @@ fn slow_consumer_is_disconnected_and_the_others_are_served_on() {
                 "line {next} out of order"
             );
             next += 1;
-            received.store(next, Ordering::SeqCst);
+            // (Full only once the writer stopped taking them.)
+            let _ = credit.try_send(());
         }
     }
     let (mut w, sent) = sender.join().unwrap();
