@@ -63,6 +63,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use servers::process::median;
 use servers::{client, Kind, Server};
 
 const ROLE: &str = "PROACTOR_BENCH_ROLE";
@@ -533,17 +534,12 @@ const PHASES: [&str; 6] = ["burst", "memory", "latency", "syscalls", "cpu", "str
 const OPT_IN: [&str; 1] = ["instructions"];
 
 fn parse_args() -> Result<Opts, String> {
-    let quick_env = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
-    let default_out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
-        .join("bench");
     let mut o = Opts {
-        quick: quick_env,
+        quick: servers::runs::quick_env(),
         phases: PHASES.map(String::from).to_vec(),
         servers: Kind::selected(),
         reps: 0,
-        out: default_out,
+        out: servers::runs::default_out(),
         tracer: "strace".into(),
     };
     let mut args = env::args().skip(1);
@@ -605,15 +601,6 @@ fn orchestrate() -> io::Result<()> {
         println!("({phase}: {:.1} s)\n", t.elapsed().as_secs_f64());
     }
     Ok(())
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Least-squares line through `(x, y)`: slope, intercept and R².

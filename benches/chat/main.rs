@@ -61,7 +61,8 @@
 #[path = "../servers/mod.rs"]
 mod servers;
 
-use servers::process::{median, millions, percent, sig3, Busy, Meter, ServerProc, Span};
+use servers::process::{millions, percent, sig3, Busy, Meter, ServerProc, Span};
+use servers::runs::{self, default_out, list, Figures, Metric, Plan, Table};
 
 mod load;
 mod tokio_chat;
@@ -72,8 +73,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const ROLE: &str = "PROACTOR_BENCH_ROLE";
 const KIND: &str = "PROACTOR_BENCH_KIND";
@@ -85,14 +85,7 @@ fn main() {
     if env::var(ROLE).as_deref() == Ok("chat-server") {
         std::process::exit(tokio_role());
     }
-    match orchestrate() {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("chat: {e}");
-            std::process::exit(1);
-        }
-    }
+    runs::conclude("chat", orchestrate());
 }
 
 /// This binary as a tokio chat server: `PROACTOR_BENCH_KIND=tokio-batch|tokio-naive`,
@@ -295,15 +288,6 @@ impl Sample {
     fn others_gen_busy(&self) -> f64 {
         self.others_gen
     }
-    /// The larger share of either CPU that other processes took (0 when not pinned).
-    fn noise(&self) -> f64 {
-        let n = self.others_busy().max(self.others_gen_busy());
-        if n.is_finite() {
-            n
-        } else {
-            0.0
-        }
-    }
     fn rss_mib(&self) -> f64 {
         self.peak_rss_kib as f64 / 1024.0
     }
@@ -315,6 +299,12 @@ impl Sample {
         self.gen_cpu_s = span.gen_cpu_s;
         self.others = span.others;
         self.others_gen = span.others_gen;
+    }
+}
+
+impl Figures for Sample {
+    fn others(&self) -> (f64, f64) {
+        (self.others, self.others_gen)
     }
 }
 
@@ -384,7 +374,7 @@ struct Opts {
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut quick = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
+    let mut quick = runs::quick_env();
     let mut quickack = false;
     let mut max_others = 5.0;
     let mut retries = None;
@@ -392,16 +382,7 @@ fn parse_args() -> Result<Opts, String> {
     let mut server_names: Vec<String> = DEFAULT_SERVERS.map(String::from).to_vec();
     let mut extra = Vec::new();
     let mut reps = 0;
-    let mut out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
-        .join("bench");
-    let list = |v: String| -> Vec<String> {
-        v.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
+    let mut out = default_out();
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -476,20 +457,14 @@ fn parse_args() -> Result<Opts, String> {
     })
 }
 
-/// A table row: a label and how to get the figure from a sample.
-struct Metric {
-    label: &'static str,
-    key: &'static str,
-    get: fn(&Sample) -> f64,
-    show: fn(f64) -> String,
-}
-
-fn metrics(work: Work) -> Vec<Metric> {
+fn metrics(work: Work) -> Vec<Metric<Sample>> {
     let m = |label, key, get, show| Metric {
         label,
         key,
         get,
         show,
+        // (No ratio of the CPU shares that only say how a run went.)
+        ratio: !matches!(key, "gen_busy" | "others_busy" | "others_gen_busy"),
     };
     let rate = m(
         "deliveries/s",
@@ -578,191 +553,64 @@ fn orchestrate() -> Result<bool, String> {
         let _ = writeln!(header, "  {}: {}", c.name, c.describe());
     }
     print!("{header}");
-    let started = Instant::now();
-    let mut raw = String::from(
-        "rep,attempt,case,clients,server,ok,kept,lines,wall_s,server_cpu_s,cpu_us_per_line,per_s,server_busy,gen_busy,others_busy,others_gen_busy,p50_us,p99_us,peak_rss_kib,error\n",
+    let plan = Plan {
+        reps: o.reps,
+        retries: o.retries,
+        max_others: o.max_others,
+        pause: Duration::from_millis(200),
+        groups: o.cases.len(),
+        servers: o.servers.len(),
+        raw_keys: "case,clients,server",
+        raw_figures: "lines,wall_s,server_cpu_s,cpu_us_per_line,per_s,server_busy,gen_busy,\
+                      others_busy,others_gen_busy,p50_us,p99_us,peak_rss_kib",
+    };
+    let runs = plan.run(
+        |ci, si| {
+            let (case, spec) = (&o.cases[ci], &o.servers[si]);
+            (
+                format!("{} {}", case.name, spec.name),
+                format!("{},{},{}", case.name, case.clients, spec.name),
+            )
+        },
+        |ci, si| run_one(&o.servers[si], &o.cases[ci], o.quickack),
+        |ci, s| {
+            let line = metrics(o.cases[ci].work)
+                .iter()
+                .map(|m| format!("{} {}", m.label, (m.show)((m.get)(s))))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let figures = format!(
+                "{},{:.6},{:.3},{:.4},{:.1},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1},{}",
+                s.lines,
+                s.wall_s,
+                s.server_cpu_s,
+                s.cpu_us_per_line(),
+                s.per_s(),
+                s.busy(),
+                s.gen_busy(),
+                s.others_busy(),
+                s.others_gen_busy(),
+                s.p50_us,
+                s.p99_us,
+                s.peak_rss_kib
+            );
+            (line, figures)
+        },
     );
-    let (mut retried, mut noisy_kept) = (0, 0);
-    // (case, server) -> samples.
-    let mut got: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
-    let mut failures = Vec::new();
-    for rep in 0..o.reps {
-        for (ci, case) in o.cases.iter().enumerate() {
-            let mut order: Vec<usize> = (0..o.servers.len()).collect();
-            if rep % 2 == 1 {
-                order.reverse();
-            }
-            for si in order {
-                let spec = &o.servers[si];
-                let label = format!("[rep {}/{}] {} {}", rep + 1, o.reps, case.name, spec.name);
-                for attempt in 0..=o.retries {
-                    let t = Instant::now();
-                    let r = run_one(spec, case, o.quickack);
-                    let took = t.elapsed().as_secs_f64();
-                    let s = match r {
-                        Ok(s) => s,
-                        Err(e) => {
-                            println!("{label}: FAILED ({took:.1} s): {e}");
-                            let _ = writeln!(
-                                raw,
-                                "{rep},{attempt},{},{},{},0,0,,,,,,,,,,,,,\"{}\"",
-                                case.name,
-                                case.clients,
-                                spec.name,
-                                e.replace('"', "'")
-                            );
-                            failures.push(format!("{label}: {e}"));
-                            break;
-                        }
-                    };
-                    let line = metrics(case.work)
-                        .iter()
-                        .map(|m| format!("{} {}", m.label, (m.show)((m.get)(&s))))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let noisy = s.noise() * 100.0 > o.max_others;
-                    let keep = !noisy || attempt == o.retries;
-                    let note = match (noisy, keep) {
-                        (false, _) => "",
-                        (true, false) => " [noisy: run again]",
-                        (true, true) => " [noisy, kept: out of retries]",
-                    };
-                    println!("{label}: {line} ({took:.1} s){note}");
-                    let _ = writeln!(
-                        raw,
-                        "{rep},{attempt},{},{},{},1,{},{},{:.6},{:.3},{:.4},{:.1},{:.4},{:.4},{:.4},{:.4},{:.1},{:.1},{},",
-                        case.name,
-                        case.clients,
-                        spec.name,
-                        u8::from(keep),
-                        s.lines,
-                        s.wall_s,
-                        s.server_cpu_s,
-                        s.cpu_us_per_line(),
-                        s.per_s(),
-                        s.busy(),
-                        s.gen_busy(),
-                        s.others_busy(),
-                        s.others_gen_busy(),
-                        s.p50_us,
-                        s.p99_us,
-                        s.peak_rss_kib
-                    );
-                    thread::sleep(Duration::from_millis(200));
-                    if keep {
-                        if noisy {
-                            noisy_kept += 1;
-                        }
-                        got.entry((ci, si)).or_default().push(s);
-                        break;
-                    }
-                    retried += 1;
-                }
-            }
-        }
-    }
-    let (md, csv) = report(&o, &got);
-    println!("\n{md}");
-    if !failures.is_empty() {
-        println!("FAILED runs:");
-        for f in &failures {
-            println!("- {f}");
-        }
-    }
-    println!(
-        "(all runs: {:.0} s; {retried} run(s) repeated and {noisy_kept} kept with other \
-         processes above {}% of the server's or the generator's CPU)",
-        started.elapsed().as_secs_f64(),
-        o.max_others
-    );
-    for (name, text) in [
-        ("chat.md", format!("{header}\n{md}")),
-        ("chat.csv", csv),
-        ("chat_raw.csv", raw),
-    ] {
-        let path = o.out.join(name);
-        fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
-    Ok(failures.is_empty())
+    let (md, csv) = report(&o, &runs.got);
+    runs.finish("chat", &o.out, &header, &md, csv)
 }
 
 /// The Markdown tables (medians with ratios, then the range over the reps) and the medians'
 /// CSV.
 fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, String) {
     let names: Vec<&str> = o.servers.iter().map(|s| s.name.as_str()).collect();
-    let base = names.iter().position(|&n| n == BASELINE);
-    let others: Vec<usize> = (0..names.len()).filter(|&i| Some(i) != base).collect();
-    let mut md = format!(
-        "### Chat: medians of {} rep(s)\n\n| case | metric |",
-        o.reps
-    );
-    for n in &names {
-        let _ = write!(md, " {n} |");
-    }
-    if base.is_some() {
-        for &i in &others {
-            let _ = write!(md, " {} / {BASELINE} |", names[i]);
-        }
-    }
-    md.push_str("\n|---|---|");
-    md.push_str(&"---:|".repeat(names.len() + if base.is_some() { others.len() } else { 0 }));
-    md.push('\n');
-    let mut spread = format!(
-        "\n### Chat: range over the reps (min-max)\n\n| case | metric |{}\n|---|---|{}\n",
-        names.iter().map(|n| format!(" {n} |")).collect::<String>(),
-        "---:|".repeat(names.len())
-    );
-    let mut csv = String::from("case,clients,metric,server,median,min,max,runs\n");
+    let mut table = Table::new("Chat", "case", "case,clients", &names, BASELINE, o.reps);
     for (ci, case) in o.cases.iter().enumerate() {
+        let keys = format!("{},{}", case.name, case.clients);
         for m in metrics(case.work) {
-            let label = format!("| {} | {} |", case.name, m.label);
-            md.push_str(&label);
-            spread.push_str(&label);
-            let mut meds = Vec::new();
-            for (si, name) in names.iter().enumerate() {
-                let mut v: Vec<f64> = got
-                    .get(&(ci, si))
-                    .map(|s| s.iter().map(m.get).collect())
-                    .unwrap_or_default();
-                let med = median(&mut v);
-                meds.push(med);
-                if v.is_empty() {
-                    md.push_str(" fail |");
-                    spread.push_str(" fail |");
-                    continue;
-                }
-                let _ = write!(md, " {} |", (m.show)(med));
-                let (lo, hi) = (v[0], v[v.len() - 1]);
-                let _ = write!(spread, " {}-{} |", (m.show)(lo), (m.show)(hi));
-                let _ = writeln!(
-                    csv,
-                    "{},{},{},{name},{med},{lo},{hi},{}",
-                    case.name,
-                    case.clients,
-                    m.key,
-                    v.len()
-                );
-            }
-            if let Some(b) = base {
-                for &i in &others {
-                    let r = meds[i] / meds[b];
-                    // (No ratio of the CPU shares that only say how a run went.)
-                    if r.is_finite()
-                        && !matches!(m.key, "gen_busy" | "others_busy" | "others_gen_busy")
-                    {
-                        let _ = write!(md, " {r:.2}x |");
-                    } else {
-                        md.push_str(" - |");
-                    }
-                }
-            }
-            md.push('\n');
-            spread.push('\n');
+            table.row(ci, case.name, &keys, &m, got);
         }
     }
-    if o.reps > 1 {
-        md.push_str(&spread);
-    }
-    (md, csv)
+    table.finish("")
 }

@@ -30,6 +30,7 @@
 
 pub mod client;
 pub mod process;
+pub mod runs;
 #[cfg(target_os = "linux")]
 pub mod uring_loop;
 
@@ -166,7 +167,8 @@ pub struct Pins {
     pub client: Option<usize>,
 }
 
-fn env_usize(name: &str) -> Option<usize> {
+/// Environment variable `name` as a number (`None` when unset or not a number).
+pub fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 

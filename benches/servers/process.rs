@@ -35,6 +35,18 @@ pub fn clock_ticks() -> u64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
 }
 
+/// This thread's CPU time (the load generator's), user + system, microseconds.
+pub fn thread_cpu_us() -> u64 {
+    // SAFETY: rusage is a plain C struct; all-zero is a valid value for getrusage to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a live rusage; RUSAGE_THREAD is a valid `who` on Linux.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return 0;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
 /// A running server process, killed when dropped.
 pub struct ServerProc {
     child: Child,
@@ -111,22 +123,22 @@ impl ServerProc {
 
     /// The server's peak resident set size (`VmHWM`), KiB.
     pub fn peak_rss_kib(&self) -> Result<u64, String> {
-        let path = format!("/proc/{}/status", self.pid());
-        let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no VmHWM in {path}"))
+        self.status_kib("VmHWM")
     }
 
     /// The server's resident memory (`VmRSS`), KiB.
     pub fn rss_kib(&self) -> Result<u64, String> {
+        self.status_kib("VmRSS")
+    }
+
+    /// Field `field` of `/proc/PID/status`, in KiB.
+    fn status_kib(&self, field: &str) -> Result<u64, String> {
         let path = format!("/proc/{}/status", self.pid());
         let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
         text.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no VmRSS in {path}"))
+            .ok_or_else(|| format!("no {field} in {path}"))
     }
 
     /// Checks that it is still running.

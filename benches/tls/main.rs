@@ -59,7 +59,8 @@
 #[path = "../servers/mod.rs"]
 mod bench_servers;
 
-use bench_servers::process::{median, percent, sig3, Busy, Meter, ServerProc, Span};
+use bench_servers::process::{percent, sig3, thread_cpu_us, Busy, Meter, ServerProc, Span};
+use bench_servers::runs::{self, default_out, list, num, secs, Figures, Metric, Plan, Table};
 
 mod load;
 mod servers;
@@ -69,7 +70,7 @@ use std::env;
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -89,30 +90,11 @@ fn main() {
         }
         return;
     }
-    match orchestrate() {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("tls: {e}");
-            std::process::exit(1);
-        }
-    }
+    runs::conclude("tls", orchestrate());
 }
 
 // ---------------------------------------------------------------------------------------------
 // The server process
-
-/// This thread's CPU time (the load generator's), microseconds.
-fn thread_cpu_us() -> u64 {
-    // SAFETY: rusage is a plain C struct; all-zero is a valid value for getrusage to fill.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a live rusage; RUSAGE_THREAD is a valid `who` on Linux.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
-        return 0;
-    }
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    us(ru.ru_utime) + us(ru.ru_stime)
-}
 
 /// The figures of `span`, before the case's own.
 fn sample(span: Span) -> Sample {
@@ -165,19 +147,12 @@ impl Sample {
     fn gen_busy(&self) -> f64 {
         self.gen_cpu_s / self.wall_s
     }
-    /// The larger share of either CPU that other processes took (0 when not pinned).
-    fn noise(&self) -> f64 {
-        let n = self.others.max(self.others_gen);
-        if n.is_finite() {
-            n
-        } else {
-            0.0
-        }
-    }
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+impl Figures for Sample {
+    fn others(&self) -> (f64, f64) {
+        (self.others, self.others_gen)
+    }
 }
 
 fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
@@ -290,29 +265,14 @@ struct Opts {
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut quick = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
+    let mut quick = runs::quick_env();
     let mut cases: Vec<String> = CASES.map(String::from).to_vec();
     let mut server_names: Vec<String> = servers::ALL.map(String::from).to_vec();
     let (mut reps, mut secs, mut warm, mut stream_mib) = (None, None, None, None);
     let (mut conns, mut size, mut inflight) = (1000, 4096, 32);
     let mut max_others = 5.0;
     let mut retries = None;
-    let mut out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
-        .join("bench");
-    let list = |v: String| -> Vec<String> {
-        v.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
-    fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String>
-    where
-        T::Err: std::fmt::Display,
-    {
-        v.trim().parse().map_err(|e| format!("{flag} {v:?}: {e}"))
-    }
+    let mut out = default_out();
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -338,19 +298,8 @@ fn parse_args() -> Result<Opts, String> {
             }
         }
     }
-    for s in &server_names {
-        if !servers::ALL.contains(&s.as_str()) {
-            return Err(format!(
-                "unknown server {s:?} (servers: {})",
-                servers::ALL.join(",")
-            ));
-        }
-    }
-    for c in &cases {
-        if !CASES.contains(&c.as_str()) {
-            return Err(format!("unknown case {c:?} (cases: {})", CASES.join(",")));
-        }
-    }
+    runs::known("server", &server_names, &servers::ALL)?;
+    runs::known("case", &cases, &CASES)?;
     if conns == 0 || inflight == 0 || !(1..=64 * 1024).contains(&size) {
         return Err("--conns and --inflight at least 1, --size from 1 to 65,536".into());
     }
@@ -379,70 +328,45 @@ enum Better {
     Lower,
 }
 
-/// A table row: a label and how to get the figure from a sample.
-struct Metric {
+/// A table row of one case, and issue 20's target for it.
+struct Row {
     case: &'static str,
-    label: &'static str,
-    key: &'static str,
-    get: fn(&Sample) -> f64,
-    show: fn(f64) -> String,
-    /// Whether a ratio to the baseline means something.
-    ratio: bool,
+    metric: Metric<Sample>,
     /// Issue 20's target, as a ratio to the baseline, and what it says.
     target: Option<(f64, Better, &'static str)>,
 }
 
-fn metrics() -> Vec<Metric> {
-    let m = |case, label, key, get: fn(&Sample) -> f64, show: fn(f64) -> String, ratio, target| {
-        Metric {
+fn metrics() -> Vec<Row> {
+    let m =
+        |case, label, key, get: fn(&Sample) -> f64, show: fn(f64) -> String, ratio, target| Row {
             case,
-            label,
-            key,
-            get,
-            show,
-            ratio,
+            metric: Metric {
+                label,
+                key,
+                get,
+                show,
+                ratio,
+            },
             target,
-        }
-    };
+        };
     let noise = |case| {
         [
-            m(
-                case,
+            (
                 "server CPU busy",
                 "server_busy",
-                Sample::busy,
-                percent,
-                false,
-                None,
+                Sample::busy as fn(&Sample) -> f64,
             ),
-            m(
-                case,
-                "load generator CPU busy",
-                "gen_busy",
-                Sample::gen_busy,
-                percent,
-                false,
-                None,
-            ),
-            m(
-                case,
-                "other processes on the server's CPU",
-                "others",
-                |s| s.others,
-                percent,
-                false,
-                None,
-            ),
-            m(
-                case,
+            ("load generator CPU busy", "gen_busy", Sample::gen_busy),
+            ("other processes on the server's CPU", "others", |s| {
+                s.others
+            }),
+            (
                 "other processes on the generator's CPU",
                 "others_gen",
                 |s| s.others_gen,
-                percent,
-                false,
-                None,
             ),
         ]
+        .map(|(label, key, get)| m(case, label, key, get, percent, false, None))
     };
     let mut v = vec![
         m(
@@ -572,225 +496,116 @@ fn orchestrate() -> Result<bool, String> {
         if o.quick { ", quick" } else { "" },
     );
     print!("{header}");
-    let started = Instant::now();
-    let mut raw = String::from(
-        "rep,attempt,case,server,ok,kept,units,wall_s,server_cpu_s,gen_cpu_s,others,\
-         others_gen,p50_us,p99_us,idle_bytes,error\n",
+    let plan = Plan {
+        reps: o.reps,
+        retries: o.retries,
+        max_others: o.max_others,
+        pause: Duration::from_millis(100),
+        groups: o.cases.len(),
+        servers: o.servers.len(),
+        raw_keys: "case,server",
+        raw_figures: "units,wall_s,server_cpu_s,gen_cpu_s,others,others_gen,p50_us,p99_us,\
+                      idle_bytes",
+    };
+    let runs = plan.run(
+        |ci, si| {
+            let (case, name) = (&o.cases[ci], &o.servers[si]);
+            (format!("{case} {name}"), format!("{case},{name}"))
+        },
+        |ci, si| run_one(&o, &o.cases[ci], &o.servers[si]),
+        |ci, s| {
+            let what = match o.cases[ci].as_str() {
+                "stream" => format!(
+                    "{} MB/s, {} us CPU per MiB",
+                    sig3(s.per_s() / 1e6),
+                    sig3(s.server_cpu_s * 1e6 / (s.units / (1 << 20) as f64))
+                ),
+                "echo" => format!(
+                    "{} round trips/s, p50 {} us, p99 {} us, {} us CPU per round trip, \
+                     idle {:.0} B/conn",
+                    sig3(s.per_s()),
+                    sig3(s.p50_us),
+                    sig3(s.p99_us),
+                    sig3(s.server_cpu_s * 1e6 / s.units),
+                    s.idle_bytes
+                ),
+                _ => format!(
+                    "{} handshakes/s, {} us CPU per handshake",
+                    sig3(s.per_s()),
+                    sig3(s.server_cpu_s * 1e6 / s.units)
+                ),
+            };
+            let text = format!(
+                "{what}; server {} busy, generator {}, others {} / {}",
+                percent(s.busy()),
+                percent(s.gen_busy()),
+                percent(s.others),
+                percent(s.others_gen),
+            );
+            let figures = format!(
+                "{},{:.6},{:.3},{:.3},{:.4},{:.4},{:.1},{:.1},{:.0}",
+                s.units,
+                s.wall_s,
+                s.server_cpu_s,
+                s.gen_cpu_s,
+                s.others,
+                s.others_gen,
+                s.p50_us,
+                s.p99_us,
+                s.idle_bytes,
+            );
+            (text, figures)
+        },
     );
-    let (mut retried, mut noisy_kept) = (0, 0);
-    // (case, server) -> samples.
-    let mut got: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
-    let mut failures = Vec::new();
-    for rep in 0..o.reps {
-        for (ci, case) in o.cases.iter().enumerate() {
-            let mut order: Vec<usize> = (0..o.servers.len()).collect();
-            if rep % 2 == 1 {
-                order.reverse();
-            }
-            for si in order {
-                let name = &o.servers[si];
-                let label = format!("[rep {}/{}] {case} {name}", rep + 1, o.reps);
-                for attempt in 0..=o.retries {
-                    let t = Instant::now();
-                    let r = run_one(&o, case, name);
-                    let took = t.elapsed().as_secs_f64();
-                    let s = match r {
-                        Ok(s) => s,
-                        Err(e) => {
-                            println!("{label}: FAILED ({took:.1} s): {e}");
-                            let _ = writeln!(
-                                raw,
-                                "{rep},{attempt},{case},{name},0,0,,,,,,,,,,\"{}\"",
-                                e.replace('"', "'")
-                            );
-                            failures.push(format!("{label}: {e}"));
-                            break;
-                        }
-                    };
-                    let noisy = s.noise() * 100.0 > o.max_others;
-                    let keep = !noisy || attempt == o.retries;
-                    let note = match (noisy, keep) {
-                        (false, _) => "",
-                        (true, false) => " [noisy: run again]",
-                        (true, true) => " [noisy, kept: out of retries]",
-                    };
-                    let what = match case.as_str() {
-                        "stream" => format!(
-                            "{} MB/s, {} us CPU per MiB",
-                            sig3(s.per_s() / 1e6),
-                            sig3(s.server_cpu_s * 1e6 / (s.units / (1 << 20) as f64))
-                        ),
-                        "echo" => format!(
-                            "{} round trips/s, p50 {} us, p99 {} us, {} us CPU per round trip, \
-                             idle {:.0} B/conn",
-                            sig3(s.per_s()),
-                            sig3(s.p50_us),
-                            sig3(s.p99_us),
-                            sig3(s.server_cpu_s * 1e6 / s.units),
-                            s.idle_bytes
-                        ),
-                        _ => format!(
-                            "{} handshakes/s, {} us CPU per handshake",
-                            sig3(s.per_s()),
-                            sig3(s.server_cpu_s * 1e6 / s.units)
-                        ),
-                    };
-                    println!(
-                        "{label}: {what}; server {} busy, generator {}, others {} / {} \
-                         ({took:.1} s){note}",
-                        percent(s.busy()),
-                        percent(s.gen_busy()),
-                        percent(s.others),
-                        percent(s.others_gen),
-                    );
-                    let _ = writeln!(
-                        raw,
-                        "{rep},{attempt},{case},{name},1,{},{},{:.6},{:.3},{:.3},{:.4},{:.4},\
-                         {:.1},{:.1},{:.0},",
-                        u8::from(keep),
-                        s.units,
-                        s.wall_s,
-                        s.server_cpu_s,
-                        s.gen_cpu_s,
-                        s.others,
-                        s.others_gen,
-                        s.p50_us,
-                        s.p99_us,
-                        s.idle_bytes,
-                    );
-                    thread::sleep(Duration::from_millis(100));
-                    if keep {
-                        if noisy {
-                            noisy_kept += 1;
-                        }
-                        got.entry((ci, si)).or_default().push(s);
-                        break;
-                    }
-                    retried += 1;
-                }
-            }
-        }
-    }
-    let (md, csv) = report(&o, &got);
-    println!("\n{md}");
-    if !failures.is_empty() {
-        println!("FAILED runs:");
-        for f in &failures {
-            println!("- {f}");
-        }
-    }
-    println!(
-        "(all runs: {:.0} s; {retried} run(s) repeated and {noisy_kept} kept with other \
-         processes above {}% of the server's or the generator's CPU)",
-        started.elapsed().as_secs_f64(),
-        o.max_others
-    );
-    for (name, text) in [
-        ("tls.md", format!("{header}\n{md}")),
-        ("tls.csv", csv),
-        ("tls_raw.csv", raw),
-    ] {
-        let path = o.out.join(name);
-        fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
-    Ok(failures.is_empty())
+    let (md, csv) = report(&o, &runs.got);
+    runs.finish("tls", &o.out, &header, &md, csv)
 }
 
 /// The Markdown tables (medians with ratios to the baseline, the targets, the range over the
 /// reps) and the medians' CSV.
 fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, String) {
     let names: Vec<&str> = o.servers.iter().map(String::as_str).collect();
-    let base = names.iter().position(|&n| n == BASELINE);
-    let others: Vec<usize> = (0..names.len()).filter(|&i| Some(i) != base).collect();
-    let mut md = format!("### TLS: medians of {} rep(s)\n\n| case | metric |", o.reps);
-    for n in &names {
-        let _ = write!(md, " {n} |");
-    }
-    if base.is_some() {
-        for &i in &others {
-            let _ = write!(md, " {} / {BASELINE} |", names[i]);
-        }
-    }
-    md.push_str("\n|---|---|");
-    md.push_str(&"---:|".repeat(names.len() + if base.is_some() { others.len() } else { 0 }));
-    md.push('\n');
-    let mut spread = format!(
-        "\n### TLS: range over the reps (min-max)\n\n| case | metric |{}\n|---|---|{}\n",
-        names.iter().map(|n| format!(" {n} |")).collect::<String>(),
-        "---:|".repeat(names.len())
-    );
-    let mut csv = String::from("case,metric,server,median,min,max,runs\n");
+    let mut table = Table::new("TLS", "case", "case", &names, BASELINE, o.reps);
     let mut targets = String::new();
     for (ci, case) in o.cases.iter().enumerate() {
-        for m in metrics().into_iter().filter(|m| m.case == case) {
-            let label = format!("| {case} | {} |", m.label);
-            md.push_str(&label);
-            spread.push_str(&label);
-            let mut row = Vec::new();
-            for (si, name) in names.iter().enumerate() {
-                let mut v: Vec<f64> = got
-                    .get(&(ci, si))
-                    .map(|s| s.iter().map(m.get).collect())
-                    .unwrap_or_default();
-                let med = median(&mut v);
-                row.push(med);
-                if v.is_empty() {
-                    md.push_str(" fail |");
-                    spread.push_str(" fail |");
-                    continue;
-                }
-                let _ = write!(md, " {} |", (m.show)(med));
-                let (lo, hi) = (v[0], v[v.len() - 1]);
-                let _ = write!(spread, " {}-{} |", (m.show)(lo), (m.show)(hi));
-                let _ = writeln!(csv, "{case},{},{name},{med},{lo},{hi},{}", m.key, v.len());
-            }
-            if let Some(b) = base {
-                for &i in &others {
-                    let r = row[i] / row[b];
-                    if m.ratio && r.is_finite() {
-                        let _ = write!(md, " {r:.2}x |");
-                    } else {
-                        md.push_str(" - |");
-                    }
-                }
-                if let Some((t, better, what)) = m.target {
-                    let _ = write!(targets, "| {what} | {case}: {} |", m.label);
-                    for &i in &others {
-                        let r = row[i] / row[b];
-                        let ok = match better {
-                            Better::Higher => r >= t,
-                            Better::Lower => r <= t,
-                        };
-                        if r.is_finite() {
-                            let _ =
-                                write!(targets, " {r:.2}x {} |", if ok { "met" } else { "missed" });
-                        } else {
-                            targets.push_str(" - |");
-                        }
-                    }
-                    targets.push('\n');
+        for Row {
+            metric: m, target, ..
+        } in metrics().into_iter().filter(|r| r.case == case)
+        {
+            let row = table.row(ci, case, case, &m, got);
+            let (Some(b), Some((t, better, what))) = (table.base, target) else {
+                continue;
+            };
+            let _ = write!(targets, "| {what} | {case}: {} |", m.label);
+            for &i in &table.others {
+                let r = row[i] / row[b];
+                let ok = match better {
+                    Better::Higher => r >= t,
+                    Better::Lower => r <= t,
+                };
+                if r.is_finite() {
+                    let _ = write!(targets, " {r:.2}x {} |", if ok { "met" } else { "missed" });
+                } else {
+                    targets.push_str(" - |");
                 }
             }
-            md.push('\n');
-            spread.push('\n');
+            targets.push('\n');
         }
     }
-    if base.is_some() && !targets.is_empty() {
+    let mut more = String::new();
+    if table.base.is_some() && !targets.is_empty() {
         let _ = write!(
-            md,
+            more,
             "\n### Issue 20's targets (ratios of the medians to {BASELINE}'s; in parentheses \
              the same target read in server CPU per unit, the measure to compare when the \
              load generator saturates its CPU)\n\n| target | metric |{}\n|---|---|{}\n{targets}",
-            others
+            table
+                .others
                 .iter()
                 .map(|&i| format!(" {} |", names[i]))
                 .collect::<String>(),
-            "---|".repeat(others.len())
+            "---|".repeat(table.others.len())
         );
     }
-    if o.reps > 1 {
-        md.push_str(&spread);
-    }
-    (md, csv)
+    table.finish(&more)
 }

@@ -121,9 +121,7 @@ pub fn serve(kind: &str) -> io::Result<()> {
 }
 
 fn accepts() -> usize {
-    std::env::var("PROACTOR_BENCH_ACCEPTS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
+    super::bench_servers::env_usize("PROACTOR_BENCH_ACCEPTS")
         .unwrap_or(1)
         .max(1)
 }

@@ -56,7 +56,8 @@
 #[path = "../servers/mod.rs"]
 mod bench_servers;
 
-use bench_servers::process::{median, millions, percent, sig3, Busy, Meter, ServerProc};
+use bench_servers::process::{millions, percent, sig3, thread_cpu_us, Busy, Meter, ServerProc};
+use bench_servers::runs::{self, default_out, list, num, secs, Figures, Metric, Plan, Table};
 
 mod load;
 mod servers;
@@ -65,9 +66,8 @@ use std::collections::BTreeMap;
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::thread;
 use std::time::{Duration, Instant};
 
 const ROLE: &str = "PROACTOR_BENCH_ROLE";
@@ -86,14 +86,7 @@ fn main() {
     if env::var(ROLE).as_deref() == Ok("udp-server") {
         std::process::exit(server_role());
     }
-    match orchestrate() {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("udp: {e}");
-            std::process::exit(1);
-        }
-    }
+    runs::conclude("udp", orchestrate());
 }
 
 /// This binary as a UDP echo server: `PROACTOR_BENCH_KIND=NAME`, `--addr HOST:PORT`.
@@ -121,21 +114,6 @@ fn server_role() -> i32 {
             1
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The server process
-
-/// This thread's CPU time (the load generator's), microseconds.
-fn thread_cpu_us() -> u64 {
-    // SAFETY: rusage is a plain C struct; all-zero is a valid value for getrusage to fill.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `ru` is a live rusage; RUSAGE_THREAD is a valid `who` on Linux.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
-        return 0;
-    }
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    us(ru.ru_utime) + us(ru.ru_stime)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -183,19 +161,12 @@ impl Sample {
     fn gen_busy(&self) -> f64 {
         self.gen_cpu_s / self.wall_s
     }
-    /// The larger share of either CPU that other processes took (0 when not pinned).
-    fn noise(&self) -> f64 {
-        let n = self.others.max(self.others_gen);
-        if n.is_finite() {
-            n
-        } else {
-            0.0
-        }
-    }
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+impl Figures for Sample {
+    fn others(&self) -> (f64, f64) {
+        (self.others, self.others_gen)
+    }
 }
 
 fn run_one(o: &Opts, server: &str, size: usize) -> Result<Sample, String> {
@@ -281,29 +252,14 @@ struct Opts {
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut quick = env::var("PROACTOR_BENCH_QUICK").is_ok_and(|v| v.trim() == "1");
+    let mut quick = runs::quick_env();
     let mut sizes = vec![64, 1200];
     let mut server_names: Vec<String> = servers::ALL.map(String::from).to_vec();
     let (mut reps, mut secs, mut warm) = (None, None, None);
     let (mut sockets, mut window, mut rcvbuf) = (128, 4, 4 << 20);
     let mut max_others = 5.0;
     let mut retries = None;
-    let mut out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf)
-        .join("bench");
-    let list = |v: String| -> Vec<String> {
-        v.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
-    fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T, String>
-    where
-        T::Err: std::fmt::Display,
-    {
-        v.trim().parse().map_err(|e| format!("{flag} {v:?}: {e}"))
-    }
+    let mut out = default_out();
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -333,14 +289,7 @@ fn parse_args() -> Result<Opts, String> {
             }
         }
     }
-    for s in &server_names {
-        if !servers::ALL.contains(&s.as_str()) {
-            return Err(format!(
-                "unknown server {s:?} (servers: {})",
-                servers::ALL.join(",")
-            ));
-        }
-    }
+    runs::known("server", &server_names, &servers::ALL)?;
     if let Some(&s) = sizes
         .iter()
         .find(|&&s| !(load::HEADER..=65_507).contains(&s))
@@ -370,17 +319,7 @@ fn parse_args() -> Result<Opts, String> {
     })
 }
 
-/// A table row: a label and how to get the figure from a sample.
-struct Metric {
-    label: &'static str,
-    key: &'static str,
-    get: fn(&Sample) -> f64,
-    show: fn(f64) -> String,
-    /// Whether a ratio to the baseline means something.
-    ratio: bool,
-}
-
-fn metrics() -> Vec<Metric> {
+fn metrics() -> Vec<Metric<Sample>> {
     vec![
         Metric {
             label: "datagrams/s",
@@ -458,195 +397,85 @@ fn orchestrate() -> Result<bool, String> {
         if o.quick { ", quick" } else { "" },
     );
     print!("{header}");
-    let started = Instant::now();
-    let mut raw = String::from(
-        "rep,attempt,size,server,ok,kept,echoed,wall_s,server_cpu_s,cpu_ns,per_s,server_busy,\
-         gen_busy,others_busy,others_gen_busy,sent,echoed_total,lost,late,reordered,\
-         send_blocked,rcvbuf_errors,in_errors,error\n",
+    let plan = Plan {
+        reps: o.reps,
+        retries: o.retries,
+        max_others: o.max_others,
+        pause: Duration::from_millis(100),
+        groups: o.sizes.len(),
+        servers: o.servers.len(),
+        raw_keys: "size,server",
+        raw_figures: "echoed,wall_s,server_cpu_s,cpu_ns,per_s,server_busy,gen_busy,others_busy,\
+                      others_gen_busy,sent,echoed_total,lost,late,reordered,send_blocked,\
+                      rcvbuf_errors,in_errors",
+    };
+    let runs = plan.run(
+        |zi, si| {
+            let (size, name) = (o.sizes[zi], &o.servers[si]);
+            (format!("{size} B {name}"), format!("{size},{name}"))
+        },
+        |zi, si| run_one(&o, &o.servers[si], o.sizes[zi]),
+        |_, s| {
+            let c = s.counts;
+            let text = format!(
+                "{}/s, {} ns CPU per datagram, server {} busy, generator {}, others {} / {}; \
+                 lost {} (RcvbufErrors {}, InErrors {})",
+                millions(s.per_s()),
+                sig3(s.cpu_ns()),
+                percent(s.busy()),
+                percent(s.gen_busy()),
+                percent(s.others),
+                percent(s.others_gen),
+                c.lost,
+                s.rcvbuf_errors,
+                s.in_errors,
+            );
+            let figures = format!(
+                "{},{:.6},{:.3},{:.1},{:.1},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{}",
+                s.echoed,
+                s.wall_s,
+                s.server_cpu_s,
+                s.cpu_ns(),
+                s.per_s(),
+                s.busy(),
+                s.gen_busy(),
+                s.others,
+                s.others_gen,
+                c.sent,
+                c.echoed,
+                c.lost,
+                c.late,
+                c.reordered,
+                c.send_blocked,
+                s.rcvbuf_errors,
+                s.in_errors,
+            );
+            (text, figures)
+        },
     );
-    let (mut retried, mut noisy_kept) = (0, 0);
-    // (size, server) -> samples.
-    let mut got: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
-    let mut failures = Vec::new();
-    for rep in 0..o.reps {
-        for (zi, &size) in o.sizes.iter().enumerate() {
-            let mut order: Vec<usize> = (0..o.servers.len()).collect();
-            if rep % 2 == 1 {
-                order.reverse();
-            }
-            for si in order {
-                let name = &o.servers[si];
-                let label = format!("[rep {}/{}] {size} B {name}", rep + 1, o.reps);
-                for attempt in 0..=o.retries {
-                    let t = Instant::now();
-                    let r = run_one(&o, name, size);
-                    let took = t.elapsed().as_secs_f64();
-                    let s = match r {
-                        Ok(s) => s,
-                        Err(e) => {
-                            println!("{label}: FAILED ({took:.1} s): {e}");
-                            let _ = writeln!(
-                                raw,
-                                "{rep},{attempt},{size},{name},0,0,,,,,,,,,,,,,,,,,,\"{}\"",
-                                e.replace('"', "'")
-                            );
-                            failures.push(format!("{label}: {e}"));
-                            break;
-                        }
-                    };
-                    let noisy = s.noise() * 100.0 > o.max_others;
-                    let keep = !noisy || attempt == o.retries;
-                    let note = match (noisy, keep) {
-                        (false, _) => "",
-                        (true, false) => " [noisy: run again]",
-                        (true, true) => " [noisy, kept: out of retries]",
-                    };
-                    let c = s.counts;
-                    println!(
-                        "{label}: {}/s, {} ns CPU per datagram, server {} busy, generator {}, \
-                         others {} / {}; lost {} (RcvbufErrors {}, InErrors {}) ({took:.1} s){note}",
-                        millions(s.per_s()),
-                        sig3(s.cpu_ns()),
-                        percent(s.busy()),
-                        percent(s.gen_busy()),
-                        percent(s.others),
-                        percent(s.others_gen),
-                        c.lost,
-                        s.rcvbuf_errors,
-                        s.in_errors,
-                    );
-                    let _ = writeln!(
-                        raw,
-                        "{rep},{attempt},{size},{name},1,{},{},{:.6},{:.3},{:.1},{:.1},{:.4},{:.4},\
-                         {:.4},{:.4},{},{},{},{},{},{},{},{},",
-                        u8::from(keep),
-                        s.echoed,
-                        s.wall_s,
-                        s.server_cpu_s,
-                        s.cpu_ns(),
-                        s.per_s(),
-                        s.busy(),
-                        s.gen_busy(),
-                        s.others,
-                        s.others_gen,
-                        c.sent,
-                        c.echoed,
-                        c.lost,
-                        c.late,
-                        c.reordered,
-                        c.send_blocked,
-                        s.rcvbuf_errors,
-                        s.in_errors,
-                    );
-                    thread::sleep(Duration::from_millis(100));
-                    if keep {
-                        if noisy {
-                            noisy_kept += 1;
-                        }
-                        got.entry((zi, si)).or_default().push(s);
-                        break;
-                    }
-                    retried += 1;
-                }
-            }
-        }
-    }
-    let (md, csv) = report(&o, &got);
-    println!("\n{md}");
-    if !failures.is_empty() {
-        println!("FAILED runs:");
-        for f in &failures {
-            println!("- {f}");
-        }
-    }
-    println!(
-        "(all runs: {:.0} s; {retried} run(s) repeated and {noisy_kept} kept with other \
-         processes above {}% of the server's or the generator's CPU)",
-        started.elapsed().as_secs_f64(),
-        o.max_others
-    );
-    for (name, text) in [
-        ("udp.md", format!("{header}\n{md}")),
-        ("udp.csv", csv),
-        ("udp_raw.csv", raw),
-    ] {
-        let path = o.out.join(name);
-        fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
-    Ok(failures.is_empty())
+    let (md, csv) = report(&o, &runs.got);
+    runs.finish("udp", &o.out, &header, &md, csv)
 }
 
 /// The Markdown tables (medians with ratios to the baseline, the targets, the range over the
 /// reps, the losses) and the medians' CSV.
 fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, String) {
     let names: Vec<&str> = o.servers.iter().map(String::as_str).collect();
-    let base = names.iter().position(|&n| n == BASELINE);
-    let others: Vec<usize> = (0..names.len()).filter(|&i| Some(i) != base).collect();
-    let mut md = format!(
-        "### UDP echo: medians of {} rep(s)\n\n| size | metric |",
-        o.reps
-    );
-    for n in &names {
-        let _ = write!(md, " {n} |");
-    }
-    if base.is_some() {
-        for &i in &others {
-            let _ = write!(md, " {} / {BASELINE} |", names[i]);
-        }
-    }
-    md.push_str("\n|---|---|");
-    md.push_str(&"---:|".repeat(names.len() + if base.is_some() { others.len() } else { 0 }));
-    md.push('\n');
-    let mut spread = format!(
-        "\n### UDP echo: range over the reps (min-max)\n\n| size | metric |{}\n|---|---|{}\n",
-        names.iter().map(|n| format!(" {n} |")).collect::<String>(),
-        "---:|".repeat(names.len())
-    );
-    let mut csv = String::from("size,metric,server,median,min,max,runs\n");
+    let mut table = Table::new("UDP echo", "size", "size", &names, BASELINE, o.reps);
     // (size, server, metric key) -> median
     let mut meds: BTreeMap<(usize, usize, &str), f64> = BTreeMap::new();
     for (zi, &size) in o.sizes.iter().enumerate() {
         for m in metrics() {
-            let label = format!("| {size} B | {} |", m.label);
-            md.push_str(&label);
-            spread.push_str(&label);
-            let mut row = Vec::new();
-            for (si, name) in names.iter().enumerate() {
-                let mut v: Vec<f64> = got
-                    .get(&(zi, si))
-                    .map(|s| s.iter().map(m.get).collect())
-                    .unwrap_or_default();
-                let med = median(&mut v);
-                row.push(med);
+            let row = table.row(zi, &format!("{size} B"), &size.to_string(), &m, got);
+            for (si, med) in row.into_iter().enumerate() {
                 meds.insert((zi, si, m.key), med);
-                if v.is_empty() {
-                    md.push_str(" fail |");
-                    spread.push_str(" fail |");
-                    continue;
-                }
-                let _ = write!(md, " {} |", (m.show)(med));
-                let (lo, hi) = (v[0], v[v.len() - 1]);
-                let _ = write!(spread, " {}-{} |", (m.show)(lo), (m.show)(hi));
-                let _ = writeln!(csv, "{size},{},{name},{med},{lo},{hi},{}", m.key, v.len());
             }
-            if let Some(b) = base {
-                for &i in &others {
-                    let r = row[i] / row[b];
-                    if m.ratio && r.is_finite() {
-                        let _ = write!(md, " {r:.2}x |");
-                    } else {
-                        md.push_str(" - |");
-                    }
-                }
-            }
-            md.push('\n');
-            spread.push('\n');
         }
     }
-    if let Some(b) = base {
+    let mut targets = String::new();
+    if let Some(b) = table.base {
         let _ = write!(
-            md,
+            targets,
             "\n### Issue 18's targets: server CPU per datagram <= {TARGET_CPU}x tokio's, \
              datagrams/s >= {TARGET_RATE}x\n\n| server | size | CPU per datagram (its CPU's other work included) | datagrams/s |\n\
              |---|---|---:|---:|\n"
@@ -667,7 +496,7 @@ fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, Str
                     }
                 };
                 let _ = writeln!(
-                    md,
+                    targets,
                     "| {name} | {size} B | {} | {} |",
                     verdict(cpu <= TARGET_CPU, cpu),
                     verdict(rate >= TARGET_RATE, rate)
@@ -675,9 +504,7 @@ fn report(o: &Opts, got: &BTreeMap<(usize, usize), Vec<Sample>>) -> (String, Str
             }
         }
     }
-    if o.reps > 1 {
-        md.push_str(&spread);
-    }
+    let (mut md, csv) = table.finish(&targets);
     // Losses: totals over the kept runs.
     let _ = write!(
         md,

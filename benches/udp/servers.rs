@@ -105,9 +105,7 @@ pub fn serve(kind: &str, addr: &str, rcvbuf: usize) -> io::Result<()> {
 }
 
 fn reads() -> usize {
-    std::env::var("PROACTOR_BENCH_UDP_READS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
+    super::bench_servers::env_usize("PROACTOR_BENCH_UDP_READS")
         .unwrap_or(READS)
         .max(1)
 }
